@@ -1,0 +1,150 @@
+"""The ``headslim`` command line: ``shrink`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from headslim._version import __version__
+from headslim.errors import HeadslimError
+
+SHRINK_EXAMPLE = """example:
+  headslim shrink all-MiniLM-L6-v2 --prune 0.5 --calib bbc-news --out slim/
+  headslim shrink PATH/TO/MODEL --prune 36 --calib texts.txt --out slim/ --method random
+  python -c "import headslim; m = headslim.load_pruned('slim/')"
+"""
+
+
+def _prune_arg(text: str) -> float | int:
+    if re.fullmatch(r"\d+", text.strip()):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor a head count") from None
+
+
+def _add_shrink(sub) -> None:
+    p = sub.add_parser("shrink", help="score heads, remove the least important, save a smaller checkpoint",
+                       epilog=SHRINK_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    req = p.add_argument_group("required")
+    req.add_argument("model", help="dense checkpoint dir (safetensors), or 'all-MiniLM-L6-v2' for the bundled one")
+    req.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite)")
+    opt = p.add_argument_group("optional")
+    opt.add_argument("--prune", type=_prune_arg, default=0.5,
+                     help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5)")
+    opt.add_argument("--calib", default="bbc-news",
+                     help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
+    opt.add_argument("--method", default="gradient", help="scoring method: gradient (default), random")
+    opt.add_argument("--objective", default="dense", choices=["dense", "task"],
+                     help="dense: label-free, keep the dense model's outputs (default); task: the model's loss on labels")
+    opt.add_argument("--plan", help="apply this hand-written plan JSON instead of scoring")
+    opt.add_argument("--min-heads-per-layer", type=int, default=1, help="heads every layer keeps (default 1; 0 allowed)")
+    opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples used (default 256)")
+    opt.add_argument("--eval-data", help="held-out texts for the quality check (default: see docs)")
+    opt.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the check (default 256)")
+    opt.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
+    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--text-column", help="text column of a CSV/JSONL file")
+    opt.add_argument("--label-column", help="label column of a CSV/JSONL file")
+    opt.add_argument("--allow-pickle", action="store_true",
+                     help="allow pytorch_model.bin weights (loaded with torch.load(weights_only=True))")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    opt.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_shrink)
+
+
+def _print_summary(result) -> None:
+    kept = result.plan["kept_heads"]
+    print(f"{'layer':>5}  {'heads before':>12}  {'heads after':>11}  kept heads")
+    for layer, (before, after) in enumerate(zip(result.heads_before, result.heads_after)):
+        print(f"{layer:>5}  {before:>12}  {after:>11}  {' '.join(map(str, kept[layer])) or '-'}")
+    total_b, total_a = sum(result.heads_before), sum(result.heads_after)
+    print(f"{'all':>5}  {total_b:>12}  {total_a:>11}")
+    pb, pa = result.params_before, result.params_after
+    print(f"parameters: {pb:,} -> {pa:,} ({100 * (pa - pb) / pb:+.1f} %)")
+    q = result.quality
+    print(f"embedding cosine to dense on {q['n']} held-out texts ({q['source']}): "
+          f"mean {q['mean_cosine']:.4f}, min {q['min_cosine']:.4f}")
+    s = result.seconds
+    print(f"time: load {s['load']:.1f} s, scoring {s['score']:.1f} s, total {s['total']:.1f} s")
+    print(f"wrote {result.out}")
+
+
+def _run_shrink(args) -> int:
+    from headslim.pipeline import ShrinkConfig, shrink
+
+    config = ShrinkConfig(
+        prune=args.prune, method=args.method, objective=args.objective, calib=args.calib,
+        calib_samples=args.calib_samples, eval_data=args.eval_data, eval_samples=args.eval_samples,
+        max_length=args.max_length, batch_size=args.batch_size, min_heads_per_layer=args.min_heads_per_layer,
+        seed=args.seed, text_column=args.text_column, label_column=args.label_column, plan=args.plan,
+        allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    result = shrink(args.model, args.out, config)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_summary(result)
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="heads per layer and parameters of a checkpoint, and its prune plan")
+    p.add_argument("model", help="checkpoint dir (dense or pruned)")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from headslim.adapters import get_adapter
+    from headslim.io import load_model
+    from headslim.plan import PLAN_FILE, PrunePlan
+    from headslim.quality import count_parameters
+
+    model = load_model(args.model)
+    heads = get_adapter(model).num_heads(model)
+    print(f"model type: {model.config.model_type} ({type(model).__name__})")
+    print(f"heads per layer: {heads} ({sum(heads)} in all)")
+    print(f"parameters: {count_parameters(model):,}")
+    from headslim.io import resolve_model_path
+
+    plan_file = resolve_model_path(args.model) / PLAN_FILE
+    if plan_file.is_file():
+        prov = PrunePlan.load(plan_file).provenance
+        calib = prov.get("calibration", {})
+        print(f"pruned by headslim {prov.get('headslim_version', '?')}: method {prov.get('method', '?')}, "
+              f"objective {prov.get('objective', '-')}, calibration {calib.get('source', '?')} "
+              f"({calib.get('n_samples', '?')} samples, sha256 {str(calib.get('sha256', '?'))[:12]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headslim", description="Remove attention heads and prove the gain.")
+    parser.add_argument("--version", action="version", version=f"headslim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shrink,inspect}")
+    _add_shrink(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        return args.func(args)
+    except HeadslimError as e:
+        print(f"headslim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headslim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

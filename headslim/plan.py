@@ -1,0 +1,144 @@
+"""PrunePlan: which heads every layer keeps, plus where that choice came from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from headslim.errors import HeadslimError
+
+PLAN_FILE = "headslim_plan.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PrunePlan:
+    """Kept heads per layer of a dense model, and provenance.
+
+    Args:
+        num_heads: heads per layer of the dense model, e.g. ``[12] * 6``.
+        kept_heads: for each layer, the (dense) indices of the heads it keeps; may be empty.
+        provenance: free-form JSON: method, objective, calibration source and hash, version, scores.
+
+    Example:
+        >>> plan = PrunePlan(num_heads=[4, 4], kept_heads=[[0, 3], []])
+        >>> plan.pruned_heads
+        {0: [1, 2], 1: [0, 1, 2, 3]}
+    """
+
+    num_heads: list[int]
+    kept_heads: list[list[int]]
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.num_heads = [int(n) for n in self.num_heads]
+        if len(self.kept_heads) != len(self.num_heads):
+            raise HeadslimError(
+                f"plan has {len(self.kept_heads)} layers of kept heads but the model has "
+                f"{len(self.num_heads)} layers"
+            )
+        kept = []
+        for layer, (heads, n) in enumerate(zip(self.kept_heads, self.num_heads)):
+            heads = [int(h) for h in heads]
+            bad = [h for h in heads if not 0 <= h < n]
+            if bad:
+                raise HeadslimError(
+                    f"plan: layer {layer} keeps head {bad[0]} but that layer has {n} heads (0-{n - 1})"
+                )
+            if len(set(heads)) != len(heads):
+                raise HeadslimError(f"plan: layer {layer} lists a head twice: {heads}")
+            kept.append(sorted(heads))
+        self.kept_heads = kept
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.num_heads)
+
+    @property
+    def pruned_heads(self) -> dict[int, list[int]]:
+        """Removed heads per layer (dense indices), for every layer that loses at least one."""
+        out = {}
+        for layer, (kept, n) in enumerate(zip(self.kept_heads, self.num_heads)):
+            removed = [h for h in range(n) if h not in kept]
+            if removed:
+                out[layer] = removed
+        return out
+
+    @property
+    def heads_after(self) -> list[int]:
+        return [len(k) for k in self.kept_heads]
+
+    def mask(self):
+        """Gate tensor ``(layers, max_heads)``: 1.0 for kept heads, 0.0 for removed ones."""
+        import torch
+
+        mask = torch.zeros(self.num_layers, max(self.num_heads))
+        for layer, kept in enumerate(self.kept_heads):
+            mask[layer, kept] = 1.0
+        return mask
+
+    @classmethod
+    def from_mask(cls, mask, num_heads: list[int] | None = None, provenance: dict | None = None):
+        rows = mask.tolist()
+        num_heads = num_heads or [len(r) for r in rows]
+        kept = [[h for h in range(n) if rows[layer][h] > 0.5] for layer, n in enumerate(num_heads)]
+        return cls(num_heads=num_heads, kept_heads=kept, provenance=provenance or {})
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "num_heads": self.num_heads,
+            "kept_heads": self.kept_heads,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrunePlan":
+        if not isinstance(data, dict) or "kept_heads" not in data or "num_heads" not in data:
+            raise HeadslimError("plan JSON needs 'num_heads' and 'kept_heads'")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise HeadslimError(f"plan format_version {version} is newer than this headslim reads")
+        return cls(data["num_heads"], data["kept_heads"], data.get("provenance", {}))
+
+    @classmethod
+    def from_user(cls, data: dict, num_heads: list[int]) -> "PrunePlan":
+        """A hand-written plan for a model with ``num_heads`` per layer.
+
+        ``kept_heads`` is either a list with one entry per layer or a ``{layer: [heads]}`` mapping
+        (layers not named keep every head); ``num_heads``, when given, must match the model.
+        """
+        if not isinstance(data, dict) or "kept_heads" not in data:
+            raise HeadslimError("plan JSON needs a 'kept_heads' entry")
+        if "num_heads" in data and [int(n) for n in data["num_heads"]] != list(num_heads):
+            raise HeadslimError(f"plan is for heads per layer {data['num_heads']}, the model has {num_heads}")
+        kept = data["kept_heads"]
+        if isinstance(kept, dict):
+            rows = [list(range(n)) for n in num_heads]
+            for key, heads in kept.items():
+                try:
+                    layer = int(key)
+                except ValueError:
+                    raise HeadslimError(f"plan: layer {key!r} is not a layer number") from None
+                if not 0 <= layer < len(num_heads):
+                    raise HeadslimError(f"plan: layer {layer} does not exist (the model has {len(num_heads)} layers)")
+                rows[layer] = heads
+            kept = rows
+        return cls(list(num_heads), kept, data.get("provenance", {"method": "hand-written"}))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrunePlan":
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise HeadslimError(f"no prune plan at {path}") from None
+        except json.JSONDecodeError as e:
+            raise HeadslimError(f"prune plan {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)

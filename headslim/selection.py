@@ -1,0 +1,58 @@
+"""Selection: turn head scores into a PrunePlan for a global target with a per-layer minimum."""
+
+from __future__ import annotations
+
+import torch
+
+from headslim.errors import HeadslimError
+from headslim.plan import PrunePlan
+
+
+def heads_to_prune(prune: float | int, total: int) -> int:
+    """Number of heads to remove: ``prune`` is a fraction in (0, 1) (float) or a count (int)."""
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)):
+        raise HeadslimError(f"--prune must be a fraction in (0, 1) or a head count, not {prune!r}")
+    if isinstance(prune, float):
+        if not 0.0 < prune < 1.0:
+            raise HeadslimError(f"--prune {prune} is outside (0, 1); give a fraction or a whole head count")
+        return int(round(prune * total))
+    if not 1 <= prune <= total:
+        raise HeadslimError(f"--prune {prune} heads: the model has {total} heads")
+    return prune
+
+
+def select_heads(scores: torch.Tensor, num_heads: list[int], *, prune: float | int,
+                 min_per_layer: int = 1, provenance: dict | None = None) -> PrunePlan:
+    """Keep the highest-scoring heads globally, at least ``min_per_layer`` in every layer.
+
+    Args:
+        scores: ``(layers, max_heads)``, higher = more important.
+        num_heads: heads per layer.
+        prune: fraction (float in (0, 1)) or number (int) of heads to remove.
+        min_per_layer: heads every layer keeps (0 allows removing a whole attention block).
+
+    Example:
+        >>> plan = select_heads(torch.rand(6, 12), [12] * 6, prune=0.5)
+        >>> sum(plan.heads_after)
+        36
+    """
+    total = sum(num_heads)
+    n_prune = heads_to_prune(prune, total)
+    if min_per_layer < 0:
+        raise HeadslimError("--min-heads-per-layer must be >= 0")
+    floor = sum(min(min_per_layer, n) for n in num_heads)
+    n_keep = total - n_prune
+    if n_keep < floor:
+        raise HeadslimError(
+            f"cannot remove {n_prune} of {total} heads while keeping {min_per_layer} per layer: "
+            f"at most {total - floor} can go"
+        )
+    ranked = {}
+    for layer, n in enumerate(num_heads):
+        order = sorted(range(n), key=lambda h: (-float(scores[layer, h]), h))
+        ranked[layer] = order
+    kept = {layer: set(order[:min_per_layer]) for layer, order in ranked.items()}
+    rest = [(-float(scores[layer, h]), layer, h) for layer, order in ranked.items() for h in order[min_per_layer:]]
+    for _, layer, h in sorted(rest)[: n_keep - sum(len(k) for k in kept.values())]:
+        kept[layer].add(h)
+    return PrunePlan(num_heads, [sorted(kept[layer]) for layer in range(len(num_heads))], provenance or {})
