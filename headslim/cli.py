@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # headslim shows its own progress
         return args.func(args)
     except HeadslimError as e:
         print(f"headslim: error: {e}", file=sys.stderr)

@@ -54,7 +54,8 @@ def bbc_news_dir() -> Path:
 
 
 def bbc_news(split: str = "train") -> TextData:
-    """BBC News (2,225 articles, 5 topics) with a fixed split: every 5th article per topic is ``test``.
+    """BBC News (2,225 articles, 5 topics; exact duplicates dropped) with a fixed split: every 5th
+    unique article of each topic is ``test``.
 
     Args:
         split: ``train`` (80 %), ``test`` (20 %) or ``all``.
@@ -63,14 +64,18 @@ def bbc_news(split: str = "train") -> TextData:
         raise HeadslimError(f"bbc-news split must be train, test or all, not {split!r}")
     root = bbc_news_dir()
     topics = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
+    texts, labels, seen = [], [], set()
     for label, topic in enumerate(topics):
-        for i, file in enumerate(sorted((root / topic).glob("*.txt"))):
+        unique = []
+        for file in sorted((root / topic).glob("*.txt")):
+            text = " ".join(file.read_text(encoding="utf-8", errors="replace").split())
+            if text and text not in seen:  # the corpus repeats some articles: keep one copy
+                seen.add(text)
+                unique.append(text)
+        for i, text in enumerate(unique):
             if split == "all" or (split == "test") == (i % 5 == 4):
-                text = " ".join(file.read_text(encoding="utf-8", errors="replace").split())
-                if text:
-                    texts.append(text)
-                    labels.append(label)
+                texts.append(text)
+                labels.append(label)
     return TextData(texts, labels, topics, f"{BBC_NEWS}:{split}")
 
 
@@ -156,13 +161,33 @@ def sample(data: TextData, n: int | None, seed: int = 0) -> TextData:
     return data.subset(sorted(order[:n]))
 
 
-def batches(data: TextData, tokenizer, *, batch_size: int = 16, max_length: int = 128):
-    """Tokenised batches (dicts of tensors, ``labels`` included when the data has them)."""
-    import torch
+@dataclass
+class Batches:
+    """Tokenised batches of ``data`` (dicts of tensors, ``labels`` included when the data has them).
 
-    for start in range(0, len(data), batch_size):
-        chunk = data.texts[start : start + batch_size]
-        enc = dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-        if data.labels is not None:
-            enc["labels"] = torch.tensor(data.labels[start : start + batch_size])
-        yield enc
+    Re-iterable and sized, so progress bars know the total.
+    """
+
+    data: TextData
+    tokenizer: object
+    batch_size: int = 16
+    max_length: int = 128
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def __iter__(self):
+        import torch
+
+        for start in range(0, len(self.data), self.batch_size):
+            chunk = self.data.texts[start : start + self.batch_size]
+            enc = dict(self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                      return_tensors="pt"))
+            if self.data.labels is not None:
+                enc["labels"] = torch.tensor(self.data.labels[start : start + self.batch_size])
+            yield enc
+
+
+def batches(data: TextData, tokenizer, *, batch_size: int = 16, max_length: int = 128) -> Batches:
+    """Tokenised batches of ``data``; see :class:`Batches`."""
+    return Batches(data, tokenizer, batch_size, max_length)

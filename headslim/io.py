@@ -156,7 +156,6 @@ def load_pruned(path: str | Path):
     Example:
         >>> model = headslim.load_pruned("slim/")   # doctest: +SKIP
     """
-    import torch
     from safetensors.torch import load_file
 
     from headslim.surgery import prune_heads
@@ -171,6 +170,7 @@ def load_pruned(path: str | Path):
     config.pruned_heads = {}  # 4.x would prune at construction; the plan is applied below instead
     model = _new_model(config)
     prune_heads(model, plan)
+    model.tie_weights()  # tied parameters share storage, so the saved copy fills both
     state = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -185,8 +185,6 @@ def load_pruned(path: str | Path):
     untied = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
     if untied:
         raise HeadslimError(f"{path}: weights missing from {SAFE_FILE}: {untied[:3]}")
-    with torch.no_grad():
-        model.tie_weights()
     return model.eval()
 
 

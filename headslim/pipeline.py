@@ -124,6 +124,11 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     check_output_dir(out, overwrite=config.overwrite, inputs=(src,))
     if (Path(src) / PLAN_FILE).is_file():
         raise HeadslimError(f"{src} is already pruned by headslim; shrink its dense original instead")
+    calib = load_texts(config.calib, text_column=config.text_column, label_column=config.label_column,
+                       require_labels=config.objective == "task" and config.plan is None)
+    calib, held_out = _split_eval(config, calib)
+    calib = sample(calib, config.calib_samples, config.seed)
+    held_out = sample(held_out, config.eval_samples, seed=0)  # same texts for every method and seed
     model = load_model(src, allow_pickle=config.allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
@@ -132,11 +137,6 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     num_heads = get_adapter(model).num_heads(model)
     params_before = count_parameters(model)
 
-    calib = load_texts(config.calib, text_column=config.text_column, label_column=config.label_column,
-                       require_labels=config.objective == "task" and config.plan is None)
-    calib, held_out = _split_eval(config, calib)
-    calib = sample(calib, config.calib_samples, config.seed)
-    held_out = sample(held_out, config.eval_samples, config.seed)
     t_loaded = time.perf_counter()
 
     provenance = {
@@ -169,10 +169,10 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     t_scored = time.perf_counter()
 
     pooling = pooling_mode(src)
-    eval_batches = lambda: batches(held_out, tokenizer, batch_size=config.batch_size, max_length=config.max_length)  # noqa: E731
-    dense_emb = embeddings(model, eval_batches(), pooling=pooling)
+    eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    dense_emb = embeddings(model, eval_batches, pooling=pooling)
     prune_heads(model, plan)
-    quality = embedding_cosine(dense_emb, embeddings(model, eval_batches(), pooling=pooling))
+    quality = embedding_cosine(dense_emb, embeddings(model, eval_batches, pooling=pooling))
     quality.update(source=held_out.source if held_out is not calib else f"{held_out.source} (in-sample)",
                    pooling=pooling)
     plan.provenance["quality"] = quality

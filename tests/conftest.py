@@ -1,0 +1,60 @@
+"""Tiny random-initialised models of every architecture the adapters support."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+TF_MAJOR = int(transformers.__version__.split(".")[0])
+
+HIDDEN, HEADS, LAYERS, VOCAB = 32, 4, 3, 99
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+               intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0, num_labels=3)
+
+# model_type -> (config class, extra config kwargs, model classes covering the task heads)
+TINY_MODELS = {
+    "bert": (transformers.BertConfig, {}, ["BertModel", "BertForSequenceClassification", "BertForMaskedLM",
+                                           "BertForTokenClassification"]),
+    "roberta": (transformers.RobertaConfig, {"pad_token_id": 1},
+                ["RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"]),
+    "xlm-roberta": (transformers.XLMRobertaConfig, {"pad_token_id": 1},
+                    ["XLMRobertaModel", "XLMRobertaForSequenceClassification"]),
+    "electra": (transformers.ElectraConfig, {"embedding_size": 16},
+                ["ElectraModel", "ElectraForSequenceClassification", "ElectraForPreTraining"]),
+}
+
+MODEL_CASES = [(t, cls) for t, (_, _, classes) in TINY_MODELS.items() for cls in classes]
+
+
+def tiny_model(model_type: str, class_name: str, seed: int = 0):
+    config_cls, extra, _ = TINY_MODELS[model_type]
+    config = config_cls(**_COMMON, **extra)
+    config.architectures = [class_name]
+    torch.manual_seed(seed)
+    return getattr(transformers, class_name)(config).eval()
+
+
+def tiny_inputs(batch: int = 3, seq: int = 11, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq - 4 :] = 0  # a padded row
+    mask[2, 2:] = 0  # a mostly padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def main_output(out) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    raise AssertionError("no logits or last_hidden_state")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from headslim.io import bundled_model_dir
+
+    return bundled_model_dir()

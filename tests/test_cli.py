@@ -1,0 +1,195 @@
+"""The CLI end to end on the real all-MiniLM-L6-v2, and every bad input: one line, exit 2, no output."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import headslim
+from headslim.cli import main
+from headslim.gates import gated
+from headslim.plan import PLAN_FILE, PrunePlan
+from tests.conftest import TF_MAJOR, tiny_model
+
+SMALL = ["--calib-samples", "24", "--eval-samples", "16", "--max-length", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def shrunk(tmp_path_factory, minilm_dir):
+    """``headslim shrink`` run once as a user would, through the console script."""
+    out = tmp_path_factory.mktemp("cli") / "slim"
+    exe = shutil.which("headslim", path=str(__import__("pathlib").Path(sys.executable).parent))
+    proc = subprocess.run([exe, "shrink", str(minilm_dir), "--prune", "0.5", "--calib", "bbc-news",
+                           "--out", str(out), *SMALL], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_shrink_writes_a_smaller_reloadable_checkpoint(shrunk, minilm_dir):
+    out, stdout = shrunk
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", PLAN_FILE, "tokenizer.json", "modules.json", "1_Pooling"} <= names
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert (out / "model.safetensors").stat().st_size < (minilm_dir / "model.safetensors").stat().st_size
+    plan = PrunePlan.load(out)
+    assert sum(plan.heads_after) == 36 and min(plan.heads_after) >= 1
+    prov = plan.provenance
+    assert prov["method"] == "gradient" and prov["objective"] == "dense"
+    assert prov["calibration"]["source"] == "bbc-news:train" and len(prov["calibration"]["sha256"]) == 64
+    assert prov["headslim_version"] == headslim.__version__ and len(prov["scores"]) == 6
+    assert "parameters: 22,713,216 ->" in stdout and "embedding cosine to dense" in stdout
+    assert 0.0 < prov["quality"]["mean_cosine"] < 1.0
+
+
+def test_pruned_real_model_equals_gated_dense(shrunk, minilm_dir):
+    from transformers import AutoTokenizer
+
+    out, _ = shrunk
+    dense = headslim.load_model(minilm_dir)
+    pruned = headslim.load_pruned(out)
+    plan = PrunePlan.load(out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    enc = tok(["Pruned heads, same answers.", "A longer second sentence pads the first one out."],
+              padding=True, return_tensors="pt")
+    with torch.no_grad(), gated(dense, plan.mask()):
+        expected = dense(**enc).last_hidden_state
+    with torch.no_grad():
+        got = pruned(**enc).last_hidden_state
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(TF_MAJOR >= 5, reason="stock loading of pruned shapes needs config.pruned_heads (4.x)")
+def test_stock_loaders_read_it_on_4x(shrunk):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    out, _ = shrunk
+    stock = AutoModel.from_pretrained(str(out))
+    assert [blk.attention.self.num_attention_heads for blk in stock.encoder.layer] == PrunePlan.load(out).heads_after
+    emb = SentenceTransformer(str(out), device="cpu").encode(["hello world"])
+    assert emb.shape == (1, 384)
+
+
+def test_inspect(shrunk, capsys):
+    out, _ = shrunk
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "heads per layer" in text and "(36 in all)" in text and "method gradient" in text
+
+
+def test_shrink_with_text_file_and_random(tmp_path, minilm_dir, capsys):
+    lines = [f"Sentence number {i} talks about topic {i % 3} at some length." for i in range(30)]
+    (tmp_path / "texts.txt").write_text("\n".join(lines))
+    rc = main(["shrink", str(minilm_dir), "--prune", "20", "--calib", str(tmp_path / "texts.txt"),
+               "--method", "random", "--out", str(tmp_path / "slim"), "--json", *SMALL])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sum(result["heads_after"]) == 52
+    assert result["quality"]["n"] == 6  # the last fifth of the file, held out from scoring
+    assert result["plan"]["provenance"]["calibration"]["n_samples"] == 24
+
+
+def test_hand_written_plan_with_zero_head_layer(tmp_path, minilm_dir, capsys):
+    (tmp_path / "plan.json").write_text(json.dumps({"kept_heads": {"0": [], "3": [1, 5]}}))
+    rc = main(["shrink", str(minilm_dir), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "slim"),
+               *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    model = headslim.load_pruned(tmp_path / "slim")
+    assert [blk.attention.self.num_attention_heads for blk in model.encoder.layer] == [0, 12, 12, 2, 12, 12]
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def _expect_error(argv, match, capsys, out=None):
+    capsys.readouterr()  # drop what the set-up printed
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("headslim: error: ") and len(err.splitlines()) == 1, err
+    assert match in err, err
+    if out is not None:
+        assert not out.exists()
+    return err
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    tiny_model("bert", "BertModel").save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    import transformers
+
+    transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)).save_pretrained(
+        tmp_path / "gpt2")
+    _expect_error(["shrink", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"), *SMALL],
+                  "unsupported architecture 'gpt2'; supported model types: bert, electra, roberta, xlm-roberta",
+                  capsys, tmp_path / "o")
+
+
+@pytest.mark.parametrize("prune,match", [("1.5", "outside (0, 1)"), ("0", "head count >= 1"),
+                                         ("0.0", "outside (0, 1)"), ("100", "the model has 72 heads")])
+def test_bad_prune_targets(tmp_path, minilm_dir, capsys, prune, match):
+    _expect_error(["shrink", str(minilm_dir), "--prune", prune, "--out", str(tmp_path / "o"), *SMALL],
+                  match, capsys, tmp_path / "o")
+
+
+@pytest.mark.parametrize("plan,match", [({"kept_heads": {"0": [12]}}, "layer 0 keeps head 12"),
+                                        ({"kept_heads": {"6": [0]}}, "layer 6 does not exist")])
+def test_bad_hand_written_plan(tmp_path, minilm_dir, capsys, plan, match):
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    _expect_error(["shrink", str(minilm_dir), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "o"),
+                   *SMALL], match, capsys, tmp_path / "o")
+
+
+def test_missing_and_corrupt_weights(tmp_path, tiny_dir, capsys):
+    (tiny_dir / "model.safetensors").write_bytes(b"garbage" * 10)
+    _expect_error(["shrink", str(tiny_dir), "--out", str(tmp_path / "o"), *SMALL], "is corrupt", capsys, tmp_path / "o")
+    (tiny_dir / "model.safetensors").unlink()
+    _expect_error(["shrink", str(tiny_dir), "--out", str(tmp_path / "o"), *SMALL], "no model weights", capsys,
+                  tmp_path / "o")
+
+
+def test_pickle_weights_refused_without_flag(tmp_path, tiny_dir, capsys):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tiny_dir / "model.safetensors"), tiny_dir / "pytorch_model.bin")
+    (tiny_dir / "model.safetensors").unlink()
+    _expect_error(["shrink", str(tiny_dir), "--out", str(tmp_path / "o"), *SMALL], "--allow-pickle", capsys,
+                  tmp_path / "o")
+
+
+def test_output_dir_rules(tmp_path, minilm_dir, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    _expect_error(["shrink", str(minilm_dir), "--out", str(tmp_path / "o"), *SMALL], "pass --overwrite", capsys)
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    _expect_error(["shrink", str(minilm_dir), "--out", str(minilm_dir / "slim"), "--overwrite", *SMALL],
+                  "inside the input", capsys, minilm_dir / "slim")
+
+
+def test_empty_calibration_data(tmp_path, minilm_dir, capsys):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    _expect_error(["shrink", str(minilm_dir), "--calib", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o"),
+                   *SMALL], "is empty", capsys, tmp_path / "o")
+
+
+def test_failure_half_way_leaves_no_output(tmp_path, minilm_dir, monkeypatch):
+    import headslim.io
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(headslim.io, "copy_sentence_transformers_files", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["shrink", str(minilm_dir), "--out", str(tmp_path / "o"), *SMALL])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_is_cheap():
+    code = "import sys, headslim, headslim.kernels; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
