@@ -122,12 +122,23 @@ def _run_inspect(args) -> int:
     return 0
 
 
+# Sub-commands that live beside the code they drive: each module has ``add_parser(subparsers)``,
+# which adds its parser and sets ``func``; importing the module must stay cheap (no torch/onnx).
+COMMAND_MODULES = ("headslim.export", "headslim.bench", "headslim.evaluate", "headslim.sweep")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    import importlib.util
+
     parser = argparse.ArgumentParser(prog="headslim", description="Remove attention heads and prove the gain.")
     parser.add_argument("--version", action="version", version=f"headslim {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shrink,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True)
     _add_shrink(sub)
     _add_inspect(sub)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:  # modules land with their own issues
+            importlib.import_module(name).add_parser(sub)
     return parser
 
 
