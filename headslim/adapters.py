@@ -69,7 +69,13 @@ class BertFamilyAdapter:
                 block.pruned_heads = set(heads)
 
 
-ADAPTERS = {t: adapter for adapter in (BertFamilyAdapter(),) for t in adapter.model_types}
+def _decoder_adapters() -> tuple:
+    from headslim.decoders import GPT2Adapter, LlamaFamilyAdapter
+
+    return LlamaFamilyAdapter(), GPT2Adapter()
+
+
+ADAPTERS = {t: adapter for adapter in (BertFamilyAdapter(), *_decoder_adapters()) for t in adapter.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -85,4 +91,7 @@ def get_adapter(model_or_config) -> BertFamilyAdapter:
             f"unsupported architecture {model_type!r}; supported model types: "
             + ", ".join(supported_model_types())
         )
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS[model_type]
+    if hasattr(adapter, "check"):  # variants of a family the adapter does not handle
+        adapter.check(config)
+    return adapter

@@ -20,6 +20,11 @@ class PrunePlan:
         num_heads: heads per layer of the dense model, e.g. ``[12] * 6``.
         kept_heads: for each layer, the (dense) indices of the heads it keeps; may be empty.
         provenance: free-form JSON: method, objective, calibration source and hash, version, scores.
+        kv_head_of_q: optional, grouped-query attention: for each layer, the KV head each (dense)
+            query head reads, non-decreasing, e.g. ``[0, 0, 1, 1]``. Written by ``headslim.gqa``.
+        kept_kv_heads: optional, the KV heads each layer keeps (needs ``kv_head_of_q``). A KV head
+            without kept query heads is removed anyway; a kept query head whose KV head is not
+            listed is an error. Default: exactly the KV heads the kept query heads read.
 
     Example:
         >>> plan = PrunePlan(num_heads=[4, 4], kept_heads=[[0, 3], []])
@@ -30,6 +35,8 @@ class PrunePlan:
     num_heads: list[int]
     kept_heads: list[list[int]]
     provenance: dict = field(default_factory=dict)
+    kv_head_of_q: list[list[int]] | None = None
+    kept_kv_heads: list[list[int]] | None = None
 
     def __post_init__(self):
         self.num_heads = [int(n) for n in self.num_heads]
@@ -50,6 +57,48 @@ class PrunePlan:
                 raise HeadslimError(f"plan: layer {layer} lists a head twice: {heads}")
             kept.append(sorted(heads))
         self.kept_heads = kept
+        self._check_kv()
+
+    def _check_kv(self) -> None:
+        if self.kv_head_of_q is None:
+            if self.kept_kv_heads is not None:
+                raise HeadslimError("plan: 'kept_kv_heads' needs 'kv_head_of_q' (the KV head of every query head)")
+            return
+        if len(self.kv_head_of_q) != self.num_layers:
+            raise HeadslimError(
+                f"plan: 'kv_head_of_q' has {len(self.kv_head_of_q)} layers, the plan has {self.num_layers}"
+            )
+        maps = []
+        for layer, (row, n) in enumerate(zip(self.kv_head_of_q, self.num_heads)):
+            row = [int(k) for k in row]
+            if len(row) != n or any(k < 0 for k in row) or any(a > b for a, b in zip(row, row[1:])):
+                raise HeadslimError(
+                    f"plan: layer {layer}'s kv_head_of_q must list a non-decreasing KV head >= 0 for each of "
+                    f"its {n} query heads, got {row}"
+                )
+            maps.append(row)
+        self.kv_head_of_q = maps
+        if self.kept_kv_heads is None:
+            return
+        if len(self.kept_kv_heads) != self.num_layers:
+            raise HeadslimError(
+                f"plan: 'kept_kv_heads' has {len(self.kept_kv_heads)} layers, the plan has {self.num_layers}"
+            )
+        kept_kv = []
+        for layer, (kv, q, row) in enumerate(zip(self.kept_kv_heads, self.kept_heads, maps)):
+            kv = sorted({int(k) for k in kv})
+            for h in q:
+                if row[h] not in kv:
+                    raise HeadslimError(f"plan: layer {layer} keeps query head {h} but not its KV head {row[h]}")
+            kept_kv.append(kv)
+        self.kept_kv_heads = kept_kv
+
+    @property
+    def kv_heads_after(self) -> list[list[int]] | None:
+        """KV heads (dense indices) each layer keeps: those its kept query heads read; None without a map."""
+        if self.kv_head_of_q is None:
+            return None
+        return [sorted({row[h] for h in kept}) for row, kept in zip(self.kv_head_of_q, self.kept_heads)]
 
     @property
     def num_layers(self) -> int:
@@ -86,12 +135,16 @@ class PrunePlan:
         return cls(num_heads=num_heads, kept_heads=kept, provenance=provenance or {})
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format_version": FORMAT_VERSION,
             "num_heads": self.num_heads,
             "kept_heads": self.kept_heads,
             "provenance": self.provenance,
         }
+        if self.kv_head_of_q is not None:  # optional keys: older readers ignore them
+            out["kv_head_of_q"] = self.kv_head_of_q
+            out["kept_kv_heads"] = self.kv_heads_after
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrunePlan":
@@ -100,14 +153,17 @@ class PrunePlan:
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             raise HeadslimError(f"plan format_version {version} is newer than this headslim reads")
-        return cls(data["num_heads"], data["kept_heads"], data.get("provenance", {}))
+        return cls(data["num_heads"], data["kept_heads"], data.get("provenance", {}),
+                   data.get("kv_head_of_q"), data.get("kept_kv_heads"))
 
     @classmethod
-    def from_user(cls, data: dict, num_heads: list[int]) -> "PrunePlan":
+    def from_user(cls, data: dict, num_heads: list[int], kv_head_of_q: list[list[int]] | None = None) -> "PrunePlan":
         """A hand-written plan for a model with ``num_heads`` per layer.
 
         ``kept_heads`` is either a list with one entry per layer or a ``{layer: [heads]}`` mapping
         (layers not named keep every head); ``num_heads``, when given, must match the model.
+        ``kv_head_of_q`` is the model's query-head → KV-head map (grouped-query attention); with it,
+        an optional ``kept_kv_heads`` (list or mapping, like ``kept_heads``) is checked against it.
         """
         if not isinstance(data, dict) or "kept_heads" not in data:
             raise HeadslimError("plan JSON needs a 'kept_heads' entry")
@@ -125,7 +181,17 @@ class PrunePlan:
                     raise HeadslimError(f"plan: layer {layer} does not exist (the model has {len(num_heads)} layers)")
                 rows[layer] = heads
             kept = rows
-        return cls(list(num_heads), kept, data.get("provenance", {"method": "hand-written"}))
+        kept_kv = data.get("kept_kv_heads")
+        if isinstance(kept_kv, dict) and kv_head_of_q is not None:
+            rows = [sorted(set(m)) for m in kv_head_of_q]
+            for key, heads in kept_kv.items():
+                try:
+                    rows[int(key)] = heads
+                except (ValueError, IndexError):
+                    raise HeadslimError(f"plan: kept_kv_heads layer {key!r} does not exist") from None
+            kept_kv = rows
+        return cls(list(num_heads), kept, data.get("provenance", {"method": "hand-written"}),
+                   kv_head_of_q, kept_kv)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
