@@ -10,6 +10,9 @@ from headslim.plan import PrunePlan
 from tests.conftest import HEADS, LAYERS, tiny_inputs, tiny_model
 
 
+STOCHASTIC = {"gradient", "fisher", "iterative", "learned", "random"}
+
+
 def _batches(n=3, labels=False):
     out = []
     for i in range(n):
@@ -28,7 +31,8 @@ def test_shape_and_determinism(method):
     c = score_heads(model, _batches(), method=method, seed=4, progress=False)
     assert a.shape == (LAYERS, HEADS)
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    if method in STOCHASTIC:  # the others are deterministic functions of model and data
+        assert not torch.equal(a, c)
 
 
 def _silence_head(model, layer, head, scale=0.0):

@@ -1,69 +1,78 @@
 """``gradient``: first-order head importance from gate gradients (Michel et al. 2019).
 
-With ``objective="task"``: ``sum_batches |dL/dgate|`` of the model's own loss on labelled data.
+With ``objective="task"``: ``sum_batches |dL/dgate|`` of the model's mean loss on labelled data.
 
 With ``objective="dense"`` (label-free): a distance between the gated and the dense model's outputs
-is zero at gate = 1, so its gradient there is zero and ``|dD/dgate|`` is noise. We score instead
-the expected squared change of the output representations, ``E ||dh/dgate||^2`` (the Gauss-Newton
-diagonal of that distance), with one backward pass per batch through a random projection:
-``r ~ N(0, I)`` shaped like ``h``, ``g = d(r . h)/dgate``, ``E_r[g^2] = ||dh/dgate||^2``.
+is zero at gate = 1, so its gradient there is zero and ``|dD/dgate|`` is noise. We score instead the
+first-order cost of removing a head in the Gauss-Newton model of that distance,
+``1/2 E ||dh/dgate||^2`` (its diagonal), with one backward pass per batch through a random projection:
+``r ~ N(0, I)`` shaped like ``h``, ``g = d(r . h)/dgate``, ``E_r[g^2] = ||dh/dgate||^2``. For a model
+with a task head the output is its predicted distribution (targets sampled from it: the Fisher).
+
+Away from the dense point (``iterative`` re-scores a pruned model against the dense reference) the
+distance's gradient is no longer zero; with ``reference`` the score is the full second-order
+estimate of the removal cost, ``1/2 C_ii - dD/dgate_i`` (``C`` = Gauss-Newton / Fisher matrix).
 """
 
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
-from headslim.adapters import get_adapter
-from headslim.errors import HeadslimError
 from headslim.gates import gated
+from headslim.scoring.common import (check_nonempty, finish, frozen, gate_gradients, head_counts, model_device,
+                                     inputs_of, progress_bar, to_device)
 
 
-def _representation(model, batch: dict) -> torch.Tensor:
-    """Last hidden states with padding positions zeroed, ``(B, T, d)``."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, output_hidden_states=True)
-    hidden = out.hidden_states[-1]  # (B, T, d)
-    mask = inputs["attention_mask"][..., None].to(hidden.dtype)  # (B, T, 1)
-    return hidden * mask
+def score_gradient(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
+                   reference: list | None = None, **options) -> torch.Tensor:
+    """Gate-gradient importance ``(layers, max_heads)``; see the module docstring.
 
+    Args:
+        model: a model an adapter supports (dense or pruned); left as it was.
+        batches: re-iterable calibration batches (dicts of tensors; ``labels`` for ``task``).
+        objective: ``dense`` or ``task``.
+        seed: seeds the random projections.
+        progress: show a progress bar over batches.
+        reference: per-batch dense targets (``common.dense_reference`` of the dense model): adds the
+            first-order term of the distance to them (used by ``iterative``).
 
-def score_gradient(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True) -> torch.Tensor:
-    adapter = get_adapter(model)
-    heads = adapter.num_heads(model)
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.zeros(len(heads), max(heads))
-    was_training = model.training
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.eval().requires_grad_(False)  # only the gates need gradients
+    Example:
+        >>> scores = score_gradient(model, calib_batches, objective="dense")   # doctest: +SKIP
+    """
+    heads = head_counts(model)
+    if objective == "task" and reference is None:
+        return _michel_task(model, batches, heads, progress)
+    scores = torch.zeros(len(heads), max(heads), dtype=torch.float64)
     seen = 0
-    try:
-        for batch in tqdm(batches, desc="scoring heads (gradient)", unit="batch", disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
+    for grads, first in gate_gradients(model, batches, objective=objective, seed=seed, progress=progress,
+                                       desc="scoring heads (gradient)", reference=reference):
+        scores += 0.5 * grads.pow(2).mean(0)
+        if first is not None:
+            scores -= first
+        seen += 1
+    check_nonempty(seen)
+    return finish(scores / seen, heads)
+
+
+def _michel_task(model, batches, heads, progress) -> torch.Tensor:
+    """Michel et al.'s ``E |dL/dgate|`` of the model's own (batch-mean) loss."""
+    from headslim.errors import HeadslimError
+
+    device = model_device(model)
+    scores = torch.zeros(len(heads), max(heads), dtype=torch.float64)
+    seen = 0
+    with frozen(model):
+        for batch in progress_bar(batches, "scoring heads (gradient)", progress):
+            if "labels" not in batch:
+                raise HeadslimError("objective 'task' needs labelled calibration data (a label column)")
+            batch = to_device(batch, device)
             gates = torch.ones(len(heads), max(heads), device=device, requires_grad=True)
             with gated(model, gates):
-                if objective == "task":
-                    if "labels" not in batch:
-                        raise HeadslimError("objective 'task' needs labelled calibration data (a label column)")
-                    loss = model(**batch).loss
-                    if loss is None:
-                        raise HeadslimError("objective 'task' needs a model with a task head that returns a loss")
-                    loss.backward()
-                    scores += gates.grad.abs().cpu()
-                else:
-                    h = _representation(model, batch)
-                    r = torch.randn(h.shape, generator=gen).to(device=device, dtype=h.dtype)
-                    (h * r).sum().backward()
-                    scores += gates.grad.pow(2).cpu()
+                loss = model(**inputs_of(batch), labels=batch["labels"]).loss
+            if loss is None:
+                raise HeadslimError("objective 'task' needs a model with a task head that returns a loss")
+            (g,) = torch.autograd.grad(loss, gates)
+            scores += g.abs().cpu().double()
             seen += 1
-    finally:
-        model.train(was_training)
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires_grad[n])
-    if seen == 0:
-        raise HeadslimError("no calibration batches to score on")
-    scores /= seen
-    for layer, n in enumerate(heads):
-        scores[layer, n:] = float("-inf")
-    return scores
+    check_nonempty(seen)
+    return finish(scores / seen, heads)

@@ -1,0 +1,154 @@
+"""Compare head-scoring methods, with and without repair, on all-MiniLM-L6-v2 / BBC News.
+
+For every method, target (share of heads removed) and repair on/off: mean and minimum embedding
+cosine to the dense model on the held-out ``bbc-news:test`` articles, 5-NN topic accuracy on them
+(the k-NN index holds ``bbc-news:train`` embeddings computed by the same pruned model), and the
+wall time of scoring and repair. One command reproduces the table:
+
+    python bench/compare_methods.py --out bench/results/compare_methods
+
+writes ``compare_methods.json`` and ``compare_methods.md`` there and prints the table. Scores that do
+not depend on the target are computed once (``iterative`` runs once to the largest target: its path
+answers every smaller one exactly); ``learned`` trains once per target. Quality numbers are valid on
+any machine; wall times only on a quiet one (the output records the load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_METHODS = ["random", "magnitude", "entropy", "confidence", "ablation", "gradient", "fisher",
+                   "learned", "iterative", "iterative:fisher"]
+
+
+def knn_accuracy(train_emb, train_labels, test_emb, test_labels, k: int = 5) -> float:
+    """k-NN (cosine) topic accuracy; ties between classes go to the larger summed similarity."""
+    import torch
+
+    a = torch.nn.functional.normalize(train_emb, dim=-1)
+    b = torch.nn.functional.normalize(test_emb, dim=-1)
+    sims, idx = (b @ a.T).topk(k, dim=-1)  # (N_test, k)
+    labels = torch.as_tensor(train_labels)[idx]  # (N_test, k)
+    n_classes = int(max(train_labels)) + 1
+    votes = torch.zeros(len(b), n_classes).scatter_add_(1, labels, torch.ones_like(sims))
+    votes += 1e-3 * torch.zeros(len(b), n_classes).scatter_add_(1, labels, sims)
+    return float((votes.argmax(-1) == torch.as_tensor(test_labels)).float().mean())
+
+
+def evaluate(model, test_batches, train_batches, dense_test, data) -> dict:
+    from headslim.quality import embedding_cosine, embeddings
+
+    test_emb = embeddings(model, test_batches)
+    train_emb = embeddings(model, train_batches)
+    q = embedding_cosine(dense_test, test_emb)
+    q["knn5_acc"] = knn_accuracy(train_emb, data["train"].labels, test_emb, data["test"].labels)
+    return q
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--knn-train", type=int, default=None, help="train articles in the k-NN index (default all)")
+    p.add_argument("--test-samples", type=int, default=None, help="test articles (default all)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repair-inputs", default="pruned", choices=["dense", "pruned"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/compare_methods", help="directory for the JSON and markdown")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from headslim.adapters import get_adapter
+    from headslim.data import batches, load_texts, sample
+    from headslim.io import load_model, resolve_model_path
+    from headslim.repair import repair
+    from headslim.scoring import parse_method, score_heads
+    from headslim.selection import select_heads
+    from headslim.surgery import prune_heads
+
+    src = resolve_model_path(args.model)
+    dense = load_model(src)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    heads = get_adapter(dense).num_heads(dense)
+    data = {"calib": sample(load_texts("bbc-news:train"), args.calib_samples, args.seed),
+            "train": sample(load_texts("bbc-news:train"), args.knn_train, 1),
+            "test": sample(load_texts("bbc-news:test"), args.test_samples, 0)}
+    mk = lambda d, bs=args.batch_size: list(batches(d, tok, batch_size=bs, max_length=args.max_length))  # noqa: E731
+    calib, train_b, test_b = mk(data["calib"]), mk(data["train"], 64), mk(data["test"], 64)
+
+    from headslim.quality import embeddings
+
+    t0 = time.perf_counter()
+    dense_test = embeddings(dense, test_b)
+    base = evaluate(dense, test_b, train_b, dense_test, data)
+    rows = [{"method": "dense", "ratio": 0.0, "repair": False, **base, "score_s": 0.0, "repair_s": 0.0}]
+    print(f"dense: 5-NN accuracy {base['knn5_acc']:.4f} ({time.perf_counter() - t0:.0f} s to embed)", flush=True)
+    for method in args.methods:
+        name, _ = parse_method(method)
+        cached, cached_s = None, 0.0
+        for ratio in args.ratios:
+            if name == "learned" or cached is None:
+                t = time.perf_counter()
+                # a path method runs once to the largest target; its path answers the smaller ones
+                target = ratio if name == "learned" else max(args.ratios)
+                scores = score_heads(dense, calib, method=method, seed=args.seed, progress=args.progress,
+                                     prune=target, min_per_layer=1)
+                cached, cached_s = scores, time.perf_counter() - t
+            plan = select_heads(cached, heads, prune=ratio, min_per_layer=1)
+            model = prune_heads(copy.deepcopy(dense), plan)
+            row = {"method": method, "ratio": ratio, "heads_after": plan.heads_after, "score_s": round(cached_s, 1)}
+            rows.append({**row, "repair": False, **evaluate(model, test_b, train_b, dense_test, data),
+                         "repair_s": 0.0})
+            t = time.perf_counter()
+            report = repair(model, dense, plan, calib, inputs=args.repair_inputs, progress=args.progress)
+            rep_s = time.perf_counter() - t
+            rows.append({**row, "repair": True, "repair_applied": report.applied,
+                         **evaluate(model, test_b, train_b, dense_test, data), "repair_s": round(rep_s, 1)})
+            for r in rows[-2:]:
+                print(f"{method:>18} {ratio:.1f} repair={'on ' if r['repair'] else 'off'} "
+                      f"cos {r['mean_cosine']:.4f} min {r['min_cosine']:.4f} 5-NN {r['knn5_acc']:.4f} "
+                      f"score {r['score_s']:.0f} s repair {r['repair_s']:.0f} s", flush=True)
+            del model
+
+    meta = {"model": str(src), "transformers": transformers.__version__, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "loadavg_at_end": os.getloadavg(), "args": vars(args), "n_test": len(data["test"]),
+            "n_knn_train": len(data["train"]), "n_calib": len(data["calib"]),
+            "note": "wall times are only comparable on a quiet machine; see loadavg_at_end"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    md = to_markdown(rows, meta)
+    (out / "compare_methods.md").write_text(md)
+    print(md)
+    return 0
+
+
+def to_markdown(rows, meta) -> str:
+    lines = [f"all-MiniLM-L6-v2 on BBC News: {meta['n_calib']} calibration articles, {meta['n_test']} test articles, "
+             f"5-NN index of {meta['n_knn_train']} train articles; load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in meta['loadavg_at_end'])} on {meta['threads']} threads.", "",
+             "| method | removed | repair | mean cos | min cos | 5-NN acc | score s | repair s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {'on' if r['repair'] else 'off'} | {r['mean_cosine']:.4f} "
+                     f"| {r['min_cosine']:.4f} | {100 * r['knn5_acc']:.2f} | {r['score_s']:.0f} | {r['repair_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

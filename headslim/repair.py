@@ -1,0 +1,243 @@
+"""Retraining-free repair: re-fit each pruned layer's output projection by ridge least squares.
+
+After surgery, layer ``l`` computes ``y = W c + b`` from the context vectors ``c`` of the heads it
+kept (``W``: ``(d, k * D)``). Repair chooses ``W, b`` so that ``y`` best matches what the dense model
+computes at that point, on calibration tokens (Kwon et al. 2022's mask tuning generalised from one
+scale per head to the whole projection; FLAP's bias compensation is the bias-only case, and the
+only one for a layer that kept no head). Only weight values change: shapes, the plan and
+``headslim.load_pruned`` are untouched.
+
+Inputs and target (``inputs``):
+    ``pruned`` (default, sequential): ``c`` comes from the pruned model whose earlier layers are
+        already repaired, and the target is the dense block's pre-LayerNorm output minus the pruned
+        residual, ``t = (y_dense + x_dense) - x_pruned``: the fit also absorbs the drift that earlier
+        layers left in the residual stream, so ``LayerNorm(W c + b + x_pruned)`` matches the dense layer.
+    ``dense``: ``c`` is the dense model's context of the kept heads and ``t = y_dense`` (every
+        layer fitted independently on dense activations).
+
+The solve is ridge-regularised towards the current weights, ``min ||X w - t||^2 + lam ||w - w0||^2``
+(bias unpenalised, ``lam = ridge * mean diag(X^T X)``), in float64. A share of the calibration
+batches is held out: a layer keeps its new weights only if they lower the reconstruction error on
+them (then it is re-fitted on all batches), and, with ``check``, the whole repair is undone when it
+does not raise the held-out embedding cosine to the dense model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from headslim.adapters import get_adapter
+from headslim.errors import HeadslimError
+from headslim.plan import PrunePlan
+
+INPUTS = ("pruned", "dense")
+
+
+@dataclass
+class RepairReport:
+    """What repair did: per-layer relative reconstruction errors and the held-out check.
+
+    ``layers``: one dict per refitted layer with ``fit_before/fit_after`` (on the fitting batches)
+    and ``val_before/val_after`` (held-out), each ``||y - t||^2 / ||t||^2``, and ``applied``.
+    ``check``: held-out mean embedding cosine to dense ``before`` and ``after`` repair.
+    """
+
+    applied: bool
+    inputs: str
+    ridge: float
+    layers: list = field(default_factory=list)
+    check: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer being repaired has run."""
+
+
+def _o_weight(o_proj) -> torch.Tensor:
+    """``[W | b]`` as ``(d, p + 1)`` float64 (``p = 0`` for a bias-only projection)."""
+    bias = o_proj.bias.detach().double()
+    if getattr(o_proj, "in_features", 0) == 0 or not hasattr(o_proj, "weight"):
+        return bias[:, None]
+    return torch.cat([o_proj.weight.detach().double(), bias[:, None]], dim=1)
+
+
+def _set_o_weight(o_proj, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        if w.shape[1] > 1 or hasattr(o_proj, "weight"):
+            o_proj.weight.copy_(w[:, :-1].to(o_proj.weight.dtype))
+        o_proj.bias.copy_(w[:, -1].to(o_proj.bias.dtype))
+
+
+def _error(w: torch.Tensor, stats: dict) -> float:
+    """``||X w^T - T||^2`` from the moments ``A = X^T X``, ``B = X^T T``, ``C = ||T||^2``."""
+    a, b, c = stats["A"], stats["B"], stats["C"]
+    return float((w @ a * w).sum() - 2 * (w * b.T).sum() + c)
+
+
+def _solve(stats: dict, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    a, b = stats["A"], stats["B"]  # (p+1, p+1), (p+1, d)
+    p = a.shape[0] - 1
+    reg = torch.zeros_like(a)
+    if p > 0:
+        lam = ridge * float(a.diagonal()[:p].mean().clamp_min(1e-12))
+        reg[:p, :p] = torch.eye(p, dtype=a.dtype) * lam
+    rhs = b + reg @ w0.T  # (p+1, d)
+    return torch.linalg.solve(a + reg, rhs).T  # (d, p+1)
+
+
+def _add(stats: dict, x: torch.Tensor, t: torch.Tensor) -> None:
+    """Accumulate moments of rows ``x`` ``(N, p)`` (a ones column is appended) and targets ``t`` ``(N, d)``."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
+    t = t.double()
+    stats["A"] = stats.get("A", 0) + (x.T @ x).cpu()
+    stats["B"] = stats.get("B", 0) + (x.T @ t).cpu()
+    stats["C"] = stats.get("C", 0) + float(t.pow(2).sum())
+
+
+def _capture(model, layer: int, want_input: bool):
+    """Hooks on ``layer``'s attention block: record the projection input/output and the block input, then stop."""
+    adapter = get_adapter(model)
+    block = adapter.attention_blocks(model)[layer]
+    o_proj = adapter.o_proj(block)
+    got: dict = {}
+
+    def pre_block(module, args, kwargs):
+        got["x"] = args[0] if args else kwargs["hidden_states"]  # (B, T, d) residual input
+
+    def on_o(module, args, output):
+        got["c"] = args[0]  # (B, T, k * D)
+        got["y"] = output  # (B, T, d)
+        raise _Stop
+
+    handles = [o_proj.register_forward_hook(on_o)]
+    if want_input:
+        handles.append(block.register_forward_pre_hook(pre_block, with_kwargs=True))
+    return got, handles
+
+
+@torch.no_grad()
+def _run_to(model, layer: int, batch: dict, want_input: bool) -> dict:
+    got, handles = _capture(model, layer, want_input)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "y" not in got:
+        raise HeadslimError(f"repair: layer {layer}'s output projection did not run")
+    return got
+
+
+def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + i for h in kept for i in range(head_dim)], dtype=torch.long)
+
+
+@torch.no_grad()
+def _mean_cosine(model, dense_emb: list, batches: list, device) -> float:
+    from headslim.quality import embeddings
+
+    emb = embeddings(model, batches)
+    return float(torch.nn.functional.cosine_similarity(torch.cat(dense_emb), emb, dim=-1).mean())
+
+
+def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ridge: float = 1e-2,
+           holdout: float = 0.25, check: bool = True, progress: bool = True) -> RepairReport:
+    """Re-fit the output projection of every layer that lost heads, in place; see the module docstring.
+
+    Args:
+        model: the pruned model (after ``prune_heads(model, plan)``); only weight values change.
+        dense: its dense original (unchanged).
+        plan: the plan that was applied (which dense heads each layer kept).
+        batches: calibration batches (dicts of tensors); a list or a re-iterable.
+        inputs: ``pruned`` (sequential: inputs from the already repaired earlier layers) or ``dense``.
+        ridge: regularisation towards the current weights, relative to the mean feature energy.
+        holdout: share of the batches held out to decide per layer (and overall) whether to keep it.
+        check: undo everything when the held-out mean embedding cosine to dense does not improve.
+        progress: show a progress bar over layers.
+
+    Returns: a :class:`RepairReport`.
+
+    Example:
+        >>> dense = copy.deepcopy(model); prune_heads(model, plan)        # doctest: +SKIP
+        >>> repair(model, dense, plan, calib_batches).applied            # doctest: +SKIP
+        True
+    """
+    from tqdm.auto import tqdm
+
+    if inputs not in INPUTS:
+        raise HeadslimError(f"repair inputs must be one of {', '.join(INPUTS)}, not {inputs!r}")
+    if ridge < 0 or not 0.0 <= holdout < 1.0:
+        raise HeadslimError("repair needs ridge >= 0 and holdout in [0, 1)")
+    adapter = get_adapter(model)
+    if inputs == "pruned" and getattr(adapter, "name", "") != "bert-family":
+        inputs = "dense"  # the residual-drift target assumes post-LayerNorm residual blocks (BERT family)
+    head_dim = adapter.head_dim(dense)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    if not batches:
+        raise HeadslimError("repair needs calibration batches")
+    every = round(1 / holdout) if holdout > 0 and len(batches) >= 2 else 0
+    is_val = [every > 0 and i % every == every - 1 for i in range(len(batches))]
+    val_batches = [b for b, v in zip(batches, is_val) if v]
+    report = RepairReport(applied=False, inputs=inputs, ridge=ridge)
+    layers = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)) if len(kept) < n]
+    if not layers:
+        return report
+    blocks = adapter.attention_blocks(model)
+    originals = {layer: _o_weight(adapter.o_proj(blocks[layer])) for layer in layers}
+    dense_emb = None
+    if check and val_batches:
+        from headslim.quality import embeddings
+
+        dense_emb = [embeddings(dense, [b]) for b in val_batches]
+        before = _mean_cosine(model, dense_emb, val_batches, device)
+    with torch.no_grad():
+        for layer in tqdm(layers, desc="repairing layers", unit="layer", disable=not progress, leave=False):
+            o_proj = adapter.o_proj(blocks[layer])
+            kept = plan.kept_heads[layer]
+            fit, val = {}, {}
+            for batch, v in zip(batches, is_val):
+                mask = batch["attention_mask"].bool()  # (B, T)
+                ref = _run_to(dense, layer, batch, want_input=inputs == "pruned")
+                if inputs == "pruned":
+                    cur = _run_to(model, layer, batch, want_input=True)
+                    x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, k * D)
+                    t = (ref["y"] + ref["x"] - cur["x"])[mask]  # (N, d)
+                else:
+                    x = ref["c"][mask][:, _head_columns(kept, head_dim).to(device)]  # (N, k * D)
+                    t = ref["y"][mask]  # (N, d)
+                _add(val if v else fit, x, t)
+            w0 = originals[layer]
+            w_fit = _solve(fit, w0, ridge)
+            entry = {"layer": layer, "heads": len(kept),
+                     "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
+                     "fit_after": _error(w_fit, fit) / max(fit["C"], 1e-30)}
+            apply = True
+            if val:
+                entry["val_before"] = _error(w0, val) / max(val["C"], 1e-30)
+                entry["val_after"] = _error(w_fit, val) / max(val["C"], 1e-30)
+                apply = entry["val_after"] < entry["val_before"]
+                if apply:  # refit on every batch now that the held-out ones have done their job
+                    w_fit = _solve({k: fit[k] + val[k] for k in fit}, w0, ridge)
+            entry["applied"] = bool(apply)
+            if apply:
+                _set_o_weight(o_proj, w_fit)
+            report.layers.append(entry)
+    report.applied = any(e["applied"] for e in report.layers)
+    if dense_emb is not None and report.applied:
+        after = _mean_cosine(model, dense_emb, val_batches, device)
+        report.check = {"before": before, "after": after, "n_batches": len(val_batches)}
+        if after <= before:
+            for layer in layers:
+                _set_o_weight(adapter.o_proj(blocks[layer]), originals[layer])
+            report.applied = False
+            for e in report.layers:
+                e["applied"] = False
+    return report

@@ -1,0 +1,200 @@
+"""What every scorer shares: a frozen model, the objective's output, gate gradients, the final tensor.
+
+Objectives (see ``headslim.scoring``):
+    ``dense``: label-free. For a model with a task head (``logits``) the target of the empirical Fisher
+        is sampled from the model's own predicted distribution; otherwise the output is the last
+        hidden states and gradients are taken through Gaussian random projections of it (the
+        Gauss-Newton / output-sensitivity form). Both avoid differentiating a distance to the dense
+        model at the dense point, where its gradient is zero.
+    ``task``: the model's own per-sample loss on labelled batches.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+
+from headslim.adapters import get_adapter
+from headslim.errors import HeadslimError
+from headslim.gates import gated
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def head_counts(model) -> list[int]:
+    return get_adapter(model).num_heads(model)
+
+
+def finish(scores: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """``scores`` as float32 on the CPU with ``-inf`` in the slots beyond each layer's head count."""
+    scores = scores.detach().float().cpu().clone()
+    for layer, n in enumerate(heads):
+        scores[layer, n:] = float("-inf")
+    return scores
+
+
+@contextmanager
+def frozen(model):
+    """Eval mode and no parameter gradients inside; the model's previous state is restored after."""
+    was_training = model.training
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.eval().requires_grad_(False)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad[n])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def progress_bar(batches, desc: str, progress: bool):
+    return tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)
+
+
+def inputs_of(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def representation(model, batch: dict) -> torch.Tensor:
+    """Last hidden states with padding positions zeroed, ``(B, T, d)``."""
+    out = model(**inputs_of(batch), output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # (B, T, d)
+    mask = batch["attention_mask"][..., None].to(hidden.dtype)  # (B, T, 1)
+    return hidden * mask
+
+
+def _per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``(B,)`` for sequence (``(B, C)``) or token (``(B, T, C)``, -100 ignored) logits."""
+    if logits.shape[-1] == 1 and labels.is_floating_point():  # regression head
+        return (logits.squeeze(-1) - labels).pow(2).reshape(len(labels), -1).sum(-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if logits.dim() == 2:
+        return -logp.gather(-1, labels[:, None]).squeeze(-1)  # (B,)
+    valid = labels != -100  # (B, T)
+    picked = logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)  # (B, T)
+    return -(picked * valid).sum(-1)  # (B,)
+
+
+def forward(model, batch: dict):
+    """The model's output with hidden states (labels are never passed: losses are computed here)."""
+    return model(**inputs_of(batch), output_hidden_states=True)
+
+
+def dense_target(out, batch: dict) -> torch.Tensor:
+    """What ``dense`` keeps: log-probabilities of a task head, else masked last hidden states."""
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return torch.log_softmax(logits.double(), dim=-1)  # (B, [T,] C); float64: KL values can be tiny
+    hidden = out.hidden_states[-1]  # (B, T, d)
+    return hidden * batch["attention_mask"][..., None].to(hidden.dtype)
+
+
+def task_losses(out, batch: dict) -> torch.Tensor:
+    """Per-sample task loss ``(B,)`` from the labels of ``batch``."""
+    if "labels" not in batch:
+        raise HeadslimError("objective 'task' needs labelled calibration data (a label column)")
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise HeadslimError("objective 'task' needs a model with a task head that returns logits")
+    return _per_sample_loss(logits, batch["labels"])
+
+
+def probe(out, batch: dict, objective: str, gen: torch.Generator) -> torch.Tensor:
+    """A scalar whose gate gradient ``g`` has ``E[g g^T]`` = the Fisher / Gauss-Newton matrix of the batch.
+
+    - ``task``: ``sum_x s_x * loss_x`` with Rademacher signs ``s``: the cross terms between samples
+      cancel in expectation, so ``E[g g^T] = sum_x grad loss_x grad loss_x^T`` (empirical Fisher)
+      from one backward pass per batch.
+    - ``dense`` with a task head: the same, with labels sampled from the model's own predictions.
+    - ``dense`` without one: ``r . h`` with ``r ~ N(0, I)``: ``E[g g^T] = sum J^T J`` (Gauss-Newton).
+    """
+    device = batch["input_ids"].device
+    logits = getattr(out, "logits", None)
+    if objective == "task":
+        losses = task_losses(out, batch)  # (B,)
+    elif logits is None:
+        hidden = dense_target(out, batch)  # (B, T, d)
+        r = torch.randn(hidden.shape, generator=gen).to(device=device, dtype=hidden.dtype)
+        return (hidden * r).sum()
+    else:
+        with torch.no_grad():
+            probs = torch.softmax(logits.float(), dim=-1)  # (B, [T,] C)
+            flat = probs.reshape(-1, probs.shape[-1]).cpu()
+            labels = torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1]).to(device)
+            if logits.dim() == 3:  # token-level heads: only real tokens count
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+        losses = _per_sample_loss(logits, labels)  # (B,)
+    signs = (torch.randint(0, 2, (len(losses),), generator=gen) * 2 - 1).to(device=device, dtype=losses.dtype)
+    return (losses * signs).sum()
+
+
+def discrepancy(out, batch: dict, objective: str, target: torch.Tensor | None) -> torch.Tensor:
+    """The objective's value on the batch, summed over samples; the quantity a removal should not raise.
+
+    ``task``: the summed loss. ``dense``: ``1/2 ||h - h_ref||^2`` for hidden states, or
+    ``KL(p_ref || p)`` for a task head's predictions; ``target`` is ``dense_target`` of the reference.
+    """
+    if objective == "task":
+        return task_losses(out, batch).sum()
+    current = dense_target(out, batch)
+    if getattr(out, "logits", None) is not None:
+        kl = (target.exp() * (target - current)).sum(-1)  # (B, [T])
+        if kl.dim() == 2:
+            kl = kl * batch["attention_mask"].to(kl.dtype)
+        return kl.sum()
+    return 0.5 * (current - target.to(current.dtype)).pow(2).sum()
+
+
+def gate_gradients(model, batches, *, objective: str, seed: int, progress: bool, desc: str,
+                   mask: torch.Tensor | None = None, probes: int = 1, reference: list | None = None):
+    """Yield ``(probe_grads, first)`` per batch at gates ``mask`` (default all ones).
+
+    ``probe_grads`` is ``(probes, layers, max_heads)``: each ``g`` has ``E[g g^T]`` = the batch's
+    Fisher / Gauss-Newton matrix (see ``probe``); ``probes`` > 1 re-uses the forward pass.
+    ``first`` is the exact gradient of ``discrepancy`` against ``reference[i]`` (the i-th batch's
+    dense target; ``None`` for the task objective), or ``None`` when no ``reference`` is given.
+    """
+    heads = head_counts(model)
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    base = mask if mask is not None else torch.ones(len(heads), max(heads))
+    with frozen(model):
+        for i, batch in enumerate(progress_bar(batches, desc, progress)):
+            batch = to_device(batch, device)
+            gates = base.detach().clone().to(device).requires_grad_(True)
+            with gated(model, gates):
+                out = forward(model, batch)
+            grads = []
+            for k in range(probes):
+                keep = k < probes - 1 or reference is not None
+                (g,) = torch.autograd.grad(probe(out, batch, objective, gen), gates, retain_graph=keep)
+                grads.append(g.detach().cpu().double())
+            first = None
+            if reference is not None:
+                target = reference[i].to(device) if reference[i] is not None else None
+                (first,) = torch.autograd.grad(discrepancy(out, batch, objective, target), gates)
+                first = first.detach().cpu().double()
+            yield torch.stack(grads), first
+
+
+def check_nonempty(count: int) -> None:
+    if count == 0:
+        raise HeadslimError("no calibration batches to score on")
+
+
+@torch.no_grad()
+def dense_reference(model, batches, objective: str = "dense") -> list:
+    """Per batch, what the model computes now (``dense_target``, on the CPU); ``None`` for ``task``."""
+    if objective == "task":
+        return [None for _ in batches]
+    device = model_device(model)
+    with frozen(model):
+        return [dense_target(forward(model, b), b).cpu() for b in (to_device(b, device) for b in batches)]

@@ -1,0 +1,143 @@
+"""Repair: the least-squares re-fit never makes a layer's reconstruction worse, keeps shapes, reloads."""
+
+import copy
+
+import pytest
+import torch
+
+import headslim
+from headslim.errors import HeadslimError
+from headslim.plan import PrunePlan
+from headslim.repair import _add, _solve, repair
+from headslim.surgery import prune_heads
+from tests.conftest import HEADS, LAYERS, tiny_inputs, tiny_model
+
+PLAN = PrunePlan([HEADS] * LAYERS, [[0, 3], [1], []])  # a layer with no heads left: bias-only repair
+
+
+def _calib(n=6):
+    return [tiny_inputs(seed=i) for i in range(n)]
+
+
+def _layer_errors(model, dense, batches, inputs, layers=range(LAYERS)):
+    """Per layer ``||o_proj(c) - t||^2`` on ``batches``, measured with plain hooks (the reference)."""
+    errors = []
+    for layer in layers:
+        total = 0.0
+        for batch in batches:
+            got = {}
+            hooks = []
+            for name, m in (("p", model), ("d", dense)):
+                block = m.encoder.layer[layer].attention
+                hooks.append(block.register_forward_pre_hook(
+                    lambda mod, a, kw, name=name: got.__setitem__(name + "x", a[0] if a else kw["hidden_states"]),
+                    with_kwargs=True))
+                hooks.append(block.output.dense.register_forward_hook(
+                    lambda mod, a, o, name=name: got.update({name + "c": a[0], name + "y": o})))
+            with torch.no_grad():
+                model(**batch), dense(**batch)
+            for h in hooks:
+                h.remove()
+            mask = batch["attention_mask"].bool()
+            if inputs == "pruned":
+                target = got["dy"] + got["dx"] - got["px"]
+                total += float((got["py"] - target).detach()[mask].pow(2).sum())
+            else:
+                total += float((got["py"] - got["dy"]).detach()[mask].pow(2).sum())
+        errors.append(total)
+    return errors
+
+
+@pytest.mark.parametrize("inputs", ["pruned", "dense"])
+def test_reconstruction_error_never_increases(inputs):
+    dense = tiny_model("bert", "BertModel")
+    pruned = prune_heads(copy.deepcopy(dense), PLAN)
+    unrepaired = copy.deepcopy(pruned)
+    report = repair(pruned, dense, PLAN, _calib(), inputs=inputs, check=False, progress=False)
+    assert report.applied
+    for entry in report.layers:
+        assert entry["fit_after"] <= entry["fit_before"] + 1e-9
+    if inputs == "dense":  # every layer's fit is independent: compare each with the unrepaired one
+        after, before = _layer_errors(pruned, dense, _calib(), inputs), _layer_errors(unrepaired, dense, _calib(), inputs)
+        assert all(a <= b * (1 + 1e-6) + 1e-9 for a, b in zip(after, before))
+        assert sum(after) < sum(before)
+    else:  # sequential: on the repaired model's own inputs, the fitted weights beat the original ones
+        after = _layer_errors(pruned, dense, _calib(), inputs)
+        swapped = copy.deepcopy(pruned)
+        for layer in range(LAYERS):
+            ours = swapped.encoder.layer[layer].attention.output.dense
+            orig = unrepaired.encoder.layer[layer].attention.output.dense
+            ours.load_state_dict(orig.state_dict())
+            (before_l,) = _layer_errors(swapped, dense, _calib(), inputs, layers=[layer])
+            ours.load_state_dict(pruned.encoder.layer[layer].attention.output.dense.state_dict())
+            assert after[layer] <= before_l * (1 + 1e-6) + 1e-9
+
+
+def test_repair_brings_the_output_closer_to_dense():
+    dense = tiny_model("bert", "BertModel")
+    pruned = prune_heads(copy.deepcopy(dense), PLAN)
+    batch = tiny_inputs(seed=99)
+    with torch.no_grad():
+        ref = dense(**batch).last_hidden_state
+        before = (pruned(**batch).last_hidden_state - ref).pow(2).mean()
+    repair(pruned, dense, PLAN, _calib(8), check=False, progress=False)
+    with torch.no_grad():
+        after = (pruned(**batch).last_hidden_state - ref).pow(2).mean()
+    assert after < before
+
+
+def test_solve_matches_plain_least_squares():
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(200, 7, generator=gen), torch.randn(200, 5, generator=gen)
+    stats = {}
+    _add(stats, x[:120], t[:120])
+    _add(stats, x[120:], t[120:])
+    w = _solve(stats, torch.zeros(5, 8, dtype=torch.float64), ridge=0.0)  # (d, p + 1): [W | b]
+    ones = torch.cat([x, torch.ones(200, 1)], 1).double()
+    expected = torch.linalg.lstsq(ones, t.double()).solution.T
+    torch.testing.assert_close(w, expected, atol=1e-8, rtol=1e-8)
+    # a strong ridge pulls towards the starting weights (the bias is not penalised)
+    w0 = torch.randn(5, 8, generator=gen).double()
+    far = _solve(stats, w0, ridge=1e6)
+    torch.testing.assert_close(far[:, :-1], w0[:, :-1], atol=1e-3, rtol=0)
+
+
+def test_bias_only_layer_gets_the_mean_target_and_shapes_stay(tmp_path):
+    dense = tiny_model("bert", "BertModel")
+    pruned = prune_heads(copy.deepcopy(dense), PLAN)
+    shapes = {k: v.shape for k, v in pruned.state_dict().items()}
+    bias_before = pruned.encoder.layer[2].attention.output.dense.bias.detach().clone()
+    repair(pruned, dense, PLAN, _calib(), inputs="dense", check=False, progress=False)
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == shapes
+    assert not torch.equal(pruned.encoder.layer[2].attention.output.dense.bias, bias_before)
+    headslim.save_pruned(pruned, tmp_path / "slim", PLAN)
+    again = headslim.load_pruned(tmp_path / "slim")
+    batch = tiny_inputs(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
+
+
+def test_nothing_to_repair_and_bad_inputs():
+    """A plan that removes nothing leaves the model alone; bad options are one-line errors."""
+    dense = tiny_model("bert", "BertModel")
+    plan = PrunePlan([HEADS] * LAYERS, [list(range(HEADS))] * LAYERS)
+    report = repair(prune_heads(copy.deepcopy(dense), plan), dense, plan, _calib(), progress=False)
+    assert not report.applied and report.layers == []
+    with pytest.raises(HeadslimError, match="repair inputs"):
+        repair(dense, dense, PLAN, _calib(), inputs="nope")
+
+
+def test_shrink_records_repair_and_no_repair_turns_it_off(tmp_path, minilm_dir, capsys):
+    from headslim.cli import main
+
+    small = ["--calib-samples", "32", "--eval-samples", "16", "--max-length", "32", "--no-progress",
+             "--method", "gradient", "--prune", "0.5", "--batch-size", "8"]
+    assert main(["shrink", str(minilm_dir), "--out", str(tmp_path / "on"), *small]) == 0
+    text = capsys.readouterr().out
+    assert "repair: " in text and "method: gradient" in text
+    prov = PrunePlan.load(tmp_path / "on").provenance
+    assert prov["repair"]["requested"] and "applied" in prov["repair"] and prov["repair"]["layers"]
+    headslim.load_pruned(tmp_path / "on")
+    assert main(["shrink", str(minilm_dir), "--out", str(tmp_path / "off"), "--no-repair", *small]) == 0
+    assert "repair: off" in capsys.readouterr().out
+    assert PrunePlan.load(tmp_path / "off").provenance["repair"] == {"applied": False, "requested": False}

@@ -1,0 +1,208 @@
+"""The scoring catalogue: planted cases per method, parity with plain-PyTorch references, paths."""
+
+import pytest
+import torch
+
+from headslim.plan import PrunePlan
+from headslim.scoring import SCORERS, parse_method, score_heads
+from headslim.scoring.attention import attention_probs
+from headslim.scoring.common import gate_gradients
+from headslim.scoring.fisher import greedy_path
+from headslim.scoring.learned import soft_top_k
+from headslim.selection import select_heads
+from headslim.errors import HeadslimError
+from headslim.gates import gated
+from tests.conftest import HEADS, LAYERS, tiny_inputs, tiny_model
+
+# methods that read the objective (the others are label-free statistics)
+OBJECTIVE_METHODS = ["gradient", "fisher", "ablation", "iterative", "learned"]
+OUTPUT_METHODS = OBJECTIVE_METHODS + ["magnitude"]
+
+
+def _batches(n=3, labels=False):
+    out = []
+    for i in range(n):
+        batch = tiny_inputs(seed=i)
+        if labels:
+            batch["labels"] = torch.tensor([0, 1, 2])
+        out.append(batch)
+    return out
+
+
+def _scale_output(model, layer, head, scale):
+    dense = model.base_model.encoder.layer[layer].attention.output.dense
+    d = dense.in_features // HEADS
+    with torch.no_grad():
+        dense.weight[:, head * d : (head + 1) * d] *= scale
+
+
+def _scale_qk(model, layer, head, scale):
+    attn = model.base_model.encoder.layer[layer].attention.self
+    d = attn.attention_head_size
+    with torch.no_grad():
+        for proj in (attn.query, attn.key):
+            proj.weight[head * d : (head + 1) * d] *= scale
+            proj.bias[head * d : (head + 1) * d] *= scale
+
+
+@pytest.mark.parametrize("method", OUTPUT_METHODS)
+def test_a_head_with_zero_output_weights_scores_lowest(method):
+    model = tiny_model("bert", "BertModel")
+    _scale_output(model, layer=1, head=2, scale=0.0)
+    scores = score_heads(model, _batches(), method=method, prune=0.5, progress=False)
+    assert int(scores.flatten().argmin()) == 1 * HEADS + 2
+
+
+@pytest.mark.parametrize("method", OUTPUT_METHODS)
+def test_the_head_that_carries_the_output_scores_highest(method):
+    model = tiny_model("bert", "BertModel")
+    for h in range(HEADS):
+        _scale_output(model, layer=2, head=h, scale=20.0 if h == 3 else 0.05)
+    scores = score_heads(model, _batches(), method=method, prune=0.5, progress=False)
+    assert int(scores[2].argmax()) == 3
+
+
+@pytest.mark.parametrize("method", ["entropy", "confidence"])
+def test_attention_statistics_planted(method):
+    """A head with zero queries and keys attends uniformly (least confident); a sharpened one most."""
+    model = tiny_model("bert", "BertModel")
+    _scale_qk(model, layer=0, head=1, scale=0.0)
+    _scale_qk(model, layer=0, head=3, scale=6.0)
+    scores = score_heads(model, _batches(), method=method, progress=False)
+    assert int(scores[0].argmin()) == 1 and int(scores[0].argmax()) == 3
+
+
+def test_attention_probs_match_the_eager_attention_weights():
+    model = tiny_model("bert", "BertModel")
+    model.config._attn_implementation = "eager"
+    batch = tiny_inputs()
+    attn = model.encoder.layer[1].attention.self
+    got = {}
+    h1 = attn.query.register_forward_hook(lambda m, a, o: got.__setitem__("q", o))
+    h2 = attn.key.register_forward_hook(lambda m, a, o: got.__setitem__("k", o))
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    h1.remove(), h2.remove()
+    ours = attention_probs(got["q"], got["k"], batch["attention_mask"], HEADS, attn.attention_head_size)
+    torch.testing.assert_close(ours, out.attentions[1], atol=1e-6, rtol=1e-5)
+
+
+def test_magnitude_matches_a_plain_reference():
+    model = tiny_model("bert", "BertModel")
+    batch = tiny_inputs()
+    dense = model.encoder.layer[0].attention.output.dense
+    got = {}
+    hook = dense.register_forward_pre_hook(lambda m, a: got.__setitem__("c", a[0]))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    d = dense.in_features // HEADS
+    mask = batch["attention_mask"].bool()
+    expected = torch.stack([
+        (got["c"][..., h * d : (h + 1) * d] @ dense.weight[:, h * d : (h + 1) * d].T)[mask].pow(2).sum(-1).mean()
+        for h in range(HEADS)]).sqrt()
+    scores = score_heads(model, [batch], method="magnitude", progress=False)
+    torch.testing.assert_close(scores[0], expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_gauss_newton_probes_estimate_the_jacobian_norms():
+    """E_r[g_i^2] over random projections equals ||dh/dgate_i||^2 (exact Jacobian reference)."""
+    model = tiny_model("bert", "BertModel")
+    batch = tiny_inputs(seq=6)
+
+    def hidden(gates):
+        with gated(model, gates):
+            return (model(**batch).last_hidden_state * batch["attention_mask"][..., None]).flatten()
+
+    jac = torch.autograd.functional.jacobian(hidden, torch.ones(LAYERS, HEADS)).flatten(1)  # (T*d, L*H)
+    exact = jac.pow(2).sum(0).view(LAYERS, HEADS).double()
+    grads = torch.cat([g for g, _ in gate_gradients(model, [batch] * 10, objective="dense", seed=0,
+                                                    progress=False, desc="", probes=20)])
+    estimate = grads.pow(2).mean(0)
+    assert torch.corrcoef(torch.stack([exact.flatten(), estimate.flatten()]))[0, 1] > 0.9
+    assert (estimate.sum() / exact.sum() - 1).abs() < 0.2
+
+
+def test_fisher_mask_search_accounts_for_interactions():
+    """Heads 0 and 1 are each cheap to remove but redundant copies: removing both is expensive."""
+    curv = torch.tensor([[1.0, -0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.5]], dtype=torch.float64)
+    curv[0, 1] = curv[1, 0] = 0.9  # removing 0 and 1 together costs 0.5 + 0.5 + 0.9
+    alive = torch.ones(1, 3, dtype=torch.bool)
+    path = greedy_path(curv, torch.zeros(3, dtype=torch.float64), [3], alive, min_per_layer=0)
+    assert path[:2] == [(0, 0), (0, 2)]  # a sum of single scores would take 0 and 1
+    diag = greedy_path(curv * torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), [3], alive, 0)
+    assert diag[:2] == [(0, 0), (0, 1)]
+
+
+def _plan_mask(scores, prune, min_per_layer=1):
+    return select_heads(scores, [HEADS] * LAYERS, prune=prune, min_per_layer=min_per_layer).kept_heads
+
+
+@pytest.mark.parametrize("base", ["gradient", "fisher"])
+def test_iterative_is_a_path_consistent_with_every_smaller_target(base):
+    model = tiny_model("bert", "BertModel")
+    far = score_heads(model, _batches(), method=f"iterative:{base}", prune=8, step=0.25, progress=False)
+    near = score_heads(model, _batches(), method=f"iterative:{base}", prune=4, step=0.25, progress=False)
+    assert _plan_mask(far, 4) == _plan_mask(near, 4)
+    # the path's own plan at the target: heads removed are exactly the 8 lowest scores
+    kept = _plan_mask(far, 8)
+    assert sum(len(k) for k in kept) == LAYERS * HEADS - 8 and all(len(k) >= 1 for k in kept)
+    ranks = far.flatten().argsort()[:8]
+    assert {(int(i) // HEADS, int(i) % HEADS) for i in ranks} == {
+        (layer, h) for layer in range(LAYERS) for h in range(HEADS) if h not in kept[layer]}
+
+
+def test_iterative_differs_from_one_shot_when_it_should():
+    model = tiny_model("bert", "BertModel")
+    one_shot = score_heads(model, _batches(), method="gradient", progress=False)
+    path = score_heads(model, _batches(), method="iterative", prune=9, step=0.1, progress=False)
+    assert path.shape == one_shot.shape and torch.isfinite(path).all()
+
+
+def test_fisher_scores_are_a_removal_path():
+    model = tiny_model("bert", "BertModel")
+    scores = score_heads(model, _batches(), method="fisher", progress=False)
+    assert sorted(scores.flatten().tolist()) == [float(i) for i in range(LAYERS * HEADS)]
+    assert min(scores.max(1).values.tolist()) >= LAYERS * HEADS - LAYERS  # each layer's last head goes last
+
+
+def test_soft_top_k_sums_to_k_and_orders_like_the_logits():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -4.0])
+    gates = soft_top_k(logits, 2, temperature=0.05)
+    assert float(gates.sum()) == pytest.approx(2.0, abs=1e-4)
+    assert gates.argsort().tolist() == logits.argsort().tolist()
+    assert gates[[0, 3]].min() > 0.99
+
+
+@pytest.mark.parametrize("method", OBJECTIVE_METHODS)
+def test_task_objective_and_label_free_classifier(method):
+    """Each method runs on a classifier's task loss, and label-free (targets from its own predictions),
+    where a silent head must still score lowest."""
+    model = tiny_model("bert", "BertForSequenceClassification")
+    _scale_output(model, layer=0, head=1, scale=0.0)
+    task = score_heads(model, _batches(labels=True), method=method, objective="task", prune=0.5, progress=False)
+    free = score_heads(model, _batches(), method=method, objective="dense", prune=0.5, progress=False)
+    assert torch.isfinite(task).all() and torch.isfinite(free).all()
+    assert int(free.flatten().argmin()) == 1
+    if method in ("gradient", "fisher"):  # non-negative scores: zero exactly for the silent head
+        assert int(task.flatten().argmin()) == 1
+
+
+def test_method_names():
+    assert parse_method("iterative:fisher") == ("iterative", {"base": "fisher"})
+    assert set(SCORERS) >= {"gradient", "fisher", "ablation", "iterative", "entropy", "confidence",
+                            "magnitude", "learned", "random"}
+    for bad in ("nope", "gradient:fisher", "iterative:learned", "iterative:nope"):
+        with pytest.raises(HeadslimError):
+            parse_method(bad)
+
+
+@pytest.mark.parametrize("method", ["fisher", "iterative", "learned", "entropy", "magnitude", "ablation"])
+def test_scorers_on_a_ragged_pruned_model(method):
+    from headslim.surgery import prune_heads
+
+    model = prune_heads(tiny_model("bert", "BertModel"), PrunePlan([HEADS] * LAYERS, [[0], [0, 1, 2], []]))
+    scores = score_heads(model, _batches(), method=method, prune=1, progress=False)
+    assert scores.shape == (LAYERS, 3)  # the widest layer left has 3 heads
+    assert torch.isinf(scores[0, 1:]).all() and torch.isinf(scores[2]).all()
+    assert torch.isfinite(scores[1, :3]).all()
