@@ -116,24 +116,27 @@ def model_class(config):
     return cls
 
 
-def load_model(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False):
+def load_model(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
     """Load a dense checkpoint directory (or a pruned one, via :func:`load_pruned`) for inference.
 
     Weights come from safetensors only unless ``allow_pickle`` is set, in which case
     transformers loads ``pytorch_model.bin`` with ``torch.load(weights_only=True)``.
+    ``attn_implementation`` (``eager``, ``sdpa``) picks the attention code; transformers' default otherwise.
 
     Example:
         >>> model = load_model("all-MiniLM-L6-v2/")   # doctest: +SKIP
     """
     path = _model_dir(path)
     if (path / PLAN_FILE).is_file():
-        return load_pruned(path)
+        return load_pruned(path, attn_implementation=attn_implementation)
     config = _load_config(path, trust_remote_code)
     get_adapter(config)
     use_safetensors = _check_weights(path, allow_pickle)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = model_class(config).from_pretrained(
-            str(path), config=config, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code
+            str(path), config=config, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code, **extra
         )
     except Exception as e:
         raise HeadslimError(f"cannot load weights from {path}: {_first_line(e)}") from None
@@ -150,8 +153,11 @@ def _new_model(config):
         return model_class(config)._from_config(config)
 
 
-def load_pruned(path: str | Path):
+def load_pruned(path: str | Path, *, attn_implementation: str | None = None):
     """Rebuild a pruned checkpoint written by headslim (any transformers version it supports).
+
+    ``attn_implementation`` (``eager``, ``sdpa``) is set before the model is built: transformers 4.x
+    picks the attention class at construction.
 
     Example:
         >>> model = headslim.load_pruned("slim/")   # doctest: +SKIP
@@ -168,6 +174,8 @@ def load_pruned(path: str | Path):
     config = _load_config(path)
     get_adapter(config)
     config.pruned_heads = {}  # 4.x would prune at construction; the plan is applied below instead
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
     model = _new_model(config)
     prune_heads(model, plan)
     model.tie_weights()  # tied parameters share storage, so the saved copy fills both

@@ -1,0 +1,337 @@
+"""``headslim sweep``: prune at several ratios from one scoring pass; quality and latency at each.
+
+The dense model is scored once (one-pass ``gradient`` by default: ``shrink``'s ``iterative`` method
+re-scores per ratio); every ratio is a :func:`headslim.selection.select_heads` of the same scores,
+applied by :func:`headslim.surgery.prune_heads` to a fresh copy of the dense model, then repaired
+with :func:`headslim.repair.repair` unless ``--no-repair``. Quality is measured against the dense
+model with :mod:`headslim.evaluate`; latency with one :mod:`headslim.bench` backend, dense and
+pruned interleaved per ratio. Output: ``sweep.json``, ``sweep.md`` (the accuracy-vs-latency table)
+and ``pareto.png`` (quality against latency, Pareto front marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import json
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from headslim.errors import HeadslimError
+
+SWEEP_EXAMPLE = """example:
+  headslim sweep all-MiniLM-L6-v2 --prune 0.1,0.3,0.5,0.7 --calib bbc-news --out sweep-out/
+  headslim sweep dense/ --prune 0.2,0.4 --calib texts.txt --data labelled.csv --backend ort-cpu --out sweep-out/
+"""
+
+
+def _ratio(text: str) -> float | int:
+    from headslim.cli import _prune_arg
+
+    return _prune_arg(text)
+
+
+def _ratio_list(text: str) -> tuple:
+    try:
+        values = tuple(_ratio(v) for v in text.split(",") if v.strip())
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one ratio")
+    return values
+
+
+@dataclass
+class SweepConfig:
+    """Settings of one sweep; validated on construction.
+
+    Args:
+        ratios: fractions of all heads to remove (floats in (0, 1)) or head counts (ints).
+        method, objective: scorer and objective (``headslim.scoring``), run once.
+        calib, calib_samples, calib_max_length: calibration data for the scoring pass.
+        min_heads_per_layer: heads every layer keeps.
+        eval: quality settings (:class:`headslim.evaluate.EvalConfig`).
+        backend: one :mod:`headslim.bench` backend for latency, or ``none``.
+        batch, seq: the latency shape.
+        repair: re-fit each pruned model's output projections with :mod:`headslim.repair` (on dense
+            activations, as ``shrink`` does by default).
+        save_models: keep every pruned checkpoint under ``OUT/models/``.
+    """
+
+    ratios: tuple = (0.1, 0.3, 0.5, 0.7)
+    method: str = "gradient"
+    objective: str = "dense"
+    calib: str = "bbc-news"
+    calib_samples: int | None = 256
+    calib_max_length: int = 128
+    min_heads_per_layer: int = 1
+    seed: int = 0
+    eval: object = None
+    backend: str = "torch-sdpa-cpu"
+    batch: int = 8
+    seq: int = 128
+    warmup: int = 5
+    min_runs: int = 10
+    min_seconds: float = 3.0
+    max_runs: int = 100000
+    threads: int | None = None
+    onnx_dense: str | None = None
+    repair: bool = True
+    save_models: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        from headslim.bench import BACKENDS
+        from headslim.evaluate import EvalConfig
+        from headslim.scoring import OBJECTIVES, SCORERS
+
+        self.eval = self.eval or EvalConfig()
+        self.ratios = tuple(self.ratios)
+        if not self.ratios:
+            raise HeadslimError("--prune needs at least one ratio")
+        for r in self.ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 < r < 1) \
+                    or (isinstance(r, int) and r < 1):
+                raise HeadslimError(f"--prune {r!r}: give fractions in (0, 1) or head counts >= 1")
+        if self.method not in SCORERS:
+            raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
+        if self.objective not in OBJECTIVES:
+            raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
+        if self.backend != "none" and self.backend not in BACKENDS:
+            raise HeadslimError(f"unknown backend {self.backend!r} for sweep (one of: none, {', '.join(BACKENDS)})")
+        for name in ("batch", "seq", "min_runs", "calib_max_length"):
+            if getattr(self, name) < 1:
+                raise HeadslimError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.repair and importlib.util.find_spec("headslim.repair") is None:
+            raise HeadslimError("repair needs headslim.repair, which is not part of this install; pass --no-repair")
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[bool]:
+    """Which ``(latency, quality)`` points no other point beats on both (lower latency, better quality).
+
+    Example:
+        >>> pareto_front([(10, 0.9), (5, 0.8), (6, 0.7), (12, 0.9)])
+        [True, True, False, False]
+    """
+    sign = 1 if higher_is_better else -1
+    out = []
+    for i, (lat, q) in enumerate(points):
+        dominated = any(
+            (l2 <= lat and sign * q2 >= sign * q) and (l2 < lat or sign * q2 > sign * q)
+            for j, (l2, q2) in enumerate(points) if j != i
+        )
+        out.append(not dominated)
+    return out
+
+
+def _apply_repair(model, dense, plan, calib_batches, progress: bool) -> dict:
+    """Re-fit the pruned layers' output projections with :func:`headslim.repair.repair`, in place."""
+    repair = importlib.import_module("headslim.repair")
+    report = repair.repair(model, dense, plan, calib_batches, inputs="dense", progress=progress)
+    return report.to_dict() if hasattr(report, "to_dict") else {}
+
+
+def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool = False, log=print) -> dict:
+    """Score once, prune at every ratio, measure quality and latency, write the table and the plot.
+
+    Args:
+        model_dir: dense checkpoint dir (or ``all-MiniLM-L6-v2``).
+        out: output dir (atomic): ``sweep.json``, ``sweep.md``, ``pareto.png`` and optionally ``models/``.
+        config: :class:`SweepConfig`.
+        log: progress lines (``None`` for silence).
+
+    Example:
+        >>> r = sweep("all-MiniLM-L6-v2", "sweep-out/", SweepConfig(ratios=(0.3, 0.5)))   # doctest: +SKIP
+        >>> [row["prune"] for row in r["rows"]]                                          # doctest: +SKIP
+        [0, 0.3, 0.5]
+    """
+    from headslim.bench import fixed_threads, max_sequence
+    from headslim.evaluate import load_tokenizer
+    from headslim.io import check_output_dir, load_model, resolve_model_path
+    from headslim.plan import PLAN_FILE
+
+    config = config or SweepConfig()
+    log = log or (lambda *a, **k: None)
+    src = resolve_model_path(model_dir)
+    check_output_dir(out, overwrite=overwrite, inputs=(src,))
+    if (Path(src) / PLAN_FILE).is_file():
+        raise HeadslimError(f"{src} is already pruned by headslim; sweep its dense original instead")
+    dense = load_model(src)
+    if config.backend != "none" and config.seq > max_sequence(dense.config):
+        raise HeadslimError(f"--seq {config.seq} is longer than the model allows ({max_sequence(dense.config)} tokens)")
+    tokenizer = load_tokenizer(src)
+    with fixed_threads(config.threads) as threads:
+        result = _sweep(src, out, dense, tokenizer, threads, config, overwrite, log)
+    log(f"wrote {out}")
+    return result
+
+
+def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwrite: bool, log) -> dict:
+    from headslim import flops, report
+    from headslim.adapters import get_adapter
+    from headslim.bench import BACKENDS, machine_info
+    from headslim.data import batches, load_texts, sample
+    from headslim.evaluate import evaluate_model, prepare_reference, primary_metric
+    from headslim.io import atomic_output_dir, save_pruned
+    from headslim.quality import count_parameters
+    from headslim.scoring import score_heads
+    from headslim.selection import select_heads
+    from headslim.surgery import prune_heads
+
+    num_heads = get_adapter(dense).num_heads(dense)
+
+    calib = sample(load_texts(config.calib, text_column=config.eval.text_column,
+                              label_column=config.eval.label_column, require_labels=config.objective == "task"),
+                   config.calib_samples, config.seed)
+    calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
+    log(f"scoring {sum(num_heads)} heads once ({config.method}, {len(calib)} calibration texts)")
+    scores = score_heads(dense, calib_batches, method=config.method, objective=config.objective, seed=config.seed,
+                         progress=config.progress)
+    ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
+    dense_shape = flops.LayerShape.from_model(dense)
+    dense_metrics = evaluate_model(dense, ref)
+    metric_name, dense_quality, higher = primary_metric(ref.task, dense_metrics)
+    rows = [{"prune": 0, "heads": sum(num_heads), "heads_per_layer": num_heads, "params": count_parameters(dense),
+             "quality": dense_quality, "metrics": dense_metrics, "ideal_speedup": 1.0, "latency": None}]
+    notes = []
+    backend = BACKENDS[config.backend]() if config.backend != "none" else None
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(src,)) as tmp, \
+            tempfile.TemporaryDirectory(prefix="headslim-sweep-") as scratch:
+        models_dir = (tmp if config.save_models else Path(scratch)) / "models"
+        dense_exports: dict = {}
+        for ratio in config.ratios:
+            plan = select_heads(scores, num_heads, prune=ratio, min_per_layer=config.min_heads_per_layer,
+                                provenance={"method": config.method, "objective": config.objective,
+                                            "prune": ratio, "source_model": str(src),
+                                            "calibration": {"source": calib.source, "sha256": calib.sha256,
+                                                            "n_samples": len(calib)}})
+            pruned = prune_heads(copy.deepcopy(dense), plan)  # every ratio starts from the dense weights
+            row = {"prune": ratio, "heads": sum(plan.heads_after), "heads_per_layer": plan.heads_after,
+                   "params": count_parameters(pruned)}
+            if config.repair:
+                row["repair"] = _apply_repair(pruned, dense, plan, calib_batches, config.progress)
+            metrics = evaluate_model(pruned, ref)
+            row.update(quality=primary_metric(ref.task, metrics)[1], metrics=metrics,
+                       ideal_speedup=flops.compare(dense_shape, flops.LayerShape.from_model(pruned),
+                                                   config.batch, config.seq)["ideal_speedup"],
+                       kept_heads=plan.kept_heads, latency=None)
+            pruned_dir = models_dir / f"prune-{ratio:g}"
+            save_pruned(pruned, pruned_dir, plan, tokenizer=tokenizer, source=src)
+            del pruned
+            if backend is not None:
+                row["latency"] = _latency(backend, src, pruned_dir, dense, config, threads, dense_exports,
+                                          Path(scratch), notes)
+            rows.append(row)
+            lat = row["latency"]
+            log(f"prune {ratio:g}: {row['heads']} heads, {metric_name} {row['quality']:.4f}"
+                + (f", p50 {lat['pruned_p50_ms']:.2f} ms vs dense {lat['dense_p50_ms']:.2f} ms (x{lat['speedup_p50']:.2f})"
+                   if lat else ""))
+        measured = [r for r in rows[1:] if r["latency"]]
+        if measured:  # the dense row's latency: median of its interleaved runs beside every ratio
+            dense_p50 = statistics.median(r["latency"]["dense_p50_ms"] for r in measured)
+            rows[0]["latency"] = {"dense_p50_ms": dense_p50, "pruned_p50_ms": dense_p50, "speedup_p50": 1.0}
+            points = [(r["latency"]["pruned_p50_ms"], r["quality"]) for r in rows]
+            for r, on in zip(rows, pareto_front(points, higher)):
+                r["pareto"] = on
+        result = {
+            "kind": "headslim-sweep", "format_version": 1,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": str(src), "task": ref.task, "quality_metric": metric_name, "higher_is_better": higher,
+            "calibration": f"{calib.source} ({len(calib)} texts)", "eval_data": ref.source, "threads": threads,
+            "machine": machine_info(),
+            "settings": {**{k: v for k, v in asdict(config).items() if k != "eval"}, "ratios": list(config.ratios),
+                         "eval": asdict(config.eval)},
+            "rows": rows, "notes": notes,
+        }
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot = report.sweep_plot(result, tmp / "pareto.png")
+        (tmp / "sweep.md").write_text(report.sweep_markdown(result, plot_name=plot.name if plot else None))
+    return result
+
+
+def _latency(backend, dense_dir, pruned_dir: Path, dense, config: SweepConfig, threads: int, dense_exports: dict,
+             scratch: Path, notes: list) -> dict | None:
+    """Dense vs pruned latency at the sweep's shape on ``backend``; ``None`` (and a note) if it cannot run."""
+    from headslim.bench import BackendUnavailable, BenchContext, measure_interleaved, summarize, synthetic_inputs
+    from headslim.io import load_model
+
+    pruned = load_model(pruned_dir)
+    ctx = BenchContext(dirs={"dense": Path(dense_dir), "pruned": Path(pruned_dir)},
+                       models={"dense": dense, "pruned": pruned}, threads=threads,
+                       onnx={"dense": config.onnx_dense, "pruned": None}, tmp=scratch / pruned_dir.name)
+    ctx._exports.update(dense_exports)  # export the dense model once, not once per ratio
+    try:
+        sessions = backend.prepare(ctx)
+    except BackendUnavailable as e:
+        note = f"{backend.name}: skipped: {e}"
+        if note not in notes:
+            notes.append(note)
+        return None
+    dense_exports.update({k: v for k, v in ctx._exports.items() if k == "dense"})
+    try:
+        ids, mask = synthetic_inputs(config.batch, config.seq, int(dense.config.vocab_size), config.seed)
+        feeds = {role: s.feed(ids, mask) for role, s in sessions.items()}
+        times = measure_interleaved(sessions, feeds, warmup=config.warmup, min_runs=config.min_runs,
+                                    min_seconds=config.min_seconds, max_runs=config.max_runs)
+    finally:
+        for s in sessions.values():
+            s.close()
+    d, p = summarize(times["dense"], config.batch), summarize(times["pruned"], config.batch)
+    return {"backend": backend.name, "dense_p50_ms": d["p50_ms"], "pruned_p50_ms": p["p50_ms"],
+            "speedup_p50": d["p50_ms"] / p["p50_ms"], "dense": d, "pruned": p}
+
+
+def add_parser(subparsers) -> None:
+    from headslim.bench import add_timing_arguments
+    from headslim.evaluate import add_data_arguments
+
+    p = subparsers.add_parser("sweep", help="prune at several ratios from one scoring pass; quality vs latency",
+                              description=__doc__.split("\n\n")[0], epilog=SWEEP_EXAMPLE,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    req = p.add_argument_group("required")
+    req.add_argument("model", help="dense checkpoint dir, or 'all-MiniLM-L6-v2' for the bundled one")
+    opt = p.add_argument_group("optional")
+    opt.add_argument("--out", default="sweep-out",
+                     help="output dir: sweep.json, sweep.md, pareto.png (default sweep-out; must not exist)")
+    opt.add_argument("--prune", type=_ratio_list, default=(0.1, 0.3, 0.5, 0.7),
+                     help="comma-separated fractions (or head counts) to remove (default 0.1,0.3,0.5,0.7)")
+    opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
+    opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples (default 256)")
+    opt.add_argument("--method", default="gradient", help="scoring method (default gradient)")
+    opt.add_argument("--objective", default="dense", choices=["dense", "task"])
+    opt.add_argument("--min-heads-per-layer", type=int, default=1)
+    opt.add_argument("--no-repair", dest="repair", action="store_false",
+                     help="skip the output-projection repair after pruning (shrink's default is to repair)")
+    add_data_arguments(opt)
+    opt.add_argument("--backend", default="torch-sdpa-cpu", help="latency backend, or none (default torch-sdpa-cpu)")
+    opt.add_argument("--batch", type=int, default=8, help="latency batch size (default 8)")
+    opt.add_argument("--seq", type=int, default=128, help="latency sequence length (default 128)")
+    add_timing_arguments(opt, warmup=5, min_time=3.0)  # one shape per ratio: shorter points than bench's
+    opt.add_argument("--onnx-dense", help="ONNX export dir of the dense model for an ort backend")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--save-models", action="store_true", help="keep every pruned checkpoint under OUT/models/")
+    opt.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    opt.add_argument("--no-progress", action="store_true")
+    opt.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from headslim import report
+    from headslim.evaluate import eval_config_from_args
+
+    config = SweepConfig(ratios=args.prune, method=args.method, objective=args.objective, calib=args.calib,
+                         calib_samples=args.calib_samples, calib_max_length=args.max_length,
+                         min_heads_per_layer=args.min_heads_per_layer, seed=args.seed,
+                         eval=eval_config_from_args(args), backend=args.backend, batch=args.batch, seq=args.seq,
+                         warmup=args.warmup, min_runs=args.runs, min_seconds=args.min_time, max_runs=args.max_runs,
+                         threads=args.threads, onnx_dense=args.onnx_dense, repair=args.repair,
+                         save_models=args.save_models, progress=not args.no_progress)
+    result = sweep(args.model, args.out, config, overwrite=args.overwrite, log=None if args.json else print)
+    print(json.dumps(result, indent=2) if args.json else report.sweep_table(result))
+    return 0
