@@ -37,7 +37,21 @@ def _add_shrink(sub) -> None:
                      help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5)")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
-    opt.add_argument("--method", default="gradient", help="scoring method: gradient (default), random")
+    opt.add_argument("--method", default="fisher",
+                     help="scoring method: fisher (default; Fisher / Gauss-Newton with a mask search over each "
+                          "layer's heads), gradient, ablation, "
+                          "iterative (re-score every 10 %% of heads), entropy, confidence, magnitude, learned, "
+                          "random, or iterative:<method>")
+    opt.add_argument("--step", type=float, default=0.1,
+                     help="iterative: share of all heads removed per round (default 0.1)")
+    opt.add_argument("--no-repair", action="store_true",
+                     help="skip the least-squares re-fit of pruned layers' output projections")
+    opt.add_argument("--repair-inputs", default="pruned", choices=["pruned", "dense"],
+                     help="repair fits layer by layer on the repaired pruned model's own activations "
+                          "(default) or on the dense model's")
+    opt.add_argument("--gqa", default="uniform", choices=["uniform", "kv-groups", "ragged"],
+                     help="grouped-query decoders: uniform (default; equal query heads per kept KV head, standard "
+                          "kernels apply), kv-groups (whole KV heads) or ragged (any query heads)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"],
                      help="dense: label-free, keep the dense model's outputs (default); task: the model's loss on labels")
     opt.add_argument("--plan", help="apply this hand-written plan JSON instead of scoring")
@@ -68,10 +82,29 @@ def _print_summary(result) -> None:
     pb, pa = result.params_before, result.params_after
     print(f"parameters: {pb:,} -> {pa:,} ({100 * (pa - pb) / pb:+.1f} %)")
     q = result.quality
-    print(f"embedding cosine to dense on {q['n']} held-out texts ({q['source']}): "
-          f"mean {q['mean_cosine']:.4f}, min {q['min_cosine']:.4f}")
+    if "perplexity_dense" in q:
+        print(f"perplexity on {q['n']} held-out texts ({q['source']}): dense {q['perplexity_dense']:.3f}, "
+              f"pruned {q['perplexity_pruned']:.3f}")
+    else:
+        print(f"embedding cosine to dense on {q['n']} held-out texts ({q['source']}): "
+              f"mean {q['mean_cosine']:.4f}, min {q['min_cosine']:.4f}")
+    prov = result.plan.get("provenance", {})
+    print(f"method: {prov.get('method', '?')}, objective {prov.get('objective', '-')}")
+    r = result.repair
+    if not r.get("requested"):
+        print("repair: off (--no-repair)")
+    elif r.get("reason"):
+        print(f"repair: not applied ({r['reason']})")
+    else:
+        check = r.get("check", {})
+        fitted = sum(1 for e in r.get("layers", []) if e.get("applied"))
+        where = (f"; held-out calibration cosine {check['before']:.4f} -> {check['after']:.4f}" if check else "")
+        state = f"applied to {fitted} of {len(r.get('layers', []))} pruned layers" if r.get("applied") else \
+            "not applied (it did not help on held-out calibration data)"
+        print(f"repair: {state} (inputs {r.get('inputs')}{where})")
     s = result.seconds
-    print(f"time: load {s['load']:.1f} s, scoring {s['score']:.1f} s, total {s['total']:.1f} s")
+    print(f"time: load {s['load']:.1f} s, scoring {s['score']:.1f} s, repair {s.get('repair', 0.0):.1f} s, "
+          f"total {s['total']:.1f} s")
     print(f"wrote {result.out}")
 
 
@@ -84,6 +117,7 @@ def _run_shrink(args) -> int:
         max_length=args.max_length, batch_size=args.batch_size, min_heads_per_layer=args.min_heads_per_layer,
         seed=args.seed, text_column=args.text_column, label_column=args.label_column, plan=args.plan,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.no_progress,
+        repair=not args.no_repair, repair_inputs=args.repair_inputs, step=args.step, gqa=args.gqa,
     )
     result = shrink(args.model, args.out, config)
     if args.json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -26,10 +27,19 @@ class ShrinkConfig:
         eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
             otherwise the last fifth of the calibration file (not used for scoring).
         plan: a hand-written plan JSON to apply instead of scoring.
+        repair: after surgery, re-fit each pruned layer's output projection by ridge least squares
+            (``headslim.repair``); it is kept only where it lowers the error on held-out calibration
+            batches and raises the held-out embedding cosine, so "on" means "on when it helps".
+        repair_inputs: ``pruned`` (sequential, default) or ``dense`` (fit on the dense model's activations).
+        repair_ridge: ridge strength of the repair solve, relative to the mean feature energy.
+        step: share of all heads removed per round by ``iterative`` (Michel et al.: 0.1).
+        gqa: grouped-query models only: ``uniform`` (default; every kept KV head keeps the same
+            number of query heads, so standard kernels apply), ``kv-groups`` or ``ragged``
+            (see ``headslim.gqa``).
     """
 
     prune: float | int = 0.5
-    method: str = "gradient"
+    method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = 256
@@ -45,12 +55,28 @@ class ShrinkConfig:
     allow_pickle: bool = False
     overwrite: bool = False
     progress: bool = True
+    repair: bool = True
+    repair_inputs: str = "pruned"
+    repair_ridge: float = 1e-2
+    step: float = 0.1
+    gqa: str = "uniform"
 
     def __post_init__(self):
-        from headslim.scoring import OBJECTIVES, SCORERS
+        from headslim.repair import INPUTS
+        from headslim.scoring import OBJECTIVES, parse_method
 
-        if self.plan is None and self.method not in SCORERS:
-            raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
+        if self.plan is None:
+            parse_method(self.method)
+        if self.repair_inputs not in INPUTS:
+            raise HeadslimError(f"--repair-inputs must be one of {', '.join(INPUTS)}, not {self.repair_inputs!r}")
+        if self.repair_ridge < 0:
+            raise HeadslimError(f"--repair-ridge must be >= 0, not {self.repair_ridge}")
+        from headslim.gqa import GQA_MODES
+
+        if self.gqa not in GQA_MODES:
+            raise HeadslimError(f"--gqa must be one of {', '.join(GQA_MODES)}, not {self.gqa!r}")
+        if not 0.0 < self.step <= 1.0:
+            raise HeadslimError(f"--step must be in (0, 1], not {self.step}")
         if self.objective not in OBJECTIVES:
             raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
         if isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
@@ -73,6 +99,7 @@ class ShrinkResult:
     params_after: int
     quality: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    repair: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +118,21 @@ def _split_eval(config: ShrinkConfig, calib):
     cut = len(calib) - len(calib) // 5
     held = calib.subset(list(range(cut, len(calib))))
     return calib.subset(list(range(cut))), held
+
+
+@dataclass
+class _NextTokenBatches:
+    """Re-iterable, sized calibration batches with next-token labels (causal LMs, ``task`` objective)."""
+
+    base: object
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self):
+        from headslim.decoders import causal_lm_batches
+
+        return causal_lm_batches(self.base)
 
 
 def _jsonable_scores(scores) -> list[list[float | None]]:
@@ -114,6 +156,10 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     from headslim.io import check_output_dir, load_model, resolve_model_path, save_pruned
     from headslim.plan import PLAN_FILE, PrunePlan
     from headslim.quality import count_parameters, embedding_cosine, embeddings, pooling_mode
+    from headslim.decoders import kv_maps
+    from headslim.evaluate import detect_task, perplexity
+    from headslim.gqa import select_gqa
+    from headslim.repair import repair
     from headslim.scoring import score_heads
     from headslim.selection import select_heads
     from headslim.surgery import prune_heads
@@ -134,7 +180,15 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         tokenizer = AutoTokenizer.from_pretrained(str(src))
     except Exception as e:
         raise HeadslimError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0] if str(e) else e}") from None
-    num_heads = get_adapter(model).num_heads(model)
+    adapter = get_adapter(model)
+    num_heads = adapter.num_heads(model)
+    kv_map = kv_maps(model)
+    grouped = any(m != list(range(len(m))) for m in kv_map)  # GQA: selection must respect KV groups
+    causal = detect_task(model) == "causal-lm"
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked anyway
+        if tokenizer.eos_token is None:
+            raise HeadslimError(f"the tokenizer of {src} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
     params_before = count_parameters(model)
 
     t_loaded = time.perf_counter()
@@ -156,25 +210,55 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
             raise HeadslimError(f"plan file {config.plan} not found") from None
         except json.JSONDecodeError as e:
             raise HeadslimError(f"plan file {config.plan} is not valid JSON: {e}") from None
-        plan = PrunePlan.from_user(data, num_heads)
+        plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map if grouped else None)
         plan.provenance = {**provenance, "method": "hand-written", "plan_file": str(config.plan)}
     else:
-        scores = score_heads(model, batches(calib, tokenizer, batch_size=config.batch_size, max_length=config.max_length),
+        calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+        if causal and config.objective == "task":
+            calib_batches = _NextTokenBatches(calib_batches)
+        scores = score_heads(model, calib_batches,
                              method=config.method, objective=config.objective, seed=config.seed,
-                             progress=config.progress)
+                             progress=config.progress, prune=config.prune, min_per_layer=config.min_heads_per_layer,
+                             step=config.step)
         provenance.update(method=config.method, objective=config.objective, prune=config.prune,
                           min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores))
-        plan = select_heads(scores, num_heads, prune=config.prune, min_per_layer=config.min_heads_per_layer,
-                            provenance=provenance)
+        if grouped:
+            provenance.update(gqa=config.gqa)
+            plan = select_gqa(scores, kv_map, prune=config.prune, mode=config.gqa,
+                              min_per_layer=config.min_heads_per_layer, provenance=provenance)
+        else:
+            plan = select_heads(scores, num_heads, prune=config.prune, min_per_layer=config.min_heads_per_layer,
+                                provenance=provenance)
     t_scored = time.perf_counter()
 
     pooling = pooling_mode(src)
     eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
-    dense_emb = embeddings(model, eval_batches, pooling=pooling)
+    if causal:
+        dense_ppl, n_tokens = perplexity(model, eval_batches)
+    else:
+        dense_emb = embeddings(model, eval_batches, pooling=pooling)
+    t_repair = time.perf_counter()
+    can_repair = adapter.name == "bert-family"  # repair is implemented and measured for encoders only
+    dense = copy.deepcopy(model) if config.repair and can_repair else None
     prune_heads(model, plan)
-    quality = embedding_cosine(dense_emb, embeddings(model, eval_batches, pooling=pooling))
-    quality.update(source=held_out.source if held_out is not calib else f"{held_out.source} (in-sample)",
-                   pooling=pooling)
+    repair_info = {"applied": False, "requested": config.repair}
+    if config.repair and not can_repair:
+        repair_info["reason"] = f"repair is not supported for {adapter.name} models yet"
+    elif config.repair:
+        report = repair(model, dense, plan, batches(calib, tokenizer, batch_size=config.batch_size,
+                                                   max_length=config.max_length),
+                        inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress)
+        repair_info.update(report.to_dict())
+        del dense
+    plan.provenance["repair"] = repair_info
+    t_repaired = time.perf_counter()
+    if causal:
+        quality = {"perplexity_dense": dense_ppl, "perplexity_pruned": perplexity(model, eval_batches)[0],
+                   "n_tokens": n_tokens, "n": len(held_out)}
+    else:
+        quality = embedding_cosine(dense_emb, embeddings(model, eval_batches, pooling=pooling))
+        quality["pooling"] = pooling
+    quality["source"] = held_out.source if held_out is not calib else f"{held_out.source} (in-sample)"
     plan.provenance["quality"] = quality
     save_pruned(model, out, plan, tokenizer=tokenizer, source=src, overwrite=config.overwrite)
     t_end = time.perf_counter()
@@ -182,5 +266,6 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         out=str(out), plan=plan.to_dict(), heads_before=num_heads, heads_after=plan.heads_after,
         params_before=params_before, params_after=count_parameters(model), quality=quality,
         seconds={"load": round(t_loaded - t0, 2), "score": round(t_scored - t_loaded, 2),
-                 "total": round(t_end - t0, 2)},
+                 "repair": round(t_repaired - t_repair, 2), "total": round(t_end - t0, 2)},
+        repair=repair_info,
     )

@@ -22,8 +22,9 @@ def shrunk(tmp_path_factory, minilm_dir):
     """``headslim shrink`` run once as a user would, through the console script."""
     out = tmp_path_factory.mktemp("cli") / "slim"
     exe = shutil.which("headslim", path=str(__import__("pathlib").Path(sys.executable).parent))
+    # gradient without repair: the exactness test below compares with the gated dense model
     proc = subprocess.run([exe, "shrink", str(minilm_dir), "--prune", "0.5", "--calib", "bbc-news",
-                           "--out", str(out), *SMALL], capture_output=True, text=True, timeout=600)
+                           "--method", "gradient", "--no-repair", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 
@@ -124,10 +125,12 @@ def tiny_dir(tmp_path):
 def test_unknown_architecture(tmp_path, capsys):
     import transformers
 
-    transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)).save_pretrained(
-        tmp_path / "gpt2")
-    _expect_error(["shrink", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"), *SMALL],
-                  "unsupported architecture 'gpt2'; supported model types: bert, electra, roberta, xlm-roberta",
+    config = transformers.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=16,
+                                    word_embed_proj_dim=8, vocab_size=10)
+    transformers.OPTModel(config).save_pretrained(tmp_path / "opt")
+    _expect_error(["shrink", str(tmp_path / "opt"), "--out", str(tmp_path / "o"), *SMALL],
+                  "unsupported architecture 'opt'; supported model types: bert, electra, gpt2, llama, mistral, qwen2, "
+                  "qwen3, roberta, xlm-roberta",
                   capsys, tmp_path / "o")
 
 
@@ -193,3 +196,39 @@ def test_failure_half_way_leaves_no_output(tmp_path, minilm_dir, monkeypatch):
 def test_import_is_cheap():
     code = "import sys, headslim, headslim.kernels; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- decoders through the same command ---------------------------------------------------------
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, minilm_dir):
+    """A random-initialised GQA Llama (4 query heads over 2 KV heads) with MiniLM's tokenizer."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    transformers.AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(tmp_path / "llama")
+    lines = [f"The number {i} is followed by the number {i + 1} in this story." for i in range(40)]
+    (tmp_path / "texts.txt").write_text("\n".join(lines))
+    return tmp_path / "llama"
+
+
+@pytest.mark.parametrize("gqa,method", [("uniform", "fisher"), ("kv-groups", "gradient"), ("ragged", "gradient")])
+def test_shrink_a_gqa_decoder(tmp_path, tiny_llama_dir, capsys, gqa, method):
+    rc = main(["shrink", str(tiny_llama_dir), "--prune", "4", "--gqa", gqa, "--method", method,
+               "--calib", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "slim"), *SMALL])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "perplexity on 8 held-out texts" in out and "repair: not applied" in out
+    plan = PrunePlan.load(tmp_path / "slim")
+    assert sum(plan.heads_after) == 4 and plan.provenance["gqa"] == gqa
+    assert plan.kv_head_of_q == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    model = headslim.load_pruned(tmp_path / "slim")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+    if gqa == "kv-groups":  # whole KV heads go with their query heads
+        assert all(len(kv) in (0, 1, 2) for kv in plan.kept_kv_heads)
+        assert all(len(q) == 2 * len(kv) for q, kv in zip(plan.kept_heads, plan.kept_kv_heads))
