@@ -45,6 +45,17 @@ def tiny_inputs(batch: int = 3, seq: int = 11, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def tiny_batches(n: int = 3, labels: bool = False) -> list[dict]:
+    """``n`` batches of :func:`tiny_inputs` (seeds 0..n-1), with 3-class labels when asked."""
+    out = []
+    for i in range(n):
+        batch = tiny_inputs(seed=i)
+        if labels:
+            batch["labels"] = torch.tensor([0, 1, 2])
+        out.append(batch)
+    return out
+
+
 def main_output(out) -> torch.Tensor:
     for name in ("logits", "last_hidden_state"):
         value = getattr(out, name, None)

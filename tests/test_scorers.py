@@ -12,21 +12,11 @@ from headslim.scoring.learned import soft_top_k
 from headslim.selection import select_heads
 from headslim.errors import HeadslimError
 from headslim.gates import gated
-from tests.conftest import HEADS, LAYERS, tiny_inputs, tiny_model
+from tests.conftest import HEADS, LAYERS, tiny_batches, tiny_inputs, tiny_model
 
 # methods that read the objective (the others are label-free statistics)
 OBJECTIVE_METHODS = ["gradient", "fisher", "ablation", "iterative", "learned"]
 OUTPUT_METHODS = OBJECTIVE_METHODS + ["magnitude"]
-
-
-def _batches(n=3, labels=False):
-    out = []
-    for i in range(n):
-        batch = tiny_inputs(seed=i)
-        if labels:
-            batch["labels"] = torch.tensor([0, 1, 2])
-        out.append(batch)
-    return out
 
 
 def _scale_output(model, layer, head, scale):
@@ -49,7 +39,7 @@ def _scale_qk(model, layer, head, scale):
 def test_a_head_with_zero_output_weights_scores_lowest(method):
     model = tiny_model("bert", "BertModel")
     _scale_output(model, layer=1, head=2, scale=0.0)
-    scores = score_heads(model, _batches(), method=method, prune=0.5, progress=False)
+    scores = score_heads(model, tiny_batches(), method=method, prune=0.5, progress=False)
     assert int(scores.flatten().argmin()) == 1 * HEADS + 2
 
 
@@ -58,7 +48,7 @@ def test_the_head_that_carries_the_output_scores_highest(method):
     model = tiny_model("bert", "BertModel")
     for h in range(HEADS):
         _scale_output(model, layer=2, head=h, scale=20.0 if h == 3 else 0.05)
-    scores = score_heads(model, _batches(), method=method, prune=0.5, progress=False)
+    scores = score_heads(model, tiny_batches(), method=method, prune=0.5, progress=False)
     assert int(scores[2].argmax()) == 3
 
 
@@ -68,7 +58,7 @@ def test_attention_statistics_planted(method):
     model = tiny_model("bert", "BertModel")
     _scale_qk(model, layer=0, head=1, scale=0.0)
     _scale_qk(model, layer=0, head=3, scale=6.0)
-    scores = score_heads(model, _batches(), method=method, progress=False)
+    scores = score_heads(model, tiny_batches(), method=method, progress=False)
     assert int(scores[0].argmin()) == 1 and int(scores[0].argmax()) == 3
 
 
@@ -141,8 +131,8 @@ def _plan_mask(scores, prune, min_per_layer=1):
 @pytest.mark.parametrize("base", ["gradient", "fisher"])
 def test_iterative_is_a_path_consistent_with_every_smaller_target(base):
     model = tiny_model("bert", "BertModel")
-    far = score_heads(model, _batches(), method=f"iterative:{base}", prune=8, step=0.25, progress=False)
-    near = score_heads(model, _batches(), method=f"iterative:{base}", prune=4, step=0.25, progress=False)
+    far = score_heads(model, tiny_batches(), method=f"iterative:{base}", prune=8, step=0.25, progress=False)
+    near = score_heads(model, tiny_batches(), method=f"iterative:{base}", prune=4, step=0.25, progress=False)
     assert _plan_mask(far, 4) == _plan_mask(near, 4)
     # the path's own plan at the target: heads removed are exactly the 8 lowest scores
     kept = _plan_mask(far, 8)
@@ -154,14 +144,14 @@ def test_iterative_is_a_path_consistent_with_every_smaller_target(base):
 
 def test_iterative_differs_from_one_shot_when_it_should():
     model = tiny_model("bert", "BertModel")
-    one_shot = score_heads(model, _batches(), method="gradient", progress=False)
-    path = score_heads(model, _batches(), method="iterative", prune=9, step=0.1, progress=False)
+    one_shot = score_heads(model, tiny_batches(), method="gradient", progress=False)
+    path = score_heads(model, tiny_batches(), method="iterative", prune=9, step=0.1, progress=False)
     assert path.shape == one_shot.shape and torch.isfinite(path).all()
 
 
 def test_fisher_scores_are_a_removal_path():
     model = tiny_model("bert", "BertModel")
-    scores = score_heads(model, _batches(), method="fisher", progress=False)
+    scores = score_heads(model, tiny_batches(), method="fisher", progress=False)
     assert sorted(scores.flatten().tolist()) == [float(i) for i in range(LAYERS * HEADS)]
     assert min(scores.max(1).values.tolist()) >= LAYERS * HEADS - LAYERS  # each layer's last head goes last
 
@@ -180,8 +170,8 @@ def test_task_objective_and_label_free_classifier(method):
     where a silent head must still score lowest."""
     model = tiny_model("bert", "BertForSequenceClassification")
     _scale_output(model, layer=0, head=1, scale=0.0)
-    task = score_heads(model, _batches(labels=True), method=method, objective="task", prune=0.5, progress=False)
-    free = score_heads(model, _batches(), method=method, objective="dense", prune=0.5, progress=False)
+    task = score_heads(model, tiny_batches(labels=True), method=method, objective="task", prune=0.5, progress=False)
+    free = score_heads(model, tiny_batches(), method=method, objective="dense", prune=0.5, progress=False)
     assert torch.isfinite(task).all() and torch.isfinite(free).all()
     assert int(free.flatten().argmin()) == 1
     if method in ("gradient", "fisher"):  # non-negative scores: zero exactly for the silent head
@@ -202,7 +192,7 @@ def test_scorers_on_a_ragged_pruned_model(method):
     from headslim.surgery import prune_heads
 
     model = prune_heads(tiny_model("bert", "BertModel"), PrunePlan([HEADS] * LAYERS, [[0], [0, 1, 2], []]))
-    scores = score_heads(model, _batches(), method=method, prune=1, progress=False)
+    scores = score_heads(model, tiny_batches(), method=method, prune=1, progress=False)
     assert scores.shape == (LAYERS, 3)  # the widest layer left has 3 heads
     assert torch.isinf(scores[0, 1:]).all() and torch.isinf(scores[2]).all()
     assert torch.isfinite(scores[1, :3]).all()
