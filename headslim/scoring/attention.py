@@ -18,7 +18,7 @@ import torch
 
 from headslim.adapters import get_adapter
 from headslim.errors import HeadslimError
-from headslim.scoring.common import check_nonempty, finish, frozen, model_device, progress_bar, to_device
+from headslim.scoring.common import finish, run_hooked
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tensor, n: int,
@@ -43,9 +43,8 @@ def _statistic(model, batches, statistic: str, progress: bool) -> torch.Tensor:
     adapter = get_adapter(model)
     heads = adapter.num_heads(model)
     head_dim = adapter.head_dim(model)
-    device = model_device(model)
     sums = torch.zeros(len(heads), max(heads), dtype=torch.float64)
-    captured, state, handles, tokens, seen = {}, {}, [], 0, 0
+    captured, state, handles = {}, {}, []
 
     def grab(name, layer):
         def hook(module, args, output):
@@ -70,19 +69,8 @@ def _statistic(model, batches, statistic: str, progress: bool) -> torch.Tensor:
             sums[layer, :n] += (per_query * real).sum((0, 2)).double().cpu()
 
         handles.append(adapter.o_proj(block).register_forward_pre_hook(on_output))
-    try:
-        with frozen(model):
-            for batch in progress_bar(batches, f"scoring heads ({statistic})", progress):
-                batch = to_device(batch, device)
-                state["mask"] = batch["attention_mask"]
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-                tokens += int(batch["attention_mask"].sum())
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    check_nonempty(seen)
-    return finish(sums / max(tokens, 1), heads)
+    tokens = run_hooked(model, batches, handles, state, f"scoring heads ({statistic})", progress)
+    return finish(sums / tokens, heads)
 
 
 def score_confidence(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,

@@ -190,6 +190,29 @@ def check_nonempty(count: int) -> None:
         raise HeadslimError("no calibration batches to score on")
 
 
+def run_hooked(model, batches, handles: list, state: dict, desc: str, progress: bool) -> int:
+    """Run ``model`` over ``batches`` for the forward hooks in ``handles``, then remove them.
+
+    Before each forward pass ``state["mask"]`` holds the batch's attention mask ``(B, T)``, which the
+    hooks read. Returns the number of real (unpadded) tokens seen, at least 1.
+    """
+    device = model_device(model)
+    tokens = seen = 0
+    try:
+        with frozen(model):
+            for batch in progress_bar(batches, desc, progress):
+                batch = to_device(batch, device)
+                state["mask"] = batch["attention_mask"]
+                model(**inputs_of(batch))
+                tokens += int(batch["attention_mask"].sum())
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    check_nonempty(seen)
+    return max(tokens, 1)
+
+
 @torch.no_grad()
 def dense_reference(model, batches, objective: str = "dense") -> list:
     """Per batch, what the model computes now (``dense_target``, on the CPU); ``None`` for ``task``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from headslim.adapters import get_adapter
-from headslim.scoring.common import check_nonempty, finish, frozen, model_device, progress_bar, to_device
+from headslim.scoring.common import finish, run_hooked
 
 
 @torch.no_grad()
@@ -25,9 +25,7 @@ def score_magnitude(model, batches, *, objective: str = "dense", seed: int = 0, 
     adapter = get_adapter(model)
     heads = adapter.num_heads(model)
     head_dim = adapter.head_dim(model)
-    device = model_device(model)
     sums = torch.zeros(len(heads), max(heads), dtype=torch.float64)
-    tokens = 0
     state = {}
     handles = []
     for layer, (block, n) in enumerate(zip(adapter.attention_blocks(model), heads)):
@@ -40,20 +38,8 @@ def score_magnitude(model, batches, *, objective: str = "dense", seed: int = 0, 
             w = module.weight.unflatten(1, (n, head_dim))  # (d, n, D)
             contrib = torch.einsum("btnk,dnk->btnd", ctx, w)  # (B, T, n, d)
             sq = contrib.float().pow(2).sum(-1)  # (B, T, n)
-            sums[layer, :n] += (sq * state["mask"][..., None]).sum((0, 1)).double().cpu()
+            sums[layer, :n] += (sq * state["mask"][..., None].to(sq.dtype)).sum((0, 1)).double().cpu()  # (n,)
 
         handles.append(o_proj.register_forward_pre_hook(hook))
-    seen = 0
-    try:
-        with frozen(model):
-            for batch in progress_bar(batches, "scoring heads (magnitude)", progress):
-                batch = to_device(batch, device)
-                state["mask"] = batch["attention_mask"].float()  # (B, T)
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-                tokens += int(batch["attention_mask"].sum())
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    check_nonempty(seen)
-    return finish((sums / max(tokens, 1)).sqrt(), heads)
+    tokens = run_hooked(model, batches, handles, state, "scoring heads (magnitude)", progress)
+    return finish((sums / tokens).sqrt(), heads)
