@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_METHODS = ["random", "magnitude", "entropy", "confidence", "ablation", "gradient", "fisher",
-                   "learned", "iterative", "iterative:fisher"]
+DEFAULT_METHODS = ["obs", "fisher", "ablation", "random", "gradient", "magnitude", "entropy", "confidence",
+                   "iterative", "iterative:fisher", "learned"]
 
 
 def knn_accuracy(train_emb, train_labels, test_emb, test_labels, k: int = 5) -> float:
@@ -123,19 +123,28 @@ def main(argv=None) -> int:
                       f"cos {r['mean_cosine']:.4f} min {r['min_cosine']:.4f} 5-NN {r['knn5_acc']:.4f} "
                       f"score {r['score_s']:.0f} s repair {r['repair_s']:.0f} s", flush=True)
             del model
+        write(rows, args, src, data, partial=method != args.methods[-1])
+    return 0
+
+
+def write(rows, args, src, data, partial: bool) -> None:
+    """Write the JSON and markdown (after every method, so an interrupted run keeps what it measured)."""
+    import torch
+    import transformers
 
     meta = {"model": str(src), "transformers": transformers.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "loadavg_at_end": os.getloadavg(), "args": vars(args), "n_test": len(data["test"]),
             "n_knn_train": len(data["train"]), "n_calib": len(data["calib"]),
-            "note": "wall times are only comparable on a quiet machine; see loadavg_at_end"}
+            "note": "wall times are only comparable on a quiet machine; see loadavg_at_end",
+            "complete": not partial}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_methods.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = to_markdown(rows, meta)
     (out / "compare_methods.md").write_text(md)
-    print(md)
-    return 0
+    if not partial:
+        print(md)
 
 
 def to_markdown(rows, meta) -> str:

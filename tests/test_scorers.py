@@ -15,7 +15,7 @@ from headslim.gates import gated
 from tests.conftest import HEADS, LAYERS, tiny_batches, tiny_inputs, tiny_model
 
 # methods that read the objective (the others are label-free statistics)
-OBJECTIVE_METHODS = ["gradient", "fisher", "ablation", "iterative", "learned"]
+OBJECTIVE_METHODS = ["gradient", "fisher", "obs", "ablation", "iterative", "learned"]
 OUTPUT_METHODS = OBJECTIVE_METHODS + ["magnitude"]
 
 
@@ -174,7 +174,7 @@ def test_task_objective_and_label_free_classifier(method):
     free = score_heads(model, tiny_batches(), method=method, objective="dense", prune=0.5, progress=False)
     assert torch.isfinite(task).all() and torch.isfinite(free).all()
     assert int(free.flatten().argmin()) == 1
-    if method in ("gradient", "fisher"):  # non-negative scores: zero exactly for the silent head
+    if method in ("gradient", "fisher", "obs"):  # non-negative scores: zero exactly for the silent head
         assert int(task.flatten().argmin()) == 1
 
 
@@ -196,3 +196,80 @@ def test_scorers_on_a_ragged_pruned_model(method):
     assert scores.shape == (LAYERS, 3)  # the widest layer left has 3 heads
     assert torch.isinf(scores[0, 1:]).all() and torch.isinf(scores[2]).all()
     assert torch.isfinite(scores[1, :3]).all()
+
+
+def test_obs_cost_is_the_weighted_residual_of_a_plain_least_squares_refit():
+    """cost(R) = 1/2 tr(P_RR S_R) equals the residual of regressing c_R on [c_K, 1], weighted by P."""
+    from headslim.scoring.obs import removal_order
+
+    gen = torch.Generator().manual_seed(0)
+    n_heads, d, tokens = 4, 3, 500
+    mix = torch.randn(n_heads * d, n_heads * d, generator=gen, dtype=torch.float64)
+    c = torch.randn(tokens, n_heads * d, generator=gen, dtype=torch.float64) @ mix + 2.0  # correlated, not centred
+    u = torch.randn(tokens, n_heads * d, generator=gen, dtype=torch.float64)
+    sigma = torch.cov(c.T, correction=0)
+    p_mat = u.T @ u
+    order, costs = removal_order(sigma, p_mat, n_heads, d, ridge=0.0)
+    cols = torch.arange(n_heads * d).view(n_heads, d)
+    for k in range(1, n_heads + 1):
+        gone, kept = cols[order[:k]].flatten(), cols[order[k:]].flatten()
+        x = torch.cat([c[:, kept], torch.ones(tokens, 1, dtype=torch.float64)], dim=1)
+        coef = torch.linalg.lstsq(x, c[:, gone]).solution
+        res = c[:, gone] - x @ coef  # (tokens, |R| * d)
+        expected = 0.5 * float((p_mat[gone][:, gone] * (res.T @ res / tokens)).sum())
+        assert costs[k] == pytest.approx(expected, rel=1e-6)
+    # greedy: the first head removed is the cheapest single removal
+    singles = []
+    for h in range(n_heads):
+        kept = cols[[j for j in range(n_heads) if j != h]].flatten()
+        x = torch.cat([c[:, kept], torch.ones(tokens, 1, dtype=torch.float64)], dim=1)
+        res = c[:, cols[h]] - x @ torch.linalg.lstsq(x, c[:, cols[h]]).solution
+        singles.append(float((p_mat[cols[h]][:, cols[h]] * (res.T @ res)).sum()))
+    assert order[0] == min(range(n_heads), key=singles.__getitem__)
+
+
+def test_obs_removes_a_duplicated_head_first_where_fisher_does_not():
+    """Two identical heads with strong outputs: after the least-squares re-fit one of them is free to
+    remove (the other's output projection absorbs it), though each alone matters a lot unrepaired."""
+    model = tiny_model("bert", "BertModel")
+    attn = model.base_model.encoder.layer[1].attention.self
+    d = attn.attention_head_size
+    with torch.no_grad():
+        for proj in (attn.query, attn.key, attn.value):
+            proj.weight[d : 2 * d] = proj.weight[:d]
+            proj.bias[d : 2 * d] = proj.bias[:d]
+    _scale_output(model, layer=1, head=0, scale=3.0)
+    _scale_output(model, layer=1, head=1, scale=3.0)
+    calib = tiny_batches(n=40)  # enough tokens that the other heads cannot fit one another by chance
+    obs = score_heads(model, calib, method="obs", progress=False)
+    fisher = score_heads(model, calib, method="fisher", progress=False)
+    assert int(obs[1].argmin()) in (0, 1)
+    assert int(fisher[1].argmin()) not in (0, 1)
+
+
+@pytest.mark.parametrize("model_type,class_name", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
+def test_magnitude_reads_each_output_projection_layout(model_type, class_name):
+    """GPT-2's Conv1D stores the projection transposed; the reference runs the projection itself."""
+    from headslim.adapters import get_adapter
+    from tests.conftest import tiny_decoder
+
+    model = tiny_decoder(model_type, class_name)
+    adapter = get_adapter(model)
+    o_proj = adapter.o_proj(adapter.attention_blocks(model)[0])
+    n, d = adapter.num_heads(model)[0], adapter.head_dim(model)
+    batch = tiny_inputs()
+    got = {}
+    hook = o_proj.register_forward_pre_hook(lambda m, a: got.__setitem__("c", a[0]))
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    mask = batch["attention_mask"].bool()
+    expected = []
+    with torch.no_grad():
+        zero = o_proj(torch.zeros_like(got["c"]))
+        for h in range(n):
+            only = torch.zeros_like(got["c"])
+            only[..., h * d : (h + 1) * d] = got["c"][..., h * d : (h + 1) * d]
+            expected.append((o_proj(only) - zero)[mask].pow(2).sum(-1).mean())
+    scores = score_heads(model, [batch], method="magnitude", progress=False)
+    torch.testing.assert_close(scores[0, :n], torch.stack(expected).sqrt().float(), atol=1e-5, rtol=1e-4)

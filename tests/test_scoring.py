@@ -10,7 +10,7 @@ from headslim.plan import PrunePlan
 from tests.conftest import HEADS, LAYERS, tiny_batches, tiny_model
 
 
-STOCHASTIC = {"gradient", "fisher", "iterative", "learned", "random"}
+STOCHASTIC = {"gradient", "fisher", "obs", "iterative", "learned", "random"}
 
 
 @pytest.mark.parametrize("method", sorted(SCORERS))

@@ -32,11 +32,13 @@ from headslim.scoring.gradient import score_gradient
 from headslim.scoring.iterative import score_iterative
 from headslim.scoring.learned import score_learned
 from headslim.scoring.magnitude import score_magnitude
+from headslim.scoring.obs import score_obs
 from headslim.scoring.random import score_random
 
 SCORERS = {
     "gradient": score_gradient,
     "fisher": score_fisher,
+    "obs": score_obs,
     "ablation": score_ablation,
     "iterative": score_iterative,
     "entropy": score_entropy,

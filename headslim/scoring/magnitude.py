@@ -14,6 +14,11 @@ from headslim.adapters import get_adapter
 from headslim.scoring.common import finish, run_hooked
 
 
+def o_weight(o_proj) -> torch.Tensor:
+    """The output projection's weight as ``(d_out, n * D)``: GPT-2's ``Conv1D`` stores it transposed."""
+    return o_proj.weight.T if type(o_proj).__name__ == "Conv1D" else o_proj.weight
+
+
 @torch.no_grad()
 def score_magnitude(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
                     **options) -> torch.Tensor:
@@ -35,7 +40,7 @@ def score_magnitude(model, batches, *, objective: str = "dense", seed: int = 0, 
 
         def hook(module, args, layer=layer, n=n):
             ctx = args[0].unflatten(-1, (n, head_dim))  # (B, T, n, D)
-            w = module.weight.unflatten(1, (n, head_dim))  # (d, n, D)
+            w = o_weight(module).unflatten(1, (n, head_dim))  # (d, n, D)
             contrib = torch.einsum("btnk,dnk->btnd", ctx, w)  # (B, T, n, d)
             sq = contrib.float().pow(2).sum(-1)  # (B, T, n)
             sums[layer, :n] += (sq * state["mask"][..., None].to(sq.dtype)).sum((0, 1)).double().cpu()  # (n,)
