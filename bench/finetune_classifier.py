@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--out", default="bench/results/classifier")
-    p.add_argument("--methods", nargs="+", default=["random", "gradient", "fisher", "iterative"])
+    p.add_argument("--methods", nargs="+", default=["obs", "fisher", "gradient", "random"])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--objective", default="task", choices=["task", "dense"])
     p.add_argument("--epochs", type=int, default=1)

@@ -37,9 +37,10 @@ def _add_shrink(sub) -> None:
                      help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5)")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
-    opt.add_argument("--method", default="fisher",
-                     help="scoring method: fisher (default; Fisher / Gauss-Newton with a mask search over each "
-                          "layer's heads), gradient, ablation, "
+    opt.add_argument("--method", default=None,
+                     help="scoring method: obs (default; fisher's per-layer budgets, heads chosen by their cost "
+                          "after the least-squares repair), fisher (default with --no-repair; Fisher / Gauss-Newton "
+                          "with a mask search over each layer's heads), gradient, ablation, "
                           "iterative (re-score every 10 %% of heads), entropy, confidence, magnitude, learned, "
                           "random, or iterative:<method>")
     opt.add_argument("--step", type=float, default=0.1,

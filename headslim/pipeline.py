@@ -20,7 +20,7 @@ class ShrinkConfig:
 
     Args:
         prune: fraction of all heads to remove (float in (0, 1)) or a head count (int).
-        method: scorer name (``headslim.scoring.SCORERS``).
+        method: scorer name (``headslim.scoring.SCORERS``); default ``obs`` with repair, ``fisher`` without.
         objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
         calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
         calib_samples: at most this many calibration samples (a seeded random subset).
@@ -39,7 +39,7 @@ class ShrinkConfig:
     """
 
     prune: float | int = 0.5
-    method: str = "fisher"
+    method: str | None = None
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = 256
@@ -63,8 +63,10 @@ class ShrinkConfig:
 
     def __post_init__(self):
         from headslim.repair import INPUTS
-        from headslim.scoring import OBJECTIVES, parse_method
+        from headslim.scoring import OBJECTIVES, default_method, parse_method
 
+        if self.method is None:
+            self.method = default_method(self.repair)
         if self.plan is None:
             parse_method(self.method)
         if self.repair_inputs not in INPUTS:

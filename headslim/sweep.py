@@ -1,7 +1,7 @@
 """``headslim sweep``: prune at several ratios from one scoring pass; quality and latency at each.
 
-The dense model is scored once (one-pass ``gradient`` by default: ``shrink``'s ``iterative`` method
-re-scores per ratio); every ratio is a :func:`headslim.selection.select_heads` of the same scores,
+The dense model is scored once (``obs`` by default, as ``shrink``; its scores are an elimination path,
+so one pass serves every ratio); every ratio is a :func:`headslim.selection.select_heads` of the same scores,
 applied by :func:`headslim.surgery.prune_heads` to a fresh copy of the dense model, then repaired
 with :func:`headslim.repair.repair` unless ``--no-repair``. Quality is measured against the dense
 model with :mod:`headslim.evaluate`; latency with one :mod:`headslim.bench` backend, dense and
@@ -58,13 +58,13 @@ class SweepConfig:
         eval: quality settings (:class:`headslim.evaluate.EvalConfig`).
         backend: one :mod:`headslim.bench` backend for latency, or ``none``.
         batch, seq: the latency shape.
-        repair: re-fit each pruned model's output projections with :mod:`headslim.repair` (on dense
-            activations, as ``shrink`` does by default).
+        repair: re-fit each pruned model's output projections with :mod:`headslim.repair`, with
+            ``shrink``'s defaults.
         save_models: keep every pruned checkpoint under ``OUT/models/``.
     """
 
     ratios: tuple = (0.1, 0.3, 0.5, 0.7)
-    method: str = "gradient"
+    method: str | None = None
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = 256
@@ -88,7 +88,7 @@ class SweepConfig:
     def __post_init__(self):
         from headslim.bench import BACKENDS
         from headslim.evaluate import EvalConfig
-        from headslim.scoring import OBJECTIVES, SCORERS
+        from headslim.scoring import OBJECTIVES, SCORERS, default_method
 
         self.eval = self.eval or EvalConfig()
         self.ratios = tuple(self.ratios)
@@ -98,6 +98,8 @@ class SweepConfig:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 < r < 1) \
                     or (isinstance(r, int) and r < 1):
                 raise HeadslimError(f"--prune {r!r}: give fractions in (0, 1) or head counts >= 1")
+        if self.method is None:
+            self.method = default_method(self.repair)
         if self.method not in SCORERS:
             raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
         if self.objective not in OBJECTIVES:
@@ -132,7 +134,7 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
 def _apply_repair(model, dense, plan, calib_batches, progress: bool) -> dict:
     """Re-fit the pruned layers' output projections with :func:`headslim.repair.repair`, in place."""
     repair = importlib.import_module("headslim.repair")
-    report = repair.repair(model, dense, plan, calib_batches, inputs="dense", progress=progress)
+    report = repair.repair(model, dense, plan, calib_batches, progress=progress)
     return report.to_dict() if hasattr(report, "to_dict") else {}
 
 
@@ -191,7 +193,8 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
     log(f"scoring {sum(num_heads)} heads once ({config.method}, {len(calib)} calibration texts)")
     scores = score_heads(dense, calib_batches, method=config.method, objective=config.objective, seed=config.seed,
-                         progress=config.progress)
+                         progress=config.progress, prune=max(config.ratios),
+                         min_per_layer=config.min_heads_per_layer)
     ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
     dense_shape = flops.LayerShape.from_model(dense)
     dense_metrics = evaluate_model(dense, ref)
@@ -302,7 +305,7 @@ def add_parser(subparsers) -> None:
                      help="comma-separated fractions (or head counts) to remove (default 0.1,0.3,0.5,0.7)")
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
     opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples (default 256)")
-    opt.add_argument("--method", default="gradient", help="scoring method (default gradient)")
+    opt.add_argument("--method", default=None, help="scoring method (default as shrink: obs, or fisher with --no-repair)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])
     opt.add_argument("--min-heads-per-layer", type=int, default=1)
     opt.add_argument("--no-repair", dest="repair", action="store_false",

@@ -216,7 +216,7 @@ def tiny_llama_dir(tmp_path, minilm_dir):
     return tmp_path / "llama"
 
 
-@pytest.mark.parametrize("gqa,method", [("uniform", "fisher"), ("kv-groups", "gradient"), ("ragged", "gradient")])
+@pytest.mark.parametrize("gqa,method", [("uniform", "fisher"), ("uniform", "obs"), ("kv-groups", "obs"), ("ragged", "gradient")])
 def test_shrink_a_gqa_decoder(tmp_path, tiny_llama_dir, capsys, gqa, method):
     rc = main(["shrink", str(tiny_llama_dir), "--prune", "4", "--gqa", gqa, "--method", method,
                "--calib", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "slim"), *SMALL])

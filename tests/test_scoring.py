@@ -73,3 +73,13 @@ def test_scoring_leaves_the_model_as_it_was():
     assert not model.training
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_default_method_follows_repair():
+    """shrink and sweep default to obs (heads chosen for their cost after repair), fisher without repair."""
+    from headslim.pipeline import ShrinkConfig
+    from headslim.sweep import SweepConfig
+
+    assert ShrinkConfig().method == "obs" and ShrinkConfig(repair=False).method == "fisher"
+    assert SweepConfig().method == "obs" and SweepConfig(repair=False).method == "fisher"
+    assert ShrinkConfig(method="gradient", repair=False).method == "gradient"

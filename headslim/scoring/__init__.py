@@ -12,7 +12,9 @@ Objectives:
 
 Methods (see each module):
     ``gradient`` (Michel et al. 2019; label-free: Gauss-Newton diagonal), ``fisher`` (Kwon et al. 2022:
-    Fisher with a mask search over the heads of each layer), ``ablation`` (exact leave-one-out),
+    Fisher with a mask search over the heads of each layer), ``obs`` (the default: ``fisher``'s mask
+    search decides how many heads each layer loses, a repair-aware second-order cost which ones),
+    ``ablation`` (exact leave-one-out),
     ``iterative`` (re-score after removing 10 % at a time, on top of any one-shot scorer:
     ``iterative:fisher``), ``entropy`` / ``confidence`` (Voita et al. 2019), ``magnitude`` (output
     norm), ``learned`` (trained soft top-k gates, model frozen), ``random``.
@@ -48,7 +50,13 @@ SCORERS = {
     "random": score_random,
 }
 OBJECTIVES = ("dense", "task")
-DEFAULT_METHOD = "fisher"
+DEFAULT_METHOD = "obs"
+DEFAULT_METHOD_NO_REPAIR = "fisher"  # obs chooses heads for their cost after repair
+
+
+def default_method(repair: bool) -> str:
+    """The method ``shrink`` and ``sweep`` use when none is given: ``obs`` with repair, else ``fisher``."""
+    return DEFAULT_METHOD if repair else DEFAULT_METHOD_NO_REPAIR
 
 
 def parse_method(method: str) -> tuple[str, dict]:
