@@ -273,3 +273,15 @@ def test_magnitude_reads_each_output_projection_layout(model_type, class_name):
             expected.append((o_proj(only) - zero)[mask].pow(2).sum(-1).mean())
     scores = score_heads(model, [batch], method="magnitude", progress=False)
     torch.testing.assert_close(scores[0, :n], torch.stack(expected).sqrt().float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_class", ["BertModel", "BertForSequenceClassification"])
+def test_obs_gate_gradients_equal_the_gate_gradients_of_fisher(model_class):
+    """g_h = sum_t u_h . c_h over real tokens (u: gradient at the context) is the gate gradient."""
+    from headslim.scoring.obs import layer_moments
+
+    model = tiny_model("bert", model_class)
+    _, ours = layer_moments(model, tiny_batches(), seed=5, progress=False, probes=3)
+    theirs = torch.cat([g for g, _ in gate_gradients(model, tiny_batches(), objective="dense", seed=5,
+                                                     progress=False, desc="", probes=3)])
+    torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-5)
