@@ -61,7 +61,10 @@ def test_sweep_scores_once_and_writes_its_files(dense_and_data, tmp_path, monkey
     # the saved 50 % model evaluates to the numbers in the table
     again = evaluate(out / "models" / "prune-0.5", dense_dir, EvalConfig(data=str(data), k=3))["metrics"]
     assert again["cosine"]["mean"] == pytest.approx(rows[2]["metrics"]["cosine"]["mean"], abs=1e-6)
-    assert again["knn_accuracy"]["pruned"] == rows[2]["quality"]
+    # k-NN accuracy is discrete: on these 8 texts a near-tie can flip under the ~1e-7 float differences
+    # between the in-memory and the reloaded model (the cosine above pins the model down)
+    n_test = again["knn_accuracy"]["n_test"]
+    assert abs(again["knn_accuracy"]["pruned"] - rows[2]["quality"]) <= 1 / n_test + 1e-9
     md = (out / "sweep.md").read_text()
     assert "| 0.5 | 6 |" in md and "pareto" in md
     pytest.importorskip("matplotlib")
