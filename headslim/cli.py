@@ -38,9 +38,9 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
     opt.add_argument("--method", default=None,
-                     help="scoring method: obs (default; fisher's per-layer budgets, heads chosen by their cost "
-                          "after the least-squares repair), fisher (default with --no-repair; Fisher / Gauss-Newton "
-                          "with a mask search over each layer's heads), gradient, ablation, "
+                     help="scoring method: fisher (default; Fisher / Gauss-Newton with a mask search over each "
+                          "layer's heads), obs (fisher's per-layer budgets, heads chosen by their cost after the "
+                          "least-squares repair), gradient, ablation, "
                           "iterative (re-score every 10 %% of heads), entropy, confidence, magnitude, learned, "
                           "random, or iterative:<method>")
     opt.add_argument("--step", type=float, default=0.1,

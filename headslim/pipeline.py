@@ -20,7 +20,7 @@ class ShrinkConfig:
 
     Args:
         prune: fraction of all heads to remove (float in (0, 1)) or a head count (int).
-        method: scorer name (``headslim.scoring.SCORERS``); default ``obs`` with repair, ``fisher`` without.
+        method: scorer name (``headslim.scoring.SCORERS``); default ``fisher``.
         objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
         calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
         calib_samples: at most this many calibration samples (a seeded random subset).

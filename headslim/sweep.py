@@ -1,6 +1,6 @@
 """``headslim sweep``: prune at several ratios from one scoring pass; quality and latency at each.
 
-The dense model is scored once (``obs`` by default, as ``shrink``; its scores are an elimination path,
+The dense model is scored once (``fisher`` by default, as ``shrink``; its scores are an elimination path,
 so one pass serves every ratio); every ratio is a :func:`headslim.selection.select_heads` of the same scores,
 applied by :func:`headslim.surgery.prune_heads` to a fresh copy of the dense model, then repaired
 with :func:`headslim.repair.repair` unless ``--no-repair``. Quality is measured against the dense
@@ -305,7 +305,7 @@ def add_parser(subparsers) -> None:
                      help="comma-separated fractions (or head counts) to remove (default 0.1,0.3,0.5,0.7)")
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
     opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples (default 256)")
-    opt.add_argument("--method", default=None, help="scoring method (default as shrink: obs, or fisher with --no-repair)")
+    opt.add_argument("--method", default=None, help="scoring method (default fisher, as shrink)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])
     opt.add_argument("--min-heads-per-layer", type=int, default=1)
     opt.add_argument("--no-repair", dest="repair", action="store_false",

@@ -76,10 +76,10 @@ def test_scoring_leaves_the_model_as_it_was():
 
 
 def test_default_method_follows_repair():
-    """shrink and sweep default to obs (heads chosen for their cost after repair), fisher without repair."""
+    """shrink and sweep share one default method, with and without repair; an explicit one is kept."""
     from headslim.pipeline import ShrinkConfig
     from headslim.sweep import SweepConfig
 
-    assert ShrinkConfig().method == "obs" and ShrinkConfig(repair=False).method == "fisher"
-    assert SweepConfig().method == "obs" and SweepConfig(repair=False).method == "fisher"
+    assert ShrinkConfig().method == "fisher" and ShrinkConfig(repair=False).method == "fisher"
+    assert SweepConfig().method == "fisher" and SweepConfig(repair=False).method == "fisher"
     assert ShrinkConfig(method="gradient", repair=False).method == "gradient"

@@ -12,8 +12,8 @@ Objectives:
 
 Methods (see each module):
     ``gradient`` (Michel et al. 2019; label-free: Gauss-Newton diagonal), ``fisher`` (Kwon et al. 2022:
-    Fisher with a mask search over the heads of each layer), ``obs`` (the default: ``fisher``'s mask
-    search decides how many heads each layer loses, a repair-aware second-order cost which ones),
+    Fisher with a mask search over the heads of each layer), ``obs`` (``fisher``'s mask search decides how
+    many heads each layer loses, a repair-aware second-order cost which ones),
     ``ablation`` (exact leave-one-out),
     ``iterative`` (re-score after removing 10 % at a time, on top of any one-shot scorer:
     ``iterative:fisher``), ``entropy`` / ``confidence`` (Voita et al. 2019), ``magnitude`` (output
@@ -50,13 +50,14 @@ SCORERS = {
     "random": score_random,
 }
 OBJECTIVES = ("dense", "task")
-DEFAULT_METHOD = "obs"
-DEFAULT_METHOD_NO_REPAIR = "fisher"  # obs chooses heads for their cost after repair
+# fisher, with or without repair: obs has the higher embedding cosine with repair, but lost 1.2-1.6 pt of
+# BBC 5-NN accuracy at 50 % where fisher lost 0.2-0.5 (bench/README.md, "Method comparison")
+DEFAULT_METHOD = "fisher"
 
 
 def default_method(repair: bool) -> str:
-    """The method ``shrink`` and ``sweep`` use when none is given: ``obs`` with repair, else ``fisher``."""
-    return DEFAULT_METHOD if repair else DEFAULT_METHOD_NO_REPAIR
+    """The method ``shrink`` and ``sweep`` use when none is given (``fisher``; ``repair`` is for later use)."""
+    return DEFAULT_METHOD
 
 
 def parse_method(method: str) -> tuple[str, dict]:
