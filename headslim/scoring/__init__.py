@@ -50,7 +50,7 @@ SCORERS = {
     "random": score_random,
 }
 OBJECTIVES = ("dense", "task")
-# fisher, with or without repair: obs has the higher embedding cosine with repair, but lost 1.2-1.6 pt of
+# fisher, with or without repair: obs has the higher embedding cosine with repair, but lost 1.4-1.7 pt of
 # BBC 5-NN accuracy at 50 % where fisher lost 0.2-0.5 (bench/README.md, "Method comparison")
 DEFAULT_METHOD = "fisher"
 
