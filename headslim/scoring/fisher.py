@@ -59,6 +59,21 @@ def greedy_path(curv: torch.Tensor, grad: torch.Tensor, heads: list[int], alive:
     return order
 
 
+def layer_mask_search(curv: torch.Tensor, heads: list[int], min_per_layer: int = 1,
+                      grad: torch.Tensor | None = None, interactions: str = "layer") -> list[tuple[int, int]]:
+    """``greedy_path`` over every head, with ``curv`` cut to the blocks ``interactions`` keeps."""
+    width = max(heads)
+    n = len(heads) * width
+    if interactions != "full":
+        block = torch.block_diag(*[torch.ones(width, width, dtype=torch.float64)] * len(heads))
+        curv = curv * (block if interactions == "layer" else torch.eye(n, dtype=torch.float64))
+    alive = torch.zeros(len(heads), width, dtype=torch.bool)
+    for layer, h in enumerate(heads):
+        alive[layer, :h] = True
+    grad = torch.zeros(n, dtype=torch.float64) if grad is None else grad
+    return greedy_path(curv, grad, heads, alive, min_per_layer)
+
+
 def path_scores(order: list[tuple[int, int]], heads: list[int], width: int) -> torch.Tensor:
     """Scores from a removal order: position in the order (removed first = lowest)."""
     scores = torch.zeros(len(heads), width)
@@ -97,12 +112,5 @@ def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, pro
             grad += first.flatten()
         seen += 1
     check_nonempty(seen)
-    curv, grad = curv / seen, grad / seen
-    width = max(heads)
-    if interactions != "full":
-        block = torch.block_diag(*[torch.ones(width, width, dtype=torch.float64)] * len(heads))
-        curv = curv * (block if interactions == "layer" else torch.eye(n, dtype=torch.float64))
-    alive = torch.zeros(len(heads), width, dtype=torch.bool)
-    for layer, h in enumerate(heads):
-        alive[layer, :h] = True
-    return path_scores(greedy_path(curv, grad, heads, alive, min_per_layer), heads, width)
+    order = layer_mask_search(curv / seen, heads, min_per_layer, grad / seen, interactions)
+    return path_scores(order, heads, max(heads))

@@ -40,7 +40,7 @@ from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.scoring.common import (check_nonempty, forward, frozen, head_counts, model_device, probe,
                                      progress_bar, to_device)
-from headslim.scoring.fisher import greedy_path, path_scores
+from headslim.scoring.fisher import layer_mask_search, path_scores
 
 
 def layer_moments(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
@@ -169,12 +169,7 @@ def score_obs(model, batches, *, objective: str = "dense", seed: int = 0, progre
         within.append(removal_order(sigma, p_mat, n, head_dim, ridge)[0])
     # layer budgets: fisher's mask search over the block-diagonal Fisher of the gates
     flat = gate_grads.flatten(1)  # (S, layers * width)
-    block = torch.block_diag(*[torch.ones(width, width, dtype=torch.float64)] * len(heads))
-    alive = torch.zeros(len(heads), width, dtype=torch.bool)
-    for layer, n in enumerate(heads):
-        alive[layer, :n] = True
-    budget = greedy_path(flat.T @ flat / len(flat) * block, torch.zeros(flat.shape[1], dtype=torch.float64),
-                         heads, alive, min_per_layer)
+    budget = layer_mask_search(flat.T @ flat / len(flat), heads, min_per_layer)
     taken = [0] * len(heads)
     order = []
     for layer, _ in budget:
