@@ -37,7 +37,7 @@ def _add_shrink(sub) -> None:
                      help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5)")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
-    opt.add_argument("--method", default=None,
+    opt.add_argument("--method", default="fisher",
                      help="scoring method: fisher (default; Fisher / Gauss-Newton with a mask search over each "
                           "layer's heads), obs (fisher's per-layer budgets, heads chosen by their cost after the "
                           "least-squares repair), gradient, ablation, "

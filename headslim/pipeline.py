@@ -39,7 +39,7 @@ class ShrinkConfig:
     """
 
     prune: float | int = 0.5
-    method: str | None = None
+    method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = 256
@@ -63,10 +63,8 @@ class ShrinkConfig:
 
     def __post_init__(self):
         from headslim.repair import INPUTS
-        from headslim.scoring import OBJECTIVES, default_method, parse_method
+        from headslim.scoring import OBJECTIVES, parse_method
 
-        if self.method is None:
-            self.method = default_method(self.repair)
         if self.plan is None:
             parse_method(self.method)
         if self.repair_inputs not in INPUTS:

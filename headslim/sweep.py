@@ -64,7 +64,7 @@ class SweepConfig:
     """
 
     ratios: tuple = (0.1, 0.3, 0.5, 0.7)
-    method: str | None = None
+    method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = 256
@@ -88,7 +88,7 @@ class SweepConfig:
     def __post_init__(self):
         from headslim.bench import BACKENDS
         from headslim.evaluate import EvalConfig
-        from headslim.scoring import OBJECTIVES, SCORERS, default_method
+        from headslim.scoring import OBJECTIVES, SCORERS
 
         self.eval = self.eval or EvalConfig()
         self.ratios = tuple(self.ratios)
@@ -98,8 +98,6 @@ class SweepConfig:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 < r < 1) \
                     or (isinstance(r, int) and r < 1):
                 raise HeadslimError(f"--prune {r!r}: give fractions in (0, 1) or head counts >= 1")
-        if self.method is None:
-            self.method = default_method(self.repair)
         if self.method not in SCORERS:
             raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
         if self.objective not in OBJECTIVES:
@@ -305,7 +303,7 @@ def add_parser(subparsers) -> None:
                      help="comma-separated fractions (or head counts) to remove (default 0.1,0.3,0.5,0.7)")
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
     opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples (default 256)")
-    opt.add_argument("--method", default=None, help="scoring method (default fisher, as shrink)")
+    opt.add_argument("--method", default="fisher", help="scoring method (default fisher, as shrink)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])
     opt.add_argument("--min-heads-per-layer", type=int, default=1)
     opt.add_argument("--no-repair", dest="repair", action="store_false",

@@ -75,7 +75,7 @@ def test_scoring_leaves_the_model_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_default_method_follows_repair():
+def test_shrink_and_sweep_share_the_default_method():
     """shrink and sweep share one default method, with and without repair; an explicit one is kept."""
     from headslim.pipeline import ShrinkConfig
     from headslim.sweep import SweepConfig

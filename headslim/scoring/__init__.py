@@ -52,12 +52,7 @@ SCORERS = {
 OBJECTIVES = ("dense", "task")
 # fisher, with or without repair: obs has the higher embedding cosine with repair, but lost 1.4-1.7 pt of
 # BBC 5-NN accuracy at 50 % where fisher lost 0.2-0.5 (bench/README.md, "Method comparison")
-DEFAULT_METHOD = "fisher"
-
-
-def default_method(repair: bool) -> str:
-    """The method ``shrink`` and ``sweep`` use when none is given (``fisher``; ``repair`` is for later use)."""
-    return DEFAULT_METHOD
+DEFAULT_METHOD = "fisher"  # ShrinkConfig, SweepConfig and the CLI spell it out: they import no torch
 
 
 def parse_method(method: str) -> tuple[str, dict]:
