@@ -99,7 +99,8 @@ def _print_summary(result) -> None:
     else:
         check = r.get("check", {})
         fitted = sum(1 for e in r.get("layers", []) if e.get("applied"))
-        where = (f"; held-out calibration cosine {check['before']:.4f} -> {check['after']:.4f}" if check else "")
+        what = "KL to dense" if check.get("metric") == "kl" else "cosine"
+        where = (f"; held-out calibration {what} {check['before']:.4g} -> {check['after']:.4g}" if check else "")
         state = f"applied to {fitted} of {len(r.get('layers', []))} pruned layers" if r.get("applied") else \
             "not applied (it did not help on held-out calibration data)"
         print(f"repair: {state} (inputs {r.get('inputs')}{where})")

@@ -20,6 +20,14 @@ def pooling_mode(model_dir: str | Path | None) -> str:
     return "mean"
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Sentence embeddings ``(B, d)`` from hidden states ``(B, T, d)``: mean over real tokens, or the first."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
 def embeddings(model, batches, *, pooling: str = "mean") -> torch.Tensor:
     """Sentence embeddings ``(N, d)``: mean over real tokens (or the first token) of the last layer."""
@@ -28,11 +36,7 @@ def embeddings(model, batches, *, pooling: str = "mean") -> torch.Tensor:
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
-        if pooling == "cls":
-            out.append(hidden[:, 0].float().cpu())
-            continue
-        mask = inputs["attention_mask"][..., None].to(hidden.dtype)  # (B, T, 1)
-        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())  # (B, d)
+        out.append(pool(hidden, inputs["attention_mask"], pooling).float().cpu())
     return torch.cat(out)
 
 

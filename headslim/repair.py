@@ -19,7 +19,8 @@ The solve is ridge-regularised towards the current weights, ``min ||X w - t||^2 
 (bias unpenalised, ``lam = ridge * mean diag(X^T X)``), in float64. A share of the calibration
 batches is held out: a layer keeps its new weights only if they lower the reconstruction error on
 them (then it is re-fitted on all batches), and, with ``check``, the whole repair is undone when it
-does not raise the held-out embedding cosine to the dense model.
+does not bring the model's held-out outputs closer to the dense model's (mean embedding cosine; for a
+task head, mean ``KL(dense || pruned)`` of its predictions, since its hidden states are not its output).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class RepairReport:
 
     ``layers``: one dict per refitted layer with ``fit_before/fit_after`` (on the fitting batches)
     and ``val_before/val_after`` (held-out), each ``||y - t||^2 / ||t||^2``, and ``applied``.
-    ``check``: held-out mean embedding cosine to dense ``before`` and ``after`` repair.
+    ``check``: the held-out distance to dense ``before`` and ``after`` repair, and its ``metric``:
+    ``cosine`` (mean embedding cosine, higher is closer) or ``kl`` (a task head's mean KL, lower is closer).
     """
 
     applied: bool
@@ -140,11 +142,38 @@ def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mean_cosine(model, dense_emb: list, batches: list, device) -> float:
-    from headslim.quality import embeddings
+def _outputs(model, batches: list) -> tuple[str, list]:
+    """What the check compares, per held-out batch: ``("kl", log-probabilities)`` of a task head
+    (float64), else ``("cosine", mean-pooled sentence embeddings)``."""
+    from headslim.quality import pool
 
-    emb = embeddings(model, batches)
-    return float(torch.nn.functional.cosine_similarity(torch.cat(dense_emb), emb, dim=-1).mean())
+    kind, out = "cosine", []
+    for b in batches:
+        res = model(**{k: v for k, v in b.items() if k != "labels"}, output_hidden_states=True)
+        logits = getattr(res, "logits", None)
+        if logits is None:
+            out.append(pool(res.hidden_states[-1], b["attention_mask"]).float())  # (B, d)
+        else:
+            kind = "kl"
+            out.append(torch.log_softmax(logits.double(), dim=-1))  # (B, [T,] C)
+    return kind, out
+
+
+def _fidelity(model, reference: list, batches: list) -> float:
+    """Distance of ``model``'s outputs to ``reference`` (``_outputs`` of the dense model): the mean
+    ``KL(dense || model)`` per sample (per real token for token heads), or the mean embedding cosine."""
+    kind, current = _outputs(model, batches)
+    total = count = 0.0
+    for ref, cur, b in zip(reference, current, batches):
+        if kind == "cosine":
+            total += float(torch.nn.functional.cosine_similarity(ref, cur, dim=-1).sum())
+            count += len(ref)
+            continue
+        per = (ref.exp() * (ref - cur)).sum(-1)  # (B,) or (B, T)
+        weight = b["attention_mask"].to(per.dtype) if per.dim() == 2 else torch.ones_like(per)
+        total += float((per * weight).sum())
+        count += float(weight.sum())
+    return total / max(count, 1.0)
 
 
 def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ridge: float = 1e-2,
@@ -159,7 +188,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
         inputs: ``pruned`` (sequential: inputs from the already repaired earlier layers) or ``dense``.
         ridge: regularisation towards the current weights, relative to the mean feature energy.
         holdout: share of the batches held out to decide per layer (and overall) whether to keep it.
-        check: undo everything when the held-out mean embedding cosine to dense does not improve.
+        check: undo everything when the held-out outputs do not get closer to dense (``RepairReport.check``).
         progress: show a progress bar over layers.
 
     Returns: a :class:`RepairReport`.
@@ -192,12 +221,10 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
         return report
     blocks = adapter.attention_blocks(model)
     originals = {layer: _o_weight(adapter.o_proj(blocks[layer])) for layer in layers}
-    dense_emb = None
+    reference = None
     if check and val_batches:
-        from headslim.quality import embeddings
-
-        dense_emb = [embeddings(dense, [b]) for b in val_batches]
-        before = _mean_cosine(model, dense_emb, val_batches, device)
+        metric, reference = _outputs(dense, val_batches)
+        before = _fidelity(model, reference, val_batches)
     with torch.no_grad():
         for layer in tqdm(layers, desc="repairing layers", unit="layer", disable=not progress, leave=False):
             o_proj = adapter.o_proj(blocks[layer])
@@ -231,10 +258,10 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                 _set_o_weight(o_proj, w_fit)
             report.layers.append(entry)
     report.applied = any(e["applied"] for e in report.layers)
-    if dense_emb is not None and report.applied:
-        after = _mean_cosine(model, dense_emb, val_batches, device)
-        report.check = {"before": before, "after": after, "n_batches": len(val_batches)}
-        if after <= before:
+    if reference is not None and report.applied:
+        after = _fidelity(model, reference, val_batches)
+        report.check = {"metric": metric, "before": before, "after": after, "n_batches": len(val_batches)}
+        if (after <= before) if metric == "cosine" else (after >= before):
             for layer in layers:
                 _set_o_weight(adapter.o_proj(blocks[layer]), originals[layer])
             report.applied = False

@@ -86,6 +86,43 @@ def test_repair_brings_the_output_closer_to_dense():
     assert after < before
 
 
+@pytest.mark.parametrize("class_name", ["BertForSequenceClassification", "BertForTokenClassification"])
+def test_check_of_a_task_head_is_the_kl_of_its_predictions(class_name):
+    """For a model with a task head the held-out check compares predictions (KL), not hidden states."""
+    dense = tiny_model("bert", class_name)
+    pruned = prune_heads(copy.deepcopy(dense), PLAN)
+    calib = _calib(8)
+    val = [calib[3], calib[7]]  # holdout 0.25: every 4th batch
+
+    def kl(model):  # mean KL(dense || model) per sample, or per real token for a token head
+        total = count = 0.0
+        with torch.no_grad():
+            for b in val:
+                p = torch.log_softmax(dense(**b).logits.double(), -1)
+                q = torch.log_softmax(model(**b).logits.double(), -1)
+                per = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)
+                weight = b["attention_mask"].double() if per.dim() == 2 else torch.ones_like(per)
+                total, count = total + float((per * weight).sum()), count + float(weight.sum())
+        return total / count
+
+    before = kl(pruned)
+    report = repair(pruned, dense, PLAN, calib, progress=False)
+    assert report.check["metric"] == "kl"
+    assert report.check["before"] == pytest.approx(before, rel=1e-6)
+    if report.applied:  # kept because the predictions got closer
+        assert report.check["after"] == pytest.approx(kl(pruned), rel=1e-6) and report.check["after"] < before
+    else:  # undone: the predictions are the unrepaired ones again
+        assert report.check["after"] >= before and kl(pruned) == pytest.approx(before, rel=1e-9)
+
+
+def test_check_of_an_encoder_is_the_embedding_cosine():
+    dense = tiny_model("bert", "BertModel")
+    pruned = prune_heads(copy.deepcopy(dense), PLAN)
+    report = repair(pruned, dense, PLAN, _calib(8), progress=False)
+    assert report.check["metric"] == "cosine"
+    assert (report.check["after"] > report.check["before"]) == report.applied
+
+
 def test_solve_matches_plain_least_squares():
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(200, 7, generator=gen), torch.randn(200, 5, generator=gen)
