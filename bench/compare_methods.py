@@ -66,7 +66,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/compare_methods", help="directory for the JSON and markdown")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of other methods already in --out (same data settings), replace these")
     args = p.parse_args(argv)
+    previous = _previous_rows(args) if args.append else []
 
     import torch
     import transformers
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
     dense_test = embeddings(dense, test_b)
     base = evaluate(dense, test_b, train_b, dense_test, data)
     rows = [{"method": "dense", "ratio": 0.0, "repair": False, **base, "score_s": 0.0, "repair_s": 0.0}]
+    rows += [r for r in previous if r["method"] not in args.methods and r["method"] != "dense"]
     print(f"dense: 5-NN accuracy {base['knn5_acc']:.4f} ({time.perf_counter() - t0:.0f} s to embed)", flush=True)
     for method in args.methods:
         name, _ = parse_method(method)
@@ -125,6 +129,21 @@ def main(argv=None) -> int:
             del model
         write(rows, args, src, data, partial=method != args.methods[-1])
     return 0
+
+
+SAME_DATA = ("model", "calib_samples", "knn_train", "test_samples", "max_length", "batch_size", "repair_inputs", "seed")
+
+
+def _previous_rows(args) -> list:
+    """Rows of an earlier run in ``args.out`` for ``--append``; its data settings must match."""
+    path = Path(args.out) / "compare_methods.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    differ = [k for k in SAME_DATA if old["meta"]["args"].get(k) != getattr(args, k)]
+    if differ:
+        sys.exit(f"--append: {path} was measured with other settings ({', '.join(differ)}); use another --out")
+    return old["rows"]
 
 
 def write(rows, args, src, data, partial: bool) -> None:
