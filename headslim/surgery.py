@@ -25,6 +25,14 @@ def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
         raise HeadslimError(
             f"plan is for a model with heads per layer {plan.num_heads}, this model has {current}"
         )
+    if plan.kv_head_of_q is not None:
+        from headslim.decoders import kv_maps
+
+        maps = kv_maps(model)
+        for layer, (want, have) in enumerate(zip(plan.kv_head_of_q, maps)):
+            if want != have:
+                raise HeadslimError(f"plan is for a model whose layer {layer} maps query heads to KV heads as {want}, "
+                                    f"this model maps them as {have}")
     for block, kept, n in zip(adapter.attention_blocks(model), plan.kept_heads, plan.num_heads):
         if len(kept) < n:
             adapter.prune_block(block, kept)

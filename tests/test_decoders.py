@@ -272,6 +272,19 @@ def test_plan_keeping_a_query_head_without_its_kv_head_is_refused():
         PrunePlan.from_user({"kept_heads": {"0": [0, 5]}, "kept_kv_heads": {"0": [0]}}, [8, 8], kv_head_of_q=MAPS[:2])
 
 
+def test_plan_for_another_kv_layout_is_refused():
+    """Surgery follows the model's own query->KV map, so a plan written for another layout is refused."""
+    model = tiny_decoder("llama", "LlamaForCausalLM", num_kv_heads=2)
+    maps = kv_maps(model)
+    n = [len(m) for m in maps]
+    other = [[0] * len(m) for m in maps]  # the same head counts, one KV head
+    with pytest.raises(HeadslimError, match=r"plan is for a model whose layer 0 maps query heads to KV heads as \[0, 0"):
+        prune_heads(model, PrunePlan(n, [[0]] * len(n), kv_head_of_q=other))
+    assert kv_maps(model) == maps  # nothing was cut
+    prune_heads(model, PrunePlan(n, [[0]] * len(n), kv_head_of_q=maps))  # its own layout is fine
+    assert [len(m) for m in kv_maps(model)] == [1] * len(n)
+
+
 def test_plan_json_round_trip_and_old_plans_still_load(tmp_path):
     plan = PrunePlan([8], [[0, 5]], kv_head_of_q=[MAPS[0]])
     plan.save(tmp_path / "p.json")
