@@ -50,8 +50,9 @@ SCORERS = {
     "random": score_random,
 }
 OBJECTIVES = ("dense", "task")
-# fisher, with or without repair: obs has the higher embedding cosine with repair, but lost 1.4-1.7 pt of
-# BBC 5-NN accuracy at 50 % where fisher lost 0.2-0.5 (bench/README.md, "Method comparison")
+# fisher, with or without repair: obs has the higher and steadier embedding cosine with repair, but lost
+# 1.4-2.1 pt of BBC 5-NN accuracy at 50 % over three calibration seeds where fisher lost 0.2-1.0
+# (bench/README.md, "How much of this is the calibration sample")
 DEFAULT_METHOD = "fisher"  # ShrinkConfig, SweepConfig and the CLI spell it out: they import no torch
 
 
