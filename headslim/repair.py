@@ -160,8 +160,9 @@ def _outputs(model, batches: list) -> tuple[str, list]:
 
 
 def _fidelity(model, reference: list, batches: list) -> float:
-    """Distance of ``model``'s outputs to ``reference`` (``_outputs`` of the dense model): the mean
-    ``KL(dense || model)`` per sample (per real token for token heads), or the mean embedding cosine."""
+    """How close ``model``'s outputs are to ``reference`` (``_outputs`` of the dense model): the mean
+    ``KL(dense || model)`` per sample (per real token for token heads; lower is closer), or the mean
+    embedding cosine (higher is closer)."""
     kind, current = _outputs(model, batches)
     total = count = 0.0
     for ref, cur, b in zip(reference, current, batches):
