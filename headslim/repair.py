@@ -143,37 +143,41 @@ def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _outputs(model, batches: list) -> tuple[str, list]:
-    """What the check compares, per held-out batch: ``("kl", log-probabilities)`` of a task head
-    (float64), else ``("cosine", mean-pooled sentence embeddings)``."""
+    """What the check compares, per held-out batch: ``("kl", dense_target)`` (a task head's
+    log-probabilities, as the scorers' ``dense`` objective keeps them), else ``("cosine", mean-pooled
+    sentence embeddings)``."""
     from headslim.quality import pool
+    from headslim.scoring.common import dense_target, forward
 
     kind, out = "cosine", []
     for b in batches:
-        res = model(**{k: v for k, v in b.items() if k != "labels"}, output_hidden_states=True)
-        logits = getattr(res, "logits", None)
-        if logits is None:
+        res = forward(model, b)
+        if getattr(res, "logits", None) is None:
             out.append(pool(res.hidden_states[-1], b["attention_mask"]).float())  # (B, d)
         else:
             kind = "kl"
-            out.append(torch.log_softmax(logits.double(), dim=-1))  # (B, [T,] C)
+            out.append(dense_target(res, b))  # (B, [T,] C)
     return kind, out
 
 
-def _fidelity(model, reference: list, batches: list) -> float:
+@torch.no_grad()
+def _fidelity(model, metric: str, reference: list, batches: list) -> float:
     """How close ``model``'s outputs are to ``reference`` (``_outputs`` of the dense model): the mean
     ``KL(dense || model)`` per sample (per real token for token heads; lower is closer), or the mean
     embedding cosine (higher is closer)."""
-    kind, current = _outputs(model, batches)
+    from headslim.quality import pool
+    from headslim.scoring.common import discrepancy, forward
+
     total = count = 0.0
-    for ref, cur, b in zip(reference, current, batches):
-        if kind == "cosine":
-            total += float(torch.nn.functional.cosine_similarity(ref, cur, dim=-1).sum())
+    for ref, b in zip(reference, batches):
+        res = forward(model, b)
+        if metric == "cosine":
+            emb = pool(res.hidden_states[-1], b["attention_mask"]).float()
+            total += float(torch.nn.functional.cosine_similarity(ref, emb, dim=-1).sum())
             count += len(ref)
-            continue
-        per = (ref.exp() * (ref - cur)).sum(-1)  # (B,) or (B, T)
-        weight = b["attention_mask"].to(per.dtype) if per.dim() == 2 else torch.ones_like(per)
-        total += float((per * weight).sum())
-        count += float(weight.sum())
+        else:  # discrepancy: the summed KL, over real tokens for a token head
+            total += float(discrepancy(res, b, "dense", ref))
+            count += float(b["attention_mask"].sum()) if ref.dim() == 3 else len(ref)
     return total / max(count, 1.0)
 
 
@@ -225,7 +229,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     reference = None
     if check and val_batches:
         metric, reference = _outputs(dense, val_batches)
-        before = _fidelity(model, reference, val_batches)
+        before = _fidelity(model, metric, reference, val_batches)
     with torch.no_grad():
         for layer in tqdm(layers, desc="repairing layers", unit="layer", disable=not progress, leave=False):
             o_proj = adapter.o_proj(blocks[layer])
@@ -260,7 +264,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
             report.layers.append(entry)
     report.applied = any(e["applied"] for e in report.layers)
     if reference is not None and report.applied:
-        after = _fidelity(model, reference, val_batches)
+        after = _fidelity(model, metric, reference, val_batches)
         report.check = {"metric": metric, "before": before, "after": after, "n_batches": len(val_batches)}
         if (after <= before) if metric == "cosine" else (after >= before):
             for layer in layers:
