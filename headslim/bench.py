@@ -188,17 +188,22 @@ class TorchBackend:
 
     kind = "torch"
 
-    def __init__(self, name: str, attn: str, device: str):
-        self.name, self.attn, self.device = name, attn, device
+    def __init__(self, name: str, attn: str, device: str, dtype: str = "float32"):
+        self.name, self.attn, self.device, self.dtype = name, attn, device, dtype
 
     def settings(self) -> dict:
-        return {"runtime": "torch", "attn_implementation": self.attn, "device": self.device, "dtype": "float32"}
+        return {"runtime": "torch", "attn_implementation": self.attn, "device": self.device, "dtype": self.dtype}
 
     def prepare(self, ctx: BenchContext) -> dict:
+        import torch
+
         from headslim.io import load_model
 
         if self.device == "cuda" and (reason := _cuda_reason()):
             raise BackendUnavailable(reason)
+        if self.device == "cpu" and self.dtype == "float16":
+            raise BackendUnavailable("float16 is a GPU format: PyTorch's CPU kernels for it are slow or missing "
+                                     "(use --dtype bfloat16 or float32 on CPU)")
         sessions = {}
         for role in ROLES:
             try:
@@ -208,7 +213,8 @@ class TorchBackend:
             used = getattr(model.config, "_attn_implementation", None)
             if used != self.attn:  # transformers may fall back silently; then this is not the backend named
                 raise BackendUnavailable(f"the {role} model runs attn_implementation={used}, not {self.attn}")
-            sessions[role] = TorchSession(model.to(self.device), self.device)
+            # the checkpoint's own dtype is not what is timed: every model runs in the dtype asked for
+            sessions[role] = TorchSession(model.to(device=self.device, dtype=getattr(torch, self.dtype)), self.device)
         return sessions
 
 
@@ -217,11 +223,11 @@ class TritonBackend(TorchBackend):
 
     kind = "triton"
 
-    def __init__(self, name: str):
-        super().__init__(name, "eager", "cuda")
+    def __init__(self, name: str, dtype: str = "float32"):
+        super().__init__(name, "eager", "cuda", dtype)
 
     def settings(self) -> dict:
-        return {"runtime": "torch+headslim.kernels", "kernel_backend": "triton", "device": "cuda", "dtype": "float32"}
+        return {"runtime": "torch+headslim.kernels", "kernel_backend": "triton", "device": "cuda", "dtype": self.dtype}
 
     def prepare(self, ctx: BenchContext) -> dict:
         if reason := _cuda_reason():
@@ -397,6 +403,7 @@ BACKENDS = {
     "ort-cuda": lambda: OrtBackend("ort-cuda", "fp32", "cuda"),
     "triton-cuda": lambda: TritonBackend("triton-cuda"),
 }
+DTYPES = ("float32", "float16", "bfloat16")  # of the torch backends (--dtype); ORT runs its graph's precision
 
 
 def _gpu_present() -> bool:
@@ -566,6 +573,8 @@ class BenchConfig:
         onnx_dense, onnx_pruned: export dirs (or .onnx files) for the ORT backends; exported on the
             fly with ``headslim.export`` when not given.
         seed: seed of the synthetic token ids.
+        dtype: what the torch and triton backends compute in (``float32``, ``float16``, ``bfloat16``);
+            the ORT backends run their graph's own precision.
     """
 
     backends: str | tuple = "torch"
@@ -579,8 +588,11 @@ class BenchConfig:
     onnx_dense: str | None = None
     onnx_pruned: str | None = None
     seed: int = 0
+    dtype: str = "float32"
 
     def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise HeadslimError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         self.backends = tuple(expand_backends(self.backends))
         self.batches, self.seqs = tuple(int(b) for b in self.batches), tuple(int(s) for s in self.seqs)
         for name in ("batches", "seqs"):
@@ -704,7 +716,10 @@ def _bench_all(config: BenchConfig, dense_dir, pruned_dir, dense, pruned, thread
                            threads=threads, onnx={"dense": config.onnx_dense, "pruned": config.onnx_pruned},
                            tmp=Path(tmp))
         for name in config.backends:
-            _run_backend(BACKENDS[name](), ctx, config, shapes, result, log)
+            backend = BACKENDS[name]()
+            if isinstance(backend, TorchBackend):
+                backend.dtype = config.dtype
+            _run_backend(backend, ctx, config, shapes, result, log)
     return result
 
 
@@ -809,6 +824,8 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--onnx-dense", help="ONNX export dir (or model.onnx) of the baseline for the ort backends")
     opt.add_argument("--onnx-pruned", help="ONNX export dir (or model.onnx) of the pruned model")
     opt.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    opt.add_argument("--dtype", default="float32", choices=DTYPES,
+                     help="precision of the torch and triton backends (default float32; float16 is for GPUs)")
     opt.add_argument("--out", help="write bench.json, bench.md and bench.png into this dir")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
     opt.add_argument("--json", action="store_true", help="print the result JSON instead of the table")
@@ -820,7 +837,8 @@ def _run(args) -> int:
 
     config = BenchConfig(backends=args.backend, batches=args.batch, seqs=args.seq, warmup=args.warmup,
                          min_runs=args.runs, min_seconds=args.min_time, max_runs=args.max_runs, threads=args.threads,
-                         onnx_dense=args.onnx_dense, onnx_pruned=args.onnx_pruned, seed=args.seed)
+                         onnx_dense=args.onnx_dense, onnx_pruned=args.onnx_pruned, seed=args.seed,
+                         dtype=args.dtype)
     result = bench(args.model, args.baseline, config, out=args.out, overwrite=args.overwrite,
                    log=None if args.json else print)
     if args.json:

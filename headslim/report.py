@@ -95,7 +95,7 @@ def bench_markdown(result: dict, plot_name: str | None = None) -> str:
         f"Measured {result['created']} on {mach['cpu']} ({mach['usable_cores']} usable of {mach['logical_cores']} "
         f"logical cores){'; GPU ' + mach['gpu'] if mach.get('gpu') else ''}; {mach['platform']}.", "",
         f"Versions: {versions}.", "",
-        f"Settings: {s['threads']} threads, {s['warmup']} warm-up runs, at least {s['min_runs']} runs and "
+        f"Settings: torch/triton in {s.get('dtype', 'float32')}, {s['threads']} threads, {s['warmup']} warm-up runs, at least {s['min_runs']} runs and "
         f"{s['min_seconds']} s per point, {s['inputs']}, {s['order']}.", "",
         markdown_table(["model", "path", "parameters", "heads", "encoder params (analytic)"],
                        [[role, f"`{m[role]['path']}`", f"{m[role]['params']:,}", sum(m[role]["heads"]),

@@ -338,6 +338,7 @@ def _key_ranges(mask, kv_len: torch.Tensor):
 
 
 _MASK_MEMO: list = []  # [(mask, its _version, cache_seqlens, t_k, result)]: the last mask seen
+_FULL_MEMO: dict = {}  # (batch, t_k, device) -> metadata of calls with neither mask nor cache_seqlens
 
 
 def _mask_metadata(mask, cache_seqlens, batch: int, t_k: int, device):
@@ -345,35 +346,70 @@ def _mask_metadata(mask, cache_seqlens, batch: int, t_k: int, device):
 
     Every layer of a model receives the same mask object, so the last result is memoised on that
     object (identity + version counter; the memo holds a reference, so the id cannot be reused):
-    a 12-layer encoder then runs these few small ops once per forward instead of 12 times.
+    a 12-layer encoder then runs these few small ops once per forward instead of 12 times. Calls
+    without mask and cache lengths reuse read-only tensors made once per shape: on a GPU each small
+    op costs host time comparable to the attention kernel itself at encoder sizes.
     """
-    if _MASK_MEMO:
-        m, version, seqlens, tk, result = _MASK_MEMO[0]
-        if m is mask and mask is not None and mask._version == version and seqlens is cache_seqlens and tk == t_k:
+    if mask is None and cache_seqlens is None:  # no padding: constant per shape, made once
+        key = (batch, t_k, str(device))
+        result = _FULL_MEMO.get(key)
+        if result is None:
+            kv_len = _kv_len(None, batch, t_k, device)  # (B,)
+            result = (kv_len, torch.zeros_like(kv_len), kv_len, None)
+            if len(_FULL_MEMO) >= 64:
+                _FULL_MEMO.clear()
+            _FULL_MEMO[key] = result
+        return result
+    version = tensor_version(mask)
+    if _MASK_MEMO and version is not None:
+        m, seen, seqlens, tk, result = _MASK_MEMO[0]
+        if m is mask and seen == version and seqlens is cache_seqlens and tk == t_k:
             return result
     kv_len = _kv_len(cache_seqlens, batch, t_k, device)  # (B,)
     kv_start, kv_stop = _key_ranges(mask, kv_len)  # (B,), (B,)
     mask_i8 = None if mask is None else (mask != 0).to(torch.int8).contiguous()  # (B, Tk)
     result = (kv_len, kv_start, kv_stop, mask_i8)
-    if mask is not None:
-        _MASK_MEMO[:] = [(mask, mask._version, cache_seqlens, t_k, result)]
+    if version is not None:
+        _MASK_MEMO[:] = [(mask, version, cache_seqlens, t_k, result)]
     return result
+
+
+def tensor_version(t) -> int | None:
+    """``t``'s in-place version counter, or None when it has none to memoise on: no tensor, or an
+    inference tensor (made under ``torch.inference_mode()``, which tracks no versions)."""
+    if t is None or t.is_inference():
+        return None
+    return t._version
 
 
 def _launch_config(q, k, rows_per_group: int, decode: bool):
     """Tile sizes and warps. On GPU: flash-attention-like tiles (smaller for fp32 and headdim 128, whose
     tiles take more shared memory; decode tiles just cover a group's rows). On the CPU interpreter:
     64 x 64, which runs fastest there while 129-token tests still span three tiles."""
-    head_dim = q.shape[-1]
+    return dict(_tiles(q.is_cuda, q.shape[-1], q.dtype, rows_per_group, decode))
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles(is_cuda: bool, head_dim: int, dtype: torch.dtype, rows_per_group: int, decode: bool) -> tuple:
+    """``_launch_config`` as items, computed once per distinct call shape."""
+    return tuple(_tile_config(is_cuda, head_dim, dtype, rows_per_group, decode).items())
+
+
+def _tile_config(is_cuda: bool, head_dim: int, dtype: torch.dtype, rows_per_group: int, decode: bool) -> dict:
     rows_pow2 = max(16, 1 << max(0, (rows_per_group - 1).bit_length()))
-    if not q.is_cuda:
+    if not is_cuda:
         return dict(block_m=min(64, rows_pow2), block_n=64, num_warps=4, num_stages=1)
-    big = head_dim > 64 or q.dtype == torch.float32
+    big = head_dim > 64 or dtype == torch.float32
     if decode:
         return dict(block_m=min(64, rows_pow2), block_n=64, num_warps=4, num_stages=3)
     block_m = min(64 if big else 128, rows_pow2)
-    return dict(block_m=block_m, block_n=32 if q.dtype == torch.float32 else 64,
+    return dict(block_m=block_m, block_n=32 if dtype == torch.float32 else 64,
                 num_warps=8 if head_dim > 64 else 4, num_stages=2 if big else 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _choose_splits(q, k, groups: HeadGroups, block_m: int, block_n: int) -> int:
@@ -382,7 +418,7 @@ def _choose_splits(q, k, groups: HeadGroups, block_m: int, block_n: int) -> int:
         return 1
     batch, t_q = q.shape[:2]
     programs = batch * groups.num_kv_heads * math.ceil(groups.max_group * t_q / block_m)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     by_gpu = math.ceil(2 * sms / max(1, programs))
     by_len = max(1, k.shape[1] // (4 * block_n))
     return max(1, min(by_gpu, by_len, 64))

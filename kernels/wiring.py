@@ -27,7 +27,7 @@ from torch import nn
 from headslim.errors import HeadslimError
 
 from .attention import (BACKENDS, HeadGroups, encoder_attention, head_groups, ragged_decode_attention,
-                        ragged_prefill_attention, uniform_groups, _identity_groups)
+                        ragged_prefill_attention, tensor_version, uniform_groups, _identity_groups)
 
 ATTN_IMPLEMENTATIONS = {"auto": "headslim", "triton": "headslim_triton", "torch": "headslim_torch"}
 _STATE = "_headslim_kernels"  # attribute on the model: how to undo enable()
@@ -276,9 +276,10 @@ def _key_padding(mask, batch: int, t_k: int):
     """
     if mask is None:
         return None
-    if _PADDING_MEMO:
-        m, version, b, tk, result = _PADDING_MEMO[0]
-        if m is mask and mask._version == version and (b, tk) == (batch, t_k):
+    version = tensor_version(mask)  # None under torch.inference_mode(): no memo then
+    if _PADDING_MEMO and version is not None:
+        m, seen, b, tk, result = _PADDING_MEMO[0]
+        if m is mask and seen == version and (b, tk) == (batch, t_k):
             return result
     if mask.dim() == 2 and mask.shape == (batch, t_k):
         result = mask if mask.dtype == torch.bool else mask.bool()
@@ -286,7 +287,8 @@ def _key_padding(mask, batch: int, t_k: int):
         result = _additive_to_bool(mask[:, 0, -1, :]).expand(batch, t_k)  # (B, Tk)
     else:
         result = False
-    _PADDING_MEMO[:] = [(mask, mask._version, batch, t_k, result)]
+    if version is not None:
+        _PADDING_MEMO[:] = [(mask, version, batch, t_k, result)]
     return result
 
 

@@ -164,6 +164,28 @@ def test_cuda_backend_without_gpu_is_skipped(pair):
     assert all(b["reason"] and "\n" not in b["reason"] for b in result["backends"][:2])
 
 
+def test_dtype_is_what_the_torch_backends_run_and_report(pair):
+    """--dtype casts both models (whatever dtype the checkpoint holds) and is recorded; float16 is skipped
+    on CPU with a reason; an unknown dtype is a one-line error."""
+    dense_dir, pruned_dir = pair
+    result = bench(pruned_dir, dense_dir, BenchConfig(backends="torch-eager-cpu", batches=(1,), seqs=(4,),
+                                                      dtype="bfloat16", **FAST), log=None)
+    assert result["backends"][0]["settings"]["dtype"] == "bfloat16" and result["settings"]["dtype"] == "bfloat16"
+    assert result["points"][0]["status"] == "ok"
+    assert "torch/triton in bfloat16" in report.bench_markdown(result)
+    from headslim.io import load_model
+
+    ctx = bench_mod.BenchContext(dirs={"dense": dense_dir, "pruned": pruned_dir},
+                                 models={"dense": load_model(dense_dir), "pruned": load_model(pruned_dir)}, threads=1)
+    sessions = bench_mod.TorchBackend("torch-sdpa-cpu", "sdpa", "cpu", "bfloat16").prepare(ctx)
+    assert {next(s.model.parameters()).dtype for s in sessions.values()} == {torch.bfloat16}
+    result = bench(pruned_dir, dense_dir, BenchConfig(backends="torch-eager-cpu", batches=(1,), seqs=(4,),
+                                                      dtype="float16", **FAST), log=None)
+    assert result["backends"][0]["status"] == "skipped" and "float16" in result["backends"][0]["reason"]
+    with pytest.raises(HeadslimError, match="--dtype must be one of"):
+        BenchConfig(dtype="fp8")
+
+
 def test_unknown_backend_is_a_one_line_error(pair, capsys):
     with pytest.raises(HeadslimError, match="unknown backend 'tensorrt'"):
         BenchConfig(backends="torch,tensorrt")
