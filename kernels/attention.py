@@ -374,12 +374,35 @@ def _mask_metadata(mask, cache_seqlens, batch: int, t_k: int, device):
     return result
 
 
-def tensor_version(t) -> int | None:
-    """``t``'s in-place version counter, or None when it has none to memoise on: no tensor, or an
-    inference tensor (made under ``torch.inference_mode()``, which tracks no versions)."""
-    if t is None or t.is_inference():
+# The model forward pass in progress, set by the hooks :func:`headslim.kernels.enable` puts on the
+# model: [token (a fresh object per outermost forward, None outside one), nesting depth].
+_FORWARD: list = [None, 0]
+
+
+def tensor_version(t):
+    """What a memo on ``t`` must match: its in-place version counter; for an inference tensor (made
+    under ``torch.inference_mode()``, which tracks no versions) the model forward pass in progress,
+    so every layer of one pass shares the work and the next pass redoes it; None (no memo) for no
+    tensor, or an inference tensor outside an enabled model's forward."""
+    if t is None:
         return None
+    if t.is_inference():
+        return None if _FORWARD[0] is None else ("forward", _FORWARD[0])
     return t._version
+
+
+def begin_forward(*_args, **_kwargs) -> None:
+    """Forward pre-hook of an enabled model: a new pass starts (nested passes share the outer one)."""
+    if _FORWARD[1] == 0:
+        _FORWARD[0] = object()
+    _FORWARD[1] += 1
+
+
+def end_forward(*_args, **_kwargs) -> None:
+    """Forward hook (``always_call``) of an enabled model: the pass ends, even by an exception."""
+    _FORWARD[1] = max(0, _FORWARD[1] - 1)
+    if _FORWARD[1] == 0:
+        _FORWARD[0] = None
 
 
 def _launch_config(q, k, rows_per_group: int, decode: bool):

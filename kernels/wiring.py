@@ -28,6 +28,7 @@ from headslim.errors import HeadslimError
 
 from .attention import (BACKENDS, HeadGroups, encoder_attention, head_groups, ragged_decode_attention,
                         ragged_prefill_attention, tensor_version, uniform_groups, _identity_groups)
+from .attention import begin_forward, end_forward
 
 ATTN_IMPLEMENTATIONS = {"auto": "headslim", "triton": "headslim_triton", "torch": "headslim_torch"}
 _STATE = "_headslim_kernels"  # attribute on the model: how to undo enable()
@@ -64,7 +65,8 @@ def enable(model: nn.Module, backend: str = "auto") -> nn.Module:
         else:
             _set_attn_implementation(model, name)
         ragged = _route_ragged_layers(model, name)
-        setattr(model, _STATE, {"route": "registry", "previous": previous, "ragged": ragged})
+        setattr(model, _STATE, {"route": "registry", "previous": previous, "ragged": ragged,
+                                "hooks": _forward_hooks(model)})
         return model
 
     from headslim.adapters import get_adapter
@@ -78,8 +80,15 @@ def enable(model: nn.Module, backend: str = "auto") -> nn.Module:
         attn.__class__ = _swapped_class(type(attn))
         attn._headslim_backend = backend
         swapped.append(attn)
-    setattr(model, _STATE, {"route": "swap", "modules": swapped})
+    setattr(model, _STATE, {"route": "swap", "modules": swapped, "hooks": _forward_hooks(model)})
     return model
+
+
+def _forward_hooks(model: nn.Module) -> list:
+    """One token per forward pass of ``model``: lets the mask memos work on inference tensors too
+    (see ``attention.tensor_version``)."""
+    return [model.register_forward_pre_hook(begin_forward),
+            model.register_forward_hook(end_forward, always_call=True)]
 
 
 def disable(model: nn.Module) -> nn.Module:
@@ -98,6 +107,8 @@ def disable(model: nn.Module) -> nn.Module:
         for attn in state["modules"]:
             attn.__class__ = type(attn)._headslim_original_class
             del attn._headslim_backend
+    for handle in state["hooks"]:
+        handle.remove()
     delattr(model, _STATE)
     return model
 

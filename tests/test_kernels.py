@@ -411,23 +411,38 @@ def test_enable_triton_backend_matches(triton_backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_enabled_model_runs_under_inference_mode(backend, request):
+def test_enabled_model_runs_under_inference_mode(backend, request, monkeypatch):
     """Inference tensors have no version counter for the mask memos to read (found by `headslim bench`,
-    which times under torch.inference_mode(), on a GPU): they are recomputed instead, with the same result."""
+    which times under torch.inference_mode(), on a GPU): their memo lasts one forward pass, shared by
+    the layers, and a mask refilled in place between passes is seen."""
     if backend == "triton":
         request.getfixturevalue("triton_backend")
+    import headslim.kernels.attention as attention_mod
+
     model = pruned_tiny().to(DEVICE)
     inputs = {k: v.to(DEVICE) for k, v in tiny_inputs().items()}
     real = inputs["attention_mask"].bool()
     expected = _real_token_outputs(model, inputs)
+    shorter = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
+    shorter["attention_mask"][0, 3:] = 0
+    expected_shorter = _real_token_outputs(model, shorter)
+    ranges = []
+    original = attention_mod._key_ranges
+    monkeypatch.setattr(attention_mod, "_key_ranges", lambda *a: ranges.append(1) or original(*a))
     enable(model, backend=backend)
     with torch.inference_mode():
         frozen = {k: v.clone() for k, v in inputs.items()}  # inference tensors, as a server's inputs
         assert frozen["attention_mask"].is_inference()
-        got = [model(**frozen).last_hidden_state for _ in range(2)]  # the second call would hit a memo
+        first = model(**frozen).last_hidden_state
+        frozen["attention_mask"].copy_(shorter["attention_mask"])  # the same buffer, refilled in place
+        second = model(**frozen).last_hidden_state
     disable(model)
-    for out in got:
-        torch.testing.assert_close(out[real], expected[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(first[real], expected[real], rtol=0, atol=1e-5)
+    keep = shorter["attention_mask"].bool()
+    torch.testing.assert_close(second[keep], expected_shorter[keep], rtol=0, atol=1e-5)
+    if backend == "triton":  # per-row key ranges: once per forward pass for both layers with heads
+        assert len(ranges) == 2
+    assert attention_mod._FORWARD == [None, 0]
 
 
 def test_enable_falls_back_where_kernels_do_not_apply():
