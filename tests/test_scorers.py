@@ -285,3 +285,20 @@ def test_obs_gate_gradients_equal_the_gate_gradients_of_fisher(model_class):
     theirs = torch.cat([g for g, _ in gate_gradients(model, tiny_batches(), objective="dense", seed=5,
                                                      progress=False, desc="", probes=3)])
     torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["gradient", "fisher", "zeros"])
+def test_learned_starts_from_any_init_and_is_deterministic(init):
+    model = tiny_model("bert", "BertModel")
+    kw = dict(method="learned", prune=0.5, progress=False, init=init, temperature=(0.3, 0.02), lr=0.05)
+    a = score_heads(model, tiny_batches(), seed=3, **kw)
+    b = score_heads(model, tiny_batches(), seed=3, **kw)
+    assert a.shape == (LAYERS, HEADS) and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("opts,match", [(dict(init="ablation"), "learned init must be"),
+                                        (dict(temperature=(0.05, 1.0)), "0 < end <= start")])
+def test_learned_rejects_bad_options(opts, match):
+    with pytest.raises(HeadslimError, match=match):
+        score_heads(tiny_model("bert", "BertModel"), tiny_batches(), method="learned", progress=False, **opts)

@@ -8,14 +8,19 @@ loss is the objective at those gates: label-free ``dense`` keeps the dense model
 (``1/2 ||h - h_dense||^2`` or ``KL`` for a task head: Zhang et al.'s representation-preserving idea),
 ``task`` the model's loss. Only the logits train (a few hundred parameters; Adam).
 
-The logits start from the Gauss-Newton ``gradient`` scores (log-scaled, standardised), so a short
-run refines a good start instead of learning from scratch. The score of a head is its final logit.
+The logits start from ``fisher``'s elimination path (positions standardised; ``init="gradient"``: the
+log-scaled Gauss-Newton scores), so a short run refines a good start instead of learning from
+scratch. The score of a head is its final logit. Defaults (start temperature 0.3, lr 0.05) measured
+on MiniLM / BBC News at 50 %, seed 0, repair on: 0.915 mean cosine, against 0.884 for the former
+gradient start at temperature 1 and lr 0.1; the training still moves away from fisher's own mask
+(0.958), mostly by thinning the last layer, which fisher keeps whole (bench/README.md).
 """
 
 from __future__ import annotations
 
 import torch
 
+from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.scoring.common import (dense_reference, discrepancy, finish, forward, frozen, head_counts,
                                      model_device, progress_bar, to_device)
@@ -44,8 +49,8 @@ def soft_top_k(logits: torch.Tensor, k: float, temperature: float, iters: int = 
 
 
 def score_learned(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
-                  prune: float | int = 0.5, epochs: int = 2, lr: float = 0.1, init: str = "gradient",
-                  **options) -> torch.Tensor:
+                  prune: float | int = 0.5, epochs: int = 2, lr: float = 0.05, init: str = "fisher",
+                  temperature: tuple = (0.3, 0.02), **options) -> torch.Tensor:
     """Trained gate logits ``(layers, max_heads)`` for keeping exactly the target number of heads.
 
     Args:
@@ -53,13 +58,20 @@ def score_learned(model, batches, *, objective: str = "dense", seed: int = 0, pr
         prune: the target: fraction (float) or number (int) of all heads to remove.
         epochs: passes over the calibration batches (one optimiser step per batch).
         lr: Adam learning rate of the logits.
-        init: ``gradient`` (start from the Gauss-Newton scores) or ``zeros``.
+        init: ``gradient`` (start from the Gauss-Newton scores), ``fisher`` (from fisher's elimination
+            path, the positions standardised) or ``zeros``.
+        temperature: ``(start, end)`` of the geometric annealing of the gates' temperature.
 
     Example:
         >>> scores = score_learned(model, calib_batches, prune=0.5)     # doctest: +SKIP
     """
     from headslim.scoring.gradient import score_gradient
 
+    if init not in ("gradient", "fisher", "zeros"):
+        raise HeadslimError(f"learned init must be gradient, fisher or zeros, not {init!r}")
+    t_start, t_end = (float(t) for t in temperature)
+    if not 0 < t_end <= t_start:
+        raise HeadslimError(f"learned temperature needs 0 < end <= start, got {temperature}")
     heads = head_counts(model)
     device = model_device(model)
     total, width = sum(heads), max(heads)
@@ -71,7 +83,12 @@ def score_learned(model, batches, *, objective: str = "dense", seed: int = 0, pr
         start = score_gradient(model, batches, objective=objective, seed=seed, progress=progress)[alive]
         start = start.clamp_min(1e-12).log()  # the scores span orders of magnitude
         start = (start - start.mean()) / start.std().clamp_min(1e-6)
-    else:
+    elif init == "fisher":
+        from headslim.scoring.fisher import score_fisher
+
+        start = score_fisher(model, batches, objective=objective, seed=seed, progress=progress)[alive]
+        start = (start - start.mean()) / start.std().clamp_min(1e-6)  # positions on the path
+    elif init == "zeros":
         start = torch.zeros(int(alive.sum()))
     theta = start.clone().to(device).requires_grad_(True)  # (N_alive,)
     opt = torch.optim.Adam([theta], lr=lr)
@@ -83,10 +100,10 @@ def score_learned(model, batches, *, objective: str = "dense", seed: int = 0, pr
         for epoch in range(epochs):
             for i, batch in enumerate(progress_bar(batches, f"learning gates ({epoch + 1}/{epochs})", progress)):
                 frac = step / max(steps - 1, 1)
-                temperature = 1.0 * (0.05 / 1.0) ** frac  # anneal 1 -> 0.05
+                t_now = t_start * (t_end / t_start) ** frac  # geometric annealing
                 u = torch.rand(theta.shape, generator=gen).clamp(1e-6, 1 - 1e-6).to(device)
-                noise = -torch.log(-torch.log(u)) * temperature  # Gumbel, shrinking with the temperature
-                g = soft_top_k(theta + noise, keep, temperature)  # (N_alive,)
+                noise = -torch.log(-torch.log(u)) * t_now  # Gumbel, shrinking with the temperature
+                g = soft_top_k(theta + noise, keep, t_now)  # (N_alive,)
                 gates = torch.zeros(len(heads), width, device=device, dtype=g.dtype).masked_scatter(
                     alive.to(device), g)
                 batch = to_device(batch, device)
