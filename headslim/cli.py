@@ -39,7 +39,8 @@ def _add_shrink(sub) -> None:
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
     opt.add_argument("--method", default="fisher",
                      help="scoring method: fisher (default; Fisher / Gauss-Newton with a mask search over each "
-                          "layer's heads), obs (fisher's per-layer budgets, heads chosen by their cost after the "
+                          "layer's heads), fisher-exact (the same search with exact leave-one-out costs per head; "
+                          "costs a forward pass per head), obs (fisher's per-layer budgets, heads chosen by their cost after the "
                           "least-squares repair), gradient, ablation, "
                           "iterative (re-score every 10 %% of heads), entropy, confidence, magnitude, learned, "
                           "random, or iterative:<method>")

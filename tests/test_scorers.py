@@ -15,7 +15,7 @@ from headslim.gates import gated
 from tests.conftest import HEADS, LAYERS, tiny_batches, tiny_inputs, tiny_model
 
 # methods that read the objective (the others are label-free statistics)
-OBJECTIVE_METHODS = ["gradient", "fisher", "obs", "ablation", "iterative", "learned"]
+OBJECTIVE_METHODS = ["gradient", "fisher", "fisher-exact", "obs", "ablation", "iterative", "learned"]
 OUTPUT_METHODS = OBJECTIVE_METHODS + ["magnitude"]
 
 
@@ -180,14 +180,14 @@ def test_task_objective_and_label_free_classifier(method):
 
 def test_method_names():
     assert parse_method("iterative:fisher") == ("iterative", {"base": "fisher"})
-    assert set(SCORERS) >= {"gradient", "fisher", "ablation", "iterative", "entropy", "confidence",
+    assert set(SCORERS) >= {"gradient", "fisher", "fisher-exact", "ablation", "iterative", "entropy", "confidence",
                             "magnitude", "learned", "random"}
     for bad in ("nope", "gradient:fisher", "iterative:learned", "iterative:nope"):
         with pytest.raises(HeadslimError):
             parse_method(bad)
 
 
-@pytest.mark.parametrize("method", ["fisher", "iterative", "learned", "entropy", "magnitude", "ablation"])
+@pytest.mark.parametrize("method", ["fisher", "fisher-exact", "iterative", "learned", "entropy", "magnitude", "ablation"])
 def test_scorers_on_a_ragged_pruned_model(method):
     from headslim.surgery import prune_heads
 
@@ -302,3 +302,22 @@ def test_learned_starts_from_any_init_and_is_deterministic(init):
 def test_learned_rejects_bad_options(opts, match):
     with pytest.raises(HeadslimError, match=match):
         score_heads(tiny_model("bert", "BertModel"), tiny_batches(), method="learned", progress=False, **opts)
+
+
+def test_fisher_exact_puts_the_leave_one_out_costs_on_the_diagonal():
+    """The quadratic model's single-removal cost becomes the measured one; interactions stay Fisher's."""
+    from headslim.scoring.common import head_counts
+    from headslim.scoring.fisher import exact_diagonal
+
+    model = tiny_model("bert", "BertModel")
+    heads = head_counts(model)
+    n = len(heads) * max(heads)
+    curv = torch.randn(n, n, dtype=torch.float64)
+    grad = torch.randn(n, dtype=torch.float64)
+    got = exact_diagonal(curv, grad, model, tiny_batches(), heads, progress=False)
+    cost = score_heads(model, tiny_batches(), method="ablation", progress=False).double().flatten()
+    torch.testing.assert_close(0.5 * got.diagonal() - grad, cost)
+    off = ~torch.eye(n, dtype=torch.bool)
+    torch.testing.assert_close(got[off], curv[off], rtol=0, atol=0)
+    with pytest.raises(HeadslimError, match="fisher diagonal must be"):
+        score_heads(model, tiny_batches(), method="fisher", diagonal="nope", progress=False)

@@ -12,7 +12,8 @@ Objectives:
 
 Methods (see each module):
     ``gradient`` (Michel et al. 2019; label-free: Gauss-Newton diagonal), ``fisher`` (Kwon et al. 2022:
-    Fisher with a mask search over the heads of each layer), ``obs`` (``fisher``'s mask search decides how
+    Fisher with a mask search over the heads of each layer), ``fisher-exact`` (the same search with each
+    head's exact leave-one-out cost on the diagonal), ``obs`` (``fisher``'s mask search decides how
     many heads each layer loses, a repair-aware second-order cost which ones),
     ``ablation`` (exact leave-one-out),
     ``iterative`` (re-score after removing 10 % at a time, on top of any one-shot scorer:
@@ -29,7 +30,7 @@ import torch
 from headslim.errors import HeadslimError
 from headslim.scoring.ablation import score_ablation
 from headslim.scoring.attention import score_confidence, score_entropy
-from headslim.scoring.fisher import score_fisher
+from headslim.scoring.fisher import score_fisher, score_fisher_exact
 from headslim.scoring.gradient import score_gradient
 from headslim.scoring.iterative import score_iterative
 from headslim.scoring.learned import score_learned
@@ -40,6 +41,7 @@ from headslim.scoring.random import score_random
 SCORERS = {
     "gradient": score_gradient,
     "fisher": score_fisher,
+    "fisher-exact": score_fisher_exact,
     "obs": score_obs,
     "ablation": score_ablation,
     "iterative": score_iterative,

@@ -22,6 +22,7 @@ from headslim.errors import HeadslimError
 from headslim.scoring.common import check_nonempty, finish, gate_gradients, head_counts
 
 INTERACTIONS = ("layer", "full", "none")
+DIAGONALS = ("fisher", "exact")
 
 
 def greedy_path(curv: torch.Tensor, grad: torch.Tensor, heads: list[int], alive: torch.Tensor,
@@ -84,7 +85,7 @@ def path_scores(order: list[tuple[int, int]], heads: list[int], width: int) -> t
 
 def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
                  interactions: str = "layer", probes: int = 4, min_per_layer: int = 1,
-                 reference: list | None = None, **options) -> torch.Tensor:
+                 reference: list | None = None, diagonal: str = "fisher", **options) -> torch.Tensor:
     """Fisher mask search as an elimination path ``(layers, max_heads)``; see the module docstring.
 
     Args:
@@ -93,12 +94,17 @@ def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, pro
         probes: random probes per batch (more probes: a better estimate of the off-diagonal blocks).
         min_per_layer: heads each layer keeps until all layers are down to that many.
         reference: per-batch dense targets; adds the first-order term (used by ``iterative``).
+        diagonal: ``fisher`` (the estimate's own) or ``exact``: each head's exact leave-one-out cost
+            (``ablation``, one forward pass per head and batch) replaces the quadratic model's
+            single-removal cost ``1/2 C_ii - grad_i``; the interactions stay Fisher's (``fisher-exact``).
 
     Example:
         >>> scores = score_fisher(model, calib_batches)        # doctest: +SKIP
     """
     if interactions not in INTERACTIONS:
         raise HeadslimError(f"fisher interactions must be one of {', '.join(INTERACTIONS)}, not {interactions!r}")
+    if diagonal not in DIAGONALS:
+        raise HeadslimError(f"fisher diagonal must be one of {', '.join(DIAGONALS)}, not {diagonal!r}")
     heads = head_counts(model)
     n = len(heads) * max(heads)
     curv = torch.zeros(n, n, dtype=torch.float64)
@@ -112,5 +118,31 @@ def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, pro
             grad += first.flatten()
         seen += 1
     check_nonempty(seen)
-    order = layer_mask_search(curv / seen, heads, min_per_layer, grad / seen, interactions)
+    curv, grad = curv / seen, grad / seen
+    if diagonal == "exact":
+        curv = exact_diagonal(curv, grad, model, batches, heads, objective=objective, seed=seed,
+                              progress=progress, reference=reference)
+    order = layer_mask_search(curv, heads, min_per_layer, grad, interactions)
     return path_scores(order, heads, max(heads))
+
+
+def exact_diagonal(curv: torch.Tensor, grad: torch.Tensor, model, batches, heads: list[int], **ablation_args) -> torch.Tensor:
+    """``curv`` with ``C_ii = 2 (cost_i + grad_i)``, ``cost_i`` the measured leave-one-out cost of head
+    ``i``: the quadratic model then prices every single removal exactly (large removals, whose cost
+    the second-order model underestimates, included) and keeps Fisher's estimate of the interactions."""
+    from headslim.scoring.ablation import score_ablation
+
+    cost = score_ablation(model, batches, **ablation_args).double()  # (layers, width), -inf beyond a layer's heads
+    curv = curv.clone()
+    width = max(heads)
+    for layer, n in enumerate(heads):
+        for head in range(n):
+            i = layer * width + head
+            curv[i, i] = 2.0 * (float(cost[layer, head]) + float(grad[i]))
+    return curv
+
+
+def score_fisher_exact(model, batches, **options) -> torch.Tensor:
+    """``fisher`` with ``diagonal="exact"``: Fisher's interactions, exact single-removal costs. With
+    the diagonal measured, the probes only estimate the interactions: 16 per batch by default."""
+    return score_fisher(model, batches, **{"probes": 16, **options, "diagonal": "exact"})
