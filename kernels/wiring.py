@@ -26,9 +26,9 @@ from torch import nn
 
 from headslim.errors import HeadslimError
 
-from .attention import (BACKENDS, HeadGroups, encoder_attention, head_groups, ragged_decode_attention,
-                        ragged_prefill_attention, tensor_version, uniform_groups, _identity_groups)
-from .attention import begin_forward, end_forward
+from .attention import (BACKENDS, HeadGroups, begin_forward, encoder_attention, end_forward, head_groups,
+                        ragged_decode_attention, ragged_prefill_attention, tensor_version, uniform_groups,
+                        _identity_groups)
 
 ATTN_IMPLEMENTATIONS = {"auto": "headslim", "triton": "headslim_triton", "torch": "headslim_torch"}
 _STATE = "_headslim_kernels"  # attribute on the model: how to undo enable()
@@ -287,7 +287,7 @@ def _key_padding(mask, batch: int, t_k: int):
     """
     if mask is None:
         return None
-    version = tensor_version(mask)  # None under torch.inference_mode(): no memo then
+    version = tensor_version(mask)  # an inference tensor: the forward pass in progress; None: no memo
     if _PADDING_MEMO and version is not None:
         m, seen, b, tk, result = _PADDING_MEMO[0]
         if m is mask and seen == version and (b, tk) == (batch, t_k):
