@@ -409,16 +409,12 @@ def _launch_config(q, k, rows_per_group: int, decode: bool):
     """Tile sizes and warps. On GPU: flash-attention-like tiles (smaller for fp32 and headdim 128, whose
     tiles take more shared memory; decode tiles just cover a group's rows). On the CPU interpreter:
     64 x 64, which runs fastest there while 129-token tests still span three tiles."""
-    return dict(_tiles(q.is_cuda, q.shape[-1], q.dtype, rows_per_group, decode))
+    return dict(_tile_config(q.is_cuda, q.shape[-1], q.dtype, rows_per_group, decode))  # a copy of the cached one
 
 
 @functools.lru_cache(maxsize=256)
-def _tiles(is_cuda: bool, head_dim: int, dtype: torch.dtype, rows_per_group: int, decode: bool) -> tuple:
-    """``_launch_config`` as items, computed once per distinct call shape."""
-    return tuple(_tile_config(is_cuda, head_dim, dtype, rows_per_group, decode).items())
-
-
 def _tile_config(is_cuda: bool, head_dim: int, dtype: torch.dtype, rows_per_group: int, decode: bool) -> dict:
+    """``_launch_config``, computed once per distinct call shape."""
     rows_pow2 = max(16, 1 << max(0, (rows_per_group - 1).bit_length()))
     if not is_cuda:
         return dict(block_m=min(64, rows_pow2), block_n=64, num_warps=4, num_stages=1)
