@@ -5,7 +5,8 @@ train index: one article is 0.24 pt, and the pruned models differ from dense on 
 articles, so a 0.5 pt gap is at the noise floor of that one sample. This script measures the same
 quantity on more queries: every article of ``bbc-news:all`` that was *not* in the calibration sample
 (1969 of 2225 with 256 calibration articles) is classified by its 5 nearest neighbours among the
-other held-out articles, each model (dense and pruned) embedding every article itself. It also
+other held-out articles, each model (dense and pruned) embedding every article itself. ``--repair off`` / ``--ridge`` /
+``--repair-inputs`` measure repair's variants on the same scores. It also
 reports the paired counts that decide the difference to dense (articles dense gets right and the
 pruned model wrong, and the reverse) with a paired standard error, and, for continuity, the
 test-vs-train-index 5-NN of ``method_seeds.py``.
@@ -63,6 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5])
     p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--repair", default="on", choices=["on", "off"])
+    p.add_argument("--ridge", type=float, default=1e-2, help="repair's ridge (default: the library's 1e-2)")
+    p.add_argument("--repair-inputs", default="pruned", choices=["pruned", "dense"])
+    p.add_argument("--target", default="tokens", choices=["tokens", "pooled"],
+                   help="experiment: what the label-free objective keeps (tokens: the library's per-token last "
+                        "hidden states; pooled: the normalised mean-pooled sentence embedding)")
     p.add_argument("--out", default="bench/results/knn_loo")
     args = p.parse_args(argv)
 
@@ -78,6 +85,8 @@ def main(argv=None) -> int:
     from headslim.selection import select_heads
     from headslim.surgery import prune_heads
 
+    if args.target == "pooled":
+        pooled_target()
     out = Path(args.out)
     (out / "scores").mkdir(parents=True, exist_ok=True)
     src = resolve_model_path(args.model)
@@ -105,7 +114,7 @@ def main(argv=None) -> int:
             held[[pos[t] for t in calib_data.texts]] = False
             dense_ok = loo_predictions(dense_all[held], labels[held]) == labels[held]
             calib = list(batches(calib_data, tok, batch_size=16, max_length=128))
-            cache = out / "scores" / f"{method}-n{args.calib_samples}-s{seed}.safetensors"
+            cache = out / "scores" / f"{method}-{args.target}-n{args.calib_samples}-s{seed}.safetensors"
             t = time.perf_counter()
             if cache.exists():
                 scores = load_file(str(cache))["scores"]
@@ -117,10 +126,13 @@ def main(argv=None) -> int:
             for ratio in args.ratios:
                 plan = select_heads(scores, heads, prune=ratio, min_per_layer=1)
                 model = prune_heads(copy.deepcopy(dense), plan)
-                repair(model, dense, plan, calib, progress=False)
+                if args.repair == "on":
+                    repair(model, dense, plan, calib, inputs=args.repair_inputs, ridge=args.ridge, progress=False)
                 emb = embeddings(model, all_b)
                 pruned_ok = loo_predictions(emb[held], labels[held]) == labels[held]
                 row = {"method": method, "seed": seed, "ratio": ratio, "calib_samples": args.calib_samples,
+                       "target": args.target,
+                       "repair": variant(args),
                        "heads_after": plan.heads_after, "queries": int(held.sum()),
                        "dense_loo5": float(dense_ok.float().mean()), "loo5": float(pruned_ok.float().mean()),
                        **paired(dense_ok, pruned_ok),
@@ -137,11 +149,32 @@ def main(argv=None) -> int:
     return 0
 
 
+def pooled_target() -> None:
+    """Make the label-free objective keep the normalised mean-pooled embedding instead of every token."""
+    from headslim.quality import pool
+    from headslim.scoring import common
+
+    original = common.dense_target
+
+    def target(out, batch):
+        if getattr(out, "logits", None) is not None:
+            return original(out, batch)
+        emb = pool(out.hidden_states[-1], batch["attention_mask"], "mean")  # (B, d)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+    common.dense_target = target
+
+
+def variant(args) -> str:
+    return "off" if args.repair == "off" else f"{args.repair_inputs}, ridge {args.ridge:g}"
+
+
 def write(rows, args) -> None:
     out = Path(args.out)
     old = []
     if (out / "knn_loo.json").exists():  # keep rows of other methods / seeds measured earlier
-        key = lambda r: (r["method"], r["seed"], r["ratio"], r["calib_samples"])  # noqa: E731
+        key = lambda r: (r["method"], r["seed"], r["ratio"], r["calib_samples"], r.get("repair", "pruned, ridge 0.01"),
+                               r.get("target", "tokens"))  # noqa: E731
         new = {key(r) for r in rows}
         old = [r for r in json.loads((out / "knn_loo.json").read_text())["rows"] if key(r) not in new]
     allrows = old + rows
@@ -149,23 +182,27 @@ def write(rows, args) -> None:
     (out / "knn_loo.md").write_text(to_markdown(allrows))
 
 
+def rep(row) -> str:
+    return row.get("repair", "pruned, ridge 0.01") + ("" if row.get("target", "tokens") == "tokens" else "; pooled target")
+
+
 def to_markdown(rows) -> str:
-    lines = ["Repair on. LOO 5-NN: every held-out article of bbc-news:all (not in the calibration sample) "
+    lines = ["LOO 5-NN: every held-out article of bbc-news:all (not in the calibration sample) "
              "against the other held-out articles; diff = pruned - dense on the same queries, ± paired "
              "standard error; lost/gained = articles dense gets right and pruned wrong / the reverse. "
              "test 5-NN: the 422 test articles against the 1703-article train index.", "",
-             "| method | calib | removed | seed | queries | mean cos | dense LOO | LOO 5-NN | diff pt | lost / gained "
-             "| test 5-NN (dense) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | calib | repair | removed | seed | queries | mean cos | dense LOO | LOO 5-NN | diff pt | lost / gained "
+             "| test 5-NN (dense) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
-    for r in sorted(rows, key=lambda r: (r["method"], r["calib_samples"], r["ratio"], r["seed"])):
-        groups.setdefault((r["method"], r["calib_samples"], r["ratio"]), []).append(r)
-        lines.append(f"| {r['method']} | {r['calib_samples']} | {r['ratio']:.0%} | {r['seed']} | {r['queries']} "
+    for r in sorted(rows, key=lambda r: (r["method"], r["calib_samples"], rep(r), r["ratio"], r["seed"])):
+        groups.setdefault((r["method"], r["calib_samples"], rep(r), r["ratio"]), []).append(r)
+        lines.append(f"| {r['method']} | {r['calib_samples']} | {rep(r)} | {r['ratio']:.0%} | {r['seed']} | {r['queries']} "
                      f"| {r['mean_cosine']:.4f} | {100 * r['dense_loo5']:.2f} | {100 * r['loo5']:.2f} "
                      f"| {r['diff_pt']:+.2f} ± {r['se_pt']:.2f} | {r['lost']} / {r['gained']} "
                      f"| {100 * r['test_knn5']:.2f} ({100 * r['dense_test_knn5']:.2f}) |")
-    lines += ["", "| method | calib | removed | seeds | mean diff pt | mean cos |", "|---|---|---|---|---|---|"]
-    for (method, n, ratio), rs in groups.items():
-        lines.append(f"| {method} | {n} | {ratio:.0%} | {len(rs)} | {statistics.mean(r['diff_pt'] for r in rs):+.2f} "
+    lines += ["", "| method | calib | repair | removed | seeds | mean diff pt | mean cos |", "|---|---|---|---|---|---|---|"]
+    for (method, n, repair, ratio), rs in groups.items():
+        lines.append(f"| {method} | {n} | {repair} | {ratio:.0%} | {len(rs)} | {statistics.mean(r['diff_pt'] for r in rs):+.2f} "
                      f"| {statistics.mean(r['mean_cosine'] for r in rs):.4f} |")
     return "\n".join(lines) + "\n"
 
