@@ -67,9 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--repair", default="on", choices=["on", "off"])
     p.add_argument("--ridge", type=float, default=1e-2, help="repair's ridge (default: the library's 1e-2)")
     p.add_argument("--repair-inputs", default="pruned", choices=["pruned", "dense"])
-    p.add_argument("--target", default="tokens", choices=["tokens", "pooled"],
+    p.add_argument("--target", default="tokens", choices=["tokens", "pooled", "pooled-cov"],
                    help="experiment: what the label-free objective keeps (tokens: the library's per-token last "
-                        "hidden states; pooled: the normalised mean-pooled sentence embedding)")
+                        "hidden states; pooled: the normalised mean-pooled sentence embedding; pooled-cov: the "
+                        "same, its error weighted by the covariance of the dense calibration embeddings)")
     p.add_argument("--out", default="bench/results/knn_loo")
     args = p.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     from headslim.selection import select_heads
     from headslim.surgery import prune_heads
 
-    if args.target == "pooled":
+    if args.target != "tokens":
         pooled_target()
     out = Path(args.out)
     (out / "scores").mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
             held[[pos[t] for t in calib_data.texts]] = False
             dense_ok = loo_predictions(dense_all[held], labels[held]) == labels[held]
             calib = list(batches(calib_data, tok, batch_size=16, max_length=128))
+            if args.target == "pooled-cov":
+                covariance_probes(torch.nn.functional.normalize(embeddings(dense, calib), dim=-1))
             cache = out / "scores" / f"{method}-{args.target}-n{args.calib_samples}-s{seed}.safetensors"
             t = time.perf_counter()
             if cache.exists():
@@ -165,6 +168,24 @@ def pooled_target() -> None:
     common.dense_target = target
 
 
+def covariance_probes(calib_emb: torch.Tensor) -> None:
+    """Label-free probes ``r ~ N(0, Sigma)``, ``Sigma`` the covariance of ``calib_emb``: the Gauss-Newton
+    matrix of ``(e - e_dense)^T Sigma (e - e_dense)``, the error along the directions the articles vary in."""
+    from headslim.scoring import common
+
+    chol = torch.linalg.cholesky(torch.cov(calib_emb.T.double()) + 1e-8 * torch.eye(calib_emb.shape[1]))
+    original = common.probe
+
+    def probe(out, batch, objective, gen):
+        if objective == "task" or getattr(out, "logits", None) is not None:
+            return original(out, batch, objective, gen)
+        emb = common.dense_target(out, batch)  # (B, d)
+        r = torch.randn(emb.shape, generator=gen, dtype=torch.float64) @ chol.T
+        return (emb * r.to(emb.dtype)).sum()
+
+    common.probe = probe
+
+
 def variant(args) -> str:
     return "off" if args.repair == "off" else f"{args.repair_inputs}, ridge {args.ridge:g}"
 
@@ -183,7 +204,7 @@ def write(rows, args) -> None:
 
 
 def rep(row) -> str:
-    return row.get("repair", "pruned, ridge 0.01") + ("" if row.get("target", "tokens") == "tokens" else "; pooled target")
+    return row.get("repair", "pruned, ridge 0.01") + ("" if row.get("target", "tokens") == "tokens" else f"; {row['target']} target")
 
 
 def to_markdown(rows) -> str:
