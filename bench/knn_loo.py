@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--repair", default="on", choices=["on", "off"])
     p.add_argument("--ridge", type=float, default=1e-2, help="repair's ridge (default: the library's 1e-2)")
     p.add_argument("--repair-inputs", default="pruned", choices=["pruned", "dense"])
+    p.add_argument("--repair-ffn", action="store_true",
+                   help="experiment: after repair also re-fit every FFN down-projection (bench/ffn_refit.py)")
     p.add_argument("--target", default="tokens", choices=["tokens", "pooled", "pooled-cov"],
                    help="experiment: what the label-free objective keeps (tokens: the library's per-token last "
                         "hidden states; pooled: the normalised mean-pooled sentence embedding; pooled-cov: the "
@@ -131,6 +133,10 @@ def main(argv=None) -> int:
                 model = prune_heads(copy.deepcopy(dense), plan)
                 if args.repair == "on":
                     repair(model, dense, plan, calib, inputs=args.repair_inputs, ridge=args.ridge, progress=False)
+                if args.repair_ffn:
+                    from ffn_refit import refit_ffn
+
+                    refit_ffn(model, dense, calib, ridge=args.ridge)
                 emb = embeddings(model, all_b)
                 pruned_ok = loo_predictions(emb[held], labels[held]) == labels[held]
                 row = {"method": method, "seed": seed, "ratio": ratio, "calib_samples": args.calib_samples,
@@ -187,7 +193,8 @@ def covariance_probes(calib_emb: torch.Tensor) -> None:
 
 
 def variant(args) -> str:
-    return "off" if args.repair == "off" else f"{args.repair_inputs}, ridge {args.ridge:g}"
+    name = "off" if args.repair == "off" else f"{args.repair_inputs}, ridge {args.ridge:g}"
+    return name + (", FFN re-fit" if args.repair_ffn else "")
 
 
 def write(rows, args) -> None:
