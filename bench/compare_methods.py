@@ -28,18 +28,31 @@ DEFAULT_METHODS = ["obs", "fisher", "ablation", "random", "gradient", "magnitude
                    "iterative", "iterative:fisher", "learned"]
 
 
-def knn_accuracy(train_emb, train_labels, test_emb, test_labels, k: int = 5) -> float:
-    """k-NN (cosine) topic accuracy; ties between classes go to the larger summed similarity."""
+def knn_predict(index_emb, index_labels, query_emb, k: int = 5, exclude_self: bool = False):
+    """k-NN (cosine) class of every query ``(N_query,)``; ties between classes go to the larger summed
+    similarity. ``exclude_self``: the queries are the index itself, and none is its own neighbour."""
     import torch
 
-    a = torch.nn.functional.normalize(train_emb, dim=-1)
-    b = torch.nn.functional.normalize(test_emb, dim=-1)
-    sims, idx = (b @ a.T).topk(k, dim=-1)  # (N_test, k)
-    labels = torch.as_tensor(train_labels)[idx]  # (N_test, k)
-    n_classes = int(max(train_labels)) + 1
+    a = torch.nn.functional.normalize(index_emb, dim=-1)
+    b = torch.nn.functional.normalize(query_emb, dim=-1)
+    sims = b @ a.T  # (N_query, N_index)
+    if exclude_self:
+        sims.fill_diagonal_(float("-inf"))
+    sims, idx = sims.topk(k, dim=-1)  # (N_query, k)
+    index_labels = torch.as_tensor(index_labels)
+    labels = index_labels[idx]  # (N_query, k)
+    n_classes = int(index_labels.max()) + 1
     votes = torch.zeros(len(b), n_classes).scatter_add_(1, labels, torch.ones_like(sims))
     votes += 1e-3 * torch.zeros(len(b), n_classes).scatter_add_(1, labels, sims)
-    return float((votes.argmax(-1) == torch.as_tensor(test_labels)).float().mean())
+    return votes.argmax(-1)
+
+
+def knn_accuracy(train_emb, train_labels, test_emb, test_labels, k: int = 5) -> float:
+    """k-NN (cosine) topic accuracy of ``test_emb`` against the ``train_emb`` index (``knn_predict``)."""
+    import torch
+
+    predicted = knn_predict(train_emb, train_labels, test_emb, k)
+    return float((predicted == torch.as_tensor(test_labels)).float().mean())
 
 
 def evaluate(model, test_batches, train_batches, dense_test, data) -> dict:

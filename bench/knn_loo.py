@@ -31,19 +31,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import knn_accuracy  # noqa: E402
+from compare_methods import knn_accuracy, knn_predict  # noqa: E402
 
 
 def loo_predictions(emb: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """Leave-one-out k-NN (cosine) predictions ``(N,)``; ties go to the larger summed similarity."""
-    e = torch.nn.functional.normalize(emb, dim=-1)
-    sims = e @ e.T
-    sims.fill_diagonal_(float("-inf"))
-    top, idx = sims.topk(k, dim=-1)  # (N, k)
-    votes = torch.zeros(len(e), int(labels.max()) + 1)
-    votes.scatter_add_(1, labels[idx], torch.ones_like(top))
-    votes += 1e-3 * torch.zeros_like(votes).scatter_add_(1, labels[idx], top)
-    return votes.argmax(-1)
+    """Leave-one-out k-NN (cosine) predictions ``(N,)``: every row against all the others."""
+    return knn_predict(emb, labels, emb, k, exclude_self=True)
 
 
 def paired(dense_ok: torch.Tensor, pruned_ok: torch.Tensor) -> dict:
