@@ -3,13 +3,15 @@
 ``method_seeds.py`` measures 5-NN on the 422 ``bbc-news:test`` articles against the 1703-article
 train index: one article is 0.24 pt, and the pruned models differ from dense on a handful of
 articles, so a 0.5 pt gap is at the noise floor of that one sample. This script measures the same
-quantity on more queries: every article of ``bbc-news:all`` that was *not* in the calibration sample
-(1969 of 2225 with 256 calibration articles) is classified by its 5 nearest neighbours among the
-other held-out articles, each model (dense and pruned) embedding every article itself. ``--repair off`` / ``--ridge`` /
-``--repair-inputs`` measure repair's variants on the same scores. It also
-reports the paired counts that decide the difference to dense (articles dense gets right and the
-pruned model wrong, and the reverse) with a paired standard error, and, for continuity, the
-test-vs-train-index 5-NN of ``method_seeds.py``.
+quantity on more queries: every article of ``bbc-news:all`` (2125 after dropping the corpus's
+duplicates) that is *not* in the calibration sample (1869 with 256 calibration articles) is classified
+by its 5 nearest neighbours among the other held-out articles, each model (dense and pruned)
+embedding every article itself. It reports the difference to dense on the same queries with its
+paired standard error and the articles that decide it (dense right and pruned wrong, and the
+reverse), and, for continuity, the test-vs-train-index 5-NN of ``method_seeds.py``.
+
+``--repair off`` / ``--ridge`` / ``--repair-inputs`` measure repair's variants on the same scores;
+``--target`` and ``--repair-ffn`` are experiments that are not in the library.
 
     python bench/knn_loo.py --methods fisher ablation --seeds 0 1 2 --ratios 0.5 --out bench/results/knn_loo
 
@@ -173,7 +175,7 @@ def covariance_probes(calib_emb: torch.Tensor) -> None:
     from headslim.scoring import common
 
     chol = torch.linalg.cholesky(torch.cov(calib_emb.T.double()) + 1e-8 * torch.eye(calib_emb.shape[1]))
-    original = common.probe
+    original = getattr(common.probe, "library_probe", common.probe)  # the library's, not an earlier seed's
 
     def probe(out, batch, objective, gen):
         if objective == "task" or getattr(out, "logits", None) is not None:
@@ -182,6 +184,7 @@ def covariance_probes(calib_emb: torch.Tensor) -> None:
         r = torch.randn(emb.shape, generator=gen, dtype=torch.float64) @ chol.T
         return (emb * r.to(emb.dtype)).sum()
 
+    probe.library_probe = original
     common.probe = probe
 
 
