@@ -41,6 +41,12 @@ def loo_predictions(emb: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torc
     return knn_predict(emb, labels, emb, k, exclude_self=True)
 
 
+def held_out(every, calib) -> torch.Tensor:
+    """``(len(every),)`` bool: the articles of ``every`` that are not in the calibration sample ``calib``."""
+    calib_texts = set(calib.texts)
+    return torch.as_tensor([t not in calib_texts for t in every.texts])
+
+
 def paired(dense_ok: torch.Tensor, pruned_ok: torch.Tensor) -> dict:
     """Accuracy difference to dense with its paired standard error (discordant pairs only matter)."""
     n = len(dense_ok)
@@ -108,8 +114,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             calib_data = sample(train, args.calib_samples, seed)
-            held = torch.ones(len(every), dtype=torch.bool)
-            held[[pos[t] for t in calib_data.texts]] = False
+            held = held_out(every, calib_data)
             dense_ok = loo_predictions(dense_all[held], labels[held]) == labels[held]
             calib = list(batches(calib_data, tok, batch_size=16, max_length=128))
             if args.target == "pooled-cov":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from knn_loo import loo_predictions, paired  # noqa: E402
+from knn_loo import held_out, loo_predictions, paired  # noqa: E402
 
 
 def scaled(e: torch.Tensor, z: torch.Tensor, target: float) -> torch.Tensor:
@@ -58,15 +58,13 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(str(src))
     every, train = load_texts("bbc-news:all"), load_texts("bbc-news:train")
     labels = torch.as_tensor(every.labels)
-    pos = {t: i for i, t in enumerate(every.texts)}
     emb = torch.nn.functional.normalize(embeddings(dense, list(batches(every, tok, batch_size=64))), dim=-1)
     chol = torch.linalg.cholesky(torch.cov(emb.T) + 1e-6 * torch.eye(emb.shape[1]))
     lines = [f"LOO 5-NN change vs dense (pt, mean of {args.draws} draws; per draw in brackets) when random errors "
              "of a given mean cosine are added to the dense embeddings.", "",
              "| seed | noise | mean cos | LOO diff pt | draws |", "|---|---|---|---|---|"]
     for seed in args.seeds:
-        held = torch.ones(len(every), dtype=torch.bool)
-        held[[pos[t] for t in sample(train, args.calib_samples, seed).texts]] = False
+        held = held_out(every, sample(train, args.calib_samples, seed))
         e, y = emb[held], labels[held]
         ok = loo_predictions(e, y) == y
         for kind in ("isotropic", "data-shaped"):

@@ -49,3 +49,12 @@ def test_paired_difference_and_standard_error():
     mean = sum(d) / 10
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / 10 / 10)
     assert math.isclose(got["diff_pt"], 100 * mean) and math.isclose(got["se_pt"], 100 * se)
+
+
+def test_held_out_leaves_out_exactly_the_calibration_articles():
+    from headslim.data import TextData
+
+    knn = _module()
+    every = TextData(["a", "b", "c", "d"], [0, 1, 0, 1], None, "t")
+    calib = TextData(["d", "b"], [1, 1], None, "t")
+    assert knn.held_out(every, calib).tolist() == [True, False, True, False]
