@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5])
     p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--queries-outside", type=int, default=None, metavar="N",
+                   help="hold out the articles outside the seed's first N sampled train articles (default: the "
+                        "calibration sample); sample(train, 256, s) is a prefix of sample(train, 1024, s), so "
+                        "--queries-outside 1024 gives 256 and 1024 calibration articles the same queries")
     p.add_argument("--repair", default="on", choices=["on", "off"])
     p.add_argument("--ridge", type=float, default=1e-2, help="repair's ridge (default: the library's 1e-2)")
     p.add_argument("--repair-inputs", default="pruned", choices=["pruned", "dense"])
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             calib_data = sample(train, args.calib_samples, seed)
-            held = held_out(every, calib_data)
+            outside = max(args.calib_samples, args.queries_outside or 0)
+            held = held_out(every, sample(train, outside, seed))
             dense_ok = loo_predictions(dense_all[held], labels[held]) == labels[held]
             calib = list(batches(calib_data, tok, batch_size=16, max_length=128))
             if args.target == "pooled-cov":
@@ -140,6 +145,7 @@ def main(argv=None) -> int:
                 emb = embeddings(model, all_b)
                 pruned_ok = loo_predictions(emb[held], labels[held]) == labels[held]
                 row = {"method": method, "seed": seed, "ratio": ratio, "calib_samples": args.calib_samples,
+                       "queries_outside": outside,
                        "target": args.target,
                        "repair": variant(args),
                        "heads_after": plan.heads_after, "queries": int(held.sum()),
@@ -203,12 +209,17 @@ def write(rows, args) -> None:
     old = []
     if (out / "knn_loo.json").exists():  # keep rows of other methods / seeds measured earlier
         key = lambda r: (r["method"], r["seed"], r["ratio"], r["calib_samples"], r.get("repair", "pruned, ridge 0.01"),
-                               r.get("target", "tokens"))  # noqa: E731
+                         r.get("target", "tokens"), outside(r))  # noqa: E731
         new = {key(r) for r in rows}
         old = [r for r in json.loads((out / "knn_loo.json").read_text())["rows"] if key(r) not in new]
     allrows = old + rows
     (out / "knn_loo.json").write_text(json.dumps({"args": vars(args), "rows": allrows}, indent=2) + "\n")
     (out / "knn_loo.md").write_text(to_markdown(allrows))
+
+
+def outside(row) -> int:
+    """How many sampled train articles the row's queries leave out (rows from before the option: its calibration)."""
+    return row.get("queries_outside", row["calib_samples"])
 
 
 def rep(row) -> str:
@@ -223,15 +234,18 @@ def to_markdown(rows) -> str:
              "| method | calib | repair | removed | seed | queries | mean cos | dense LOO | LOO 5-NN | diff pt | lost / gained "
              "| test 5-NN (dense) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
-    for r in sorted(rows, key=lambda r: (r["method"], r["calib_samples"], rep(r), r["ratio"], r["seed"])):
-        groups.setdefault((r["method"], r["calib_samples"], rep(r), r["ratio"]), []).append(r)
+    for r in sorted(rows, key=lambda r: (outside(r), r["method"], r["calib_samples"], rep(r), r["ratio"], r["seed"])):
+        groups.setdefault((r["method"], r["calib_samples"], rep(r), r["ratio"], outside(r)), []).append(r)
         lines.append(f"| {r['method']} | {r['calib_samples']} | {rep(r)} | {r['ratio']:.0%} | {r['seed']} | {r['queries']} "
                      f"| {r['mean_cosine']:.4f} | {100 * r['dense_loo5']:.2f} | {100 * r['loo5']:.2f} "
                      f"| {r['diff_pt']:+.2f} ± {r['se_pt']:.2f} | {r['lost']} / {r['gained']} "
                      f"| {100 * r['test_knn5']:.2f} ({100 * r['dense_test_knn5']:.2f}) |")
-    lines += ["", "| method | calib | repair | removed | seeds | mean diff pt | mean cos |", "|---|---|---|---|---|---|---|"]
-    for (method, n, repair, ratio), rs in groups.items():
-        lines.append(f"| {method} | {n} | {repair} | {ratio:.0%} | {len(rs)} | {statistics.mean(r['diff_pt'] for r in rs):+.2f} "
+    lines += ["", "Queries outside N: the held-out articles are those outside the seed's first N sampled train articles.", "",
+              "| method | calib | repair | removed | queries outside | seeds | mean diff pt | mean cos |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (method, n, repair, ratio, n_out), rs in groups.items():
+        lines.append(f"| {method} | {n} | {repair} | {ratio:.0%} | {n_out} | {len(rs)} "
+                     f"| {statistics.mean(r['diff_pt'] for r in rs):+.2f} "
                      f"| {statistics.mean(r['mean_cosine'] for r in rs):.4f} |")
     return "\n".join(lines) + "\n"
 
