@@ -8,6 +8,7 @@ import re
 import sys
 
 from headslim._version import __version__
+from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
 SHRINK_EXAMPLE = """example:
@@ -58,7 +59,8 @@ def _add_shrink(sub) -> None:
                      help="dense: label-free, keep the dense model's outputs (default); task: the model's loss on labels")
     opt.add_argument("--plan", help="apply this hand-written plan JSON instead of scoring")
     opt.add_argument("--min-heads-per-layer", type=int, default=1, help="heads every layer keeps (default 1; 0 allowed)")
-    opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples used (default 256)")
+    opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                     help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}; fewer is faster)")
     opt.add_argument("--eval-data", help="held-out texts for the quality check (default: see docs)")
     opt.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the check (default 256)")
     opt.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from headslim._version import __version__
+from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
 
@@ -42,7 +43,7 @@ class ShrinkConfig:
     method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
-    calib_samples: int | None = 256
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
     eval_data: str | None = None
     eval_samples: int | None = 256
     max_length: int = 128

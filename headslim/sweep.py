@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
 SWEEP_EXAMPLE = """example:
@@ -67,7 +68,7 @@ class SweepConfig:
     method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
-    calib_samples: int | None = 256
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
     calib_max_length: int = 128
     min_heads_per_layer: int = 1
     seed: int = 0
@@ -302,7 +303,8 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--prune", type=_ratio_list, default=(0.1, 0.3, 0.5, 0.7),
                      help="comma-separated fractions (or head counts) to remove (default 0.1,0.3,0.5,0.7)")
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
-    opt.add_argument("--calib-samples", type=int, default=256, help="calibration samples (default 256)")
+    opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                     help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES})")
     opt.add_argument("--method", default="fisher", help="scoring method (default fisher, as shrink)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])
     opt.add_argument("--min-heads-per-layer", type=int, default=1)
