@@ -97,8 +97,6 @@ def _print_summary(result) -> None:
     r = result.repair
     if not r.get("requested"):
         print("repair: off (--no-repair)")
-    elif r.get("reason"):
-        print(f"repair: not applied ({r['reason']})")
     else:
         check = r.get("check", {})
         fitted = sum(1 for e in r.get("layers", []) if e.get("applied"))

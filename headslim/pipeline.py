@@ -239,13 +239,10 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     else:
         dense_emb = embeddings(model, eval_batches, pooling=pooling)
     t_repair = time.perf_counter()
-    can_repair = adapter.name == "bert-family"  # repair is implemented and measured for encoders only
-    dense = copy.deepcopy(model) if config.repair and can_repair else None
+    dense = copy.deepcopy(model) if config.repair else None  # repair fits to it: a second copy in memory
     prune_heads(model, plan)
     repair_info = {"applied": False, "requested": config.repair}
-    if config.repair and not can_repair:
-        repair_info["reason"] = f"repair is not supported for {adapter.name} models yet"
-    elif config.repair:
+    if config.repair:
         report = repair(model, dense, plan, batches(calib, tokenizer, batch_size=config.batch_size,
                                                    max_length=config.max_length),
                         inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress)

@@ -12,6 +12,9 @@ Inputs and target (``inputs``):
         already repaired, and the target is the dense block's pre-LayerNorm output minus the pruned
         residual, ``t = (y_dense + x_dense) - x_pruned``: the fit also absorbs the drift that earlier
         layers left in the residual stream, so ``LayerNorm(W c + b + x_pruned)`` matches the dense layer.
+        ``x`` is the residual stream entering the block: the attention block's input in BERT
+        (post-LayerNorm, ``LN(x + y)``) and the decoder layer's input in Llama-family and GPT-2 models
+        (pre-LayerNorm, ``x + y``); the same target serves both.
     ``dense``: ``c`` is the dense model's context of the kept heads and ``t = y_dense`` (every
         layer fitted independently on dense activations).
 
@@ -20,7 +23,12 @@ The solve is ridge-regularised towards the current weights, ``min ||X w - t||^2 
 batches is held out: a layer keeps its new weights only if they lower the reconstruction error on
 them (then it is re-fitted on all batches), and, with ``check``, the whole repair is undone when it
 does not bring the model's held-out outputs closer to the dense model's (mean embedding cosine; for a
-task head, mean ``KL(dense || pruned)`` of its predictions, since its hidden states are not its output).
+task head or a causal LM, mean ``KL(dense || pruned)`` of its predictions, since its hidden states
+are not its output).
+
+Projections without a bias (Llama-family ``o_proj``) are fitted without one, so the checkpoint keeps
+its shapes; GPT-2's ``Conv1D`` is handled with its ``(in, out)`` weight layout. A decoder layer that
+lost every head is left as it is (it has no projection; BERT keeps a bias-only one, which is re-fitted).
 """
 
 from __future__ import annotations
@@ -60,19 +68,35 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer being repaired has run."""
 
 
+def _is_conv1d(module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _has_bias(o_proj) -> bool:
+    return getattr(o_proj, "bias", None) is not None
+
+
 def _o_weight(o_proj) -> torch.Tensor:
-    """``[W | b]`` as ``(d, p + 1)`` float64 (``p = 0`` for a bias-only projection)."""
-    bias = o_proj.bias.detach().double()
-    if getattr(o_proj, "in_features", 0) == 0 or not hasattr(o_proj, "weight"):
-        return bias[:, None]
-    return torch.cat([o_proj.weight.detach().double(), bias[:, None]], dim=1)
+    """``[W | b]`` as ``(d, p + 1)`` float64, or ``W`` ``(d, p)`` for a projection without a bias
+    (``p = 0``: a bias-only projection)."""
+    cols = []
+    if getattr(o_proj, "in_features", None) != 0 and hasattr(o_proj, "weight"):
+        weight = o_proj.weight.detach().double()
+        cols.append(weight.T if _is_conv1d(o_proj) else weight)  # (d, p)
+    if _has_bias(o_proj):
+        cols.append(o_proj.bias.detach().double()[:, None])
+    return torch.cat(cols, dim=1)
 
 
 def _set_o_weight(o_proj, w: torch.Tensor) -> None:
     with torch.no_grad():
-        if w.shape[1] > 1 or hasattr(o_proj, "weight"):
-            o_proj.weight.copy_(w[:, :-1].to(o_proj.weight.dtype))
-        o_proj.bias.copy_(w[:, -1].to(o_proj.bias.dtype))
+        bias = _has_bias(o_proj)
+        if getattr(o_proj, "in_features", None) != 0 and hasattr(o_proj, "weight"):
+            weight = w[:, :-1] if bias else w  # (d, p)
+            o_proj.weight.copy_((weight.T if _is_conv1d(o_proj) else weight).to(o_proj.weight.dtype))
+        if bias:
+            o_proj.bias.copy_(w[:, -1].to(o_proj.bias.dtype))
 
 
 def _error(w: torch.Tensor, stats: dict) -> float:
@@ -81,20 +105,22 @@ def _error(w: torch.Tensor, stats: dict) -> float:
     return float((w @ a * w).sum() - 2 * (w * b.T).sum() + c)
 
 
-def _solve(stats: dict, w0: torch.Tensor, ridge: float) -> torch.Tensor:
-    a, b = stats["A"], stats["B"]  # (p+1, p+1), (p+1, d)
-    p = a.shape[0] - 1
+def _solve(stats: dict, w0: torch.Tensor, ridge: float, bias: bool = True) -> torch.Tensor:
+    a, b = stats["A"], stats["B"]  # (p+1, p+1), (p+1, d); (p, p), (p, d) without a bias
+    p = a.shape[0] - int(bias)
     reg = torch.zeros_like(a)
     if p > 0:
         lam = ridge * float(a.diagonal()[:p].mean().clamp_min(1e-12))
         reg[:p, :p] = torch.eye(p, dtype=a.dtype) * lam
     rhs = b + reg @ w0.T  # (p+1, d)
-    return torch.linalg.solve(a + reg, rhs).T  # (d, p+1)
+    return torch.linalg.solve(a + reg, rhs).T  # (d, p [+ 1])
 
 
-def _add(stats: dict, x: torch.Tensor, t: torch.Tensor) -> None:
-    """Accumulate moments of rows ``x`` ``(N, p)`` (a ones column is appended) and targets ``t`` ``(N, d)``."""
-    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
+def _add(stats: dict, x: torch.Tensor, t: torch.Tensor, bias: bool = True) -> None:
+    """Accumulate moments of rows ``x`` ``(N, p)`` (a ones column is appended for a bias) and targets ``t`` ``(N, d)``."""
+    x = x.double()
+    if bias:
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], dim=1)
     t = t.double()
     stats["A"] = stats.get("A", 0) + (x.T @ x).cpu()
     stats["B"] = stats.get("B", 0) + (x.T @ t).cpu()
@@ -142,43 +168,31 @@ def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _outputs(model, batches: list) -> tuple[str, list]:
-    """What the check compares, per held-out batch: ``("kl", dense_target)`` (a task head's
-    log-probabilities, as the scorers' ``dense`` objective keeps them), else ``("cosine", mean-pooled
-    sentence embeddings)``."""
+def _fidelity(model, dense, batches: list) -> tuple[str, float]:
+    """How close ``model``'s outputs are to ``dense``'s on ``batches``, as ``(metric, value)``:
+    ``("kl", mean KL(dense || model))`` for a model with logits (per sample for a sequence head, per
+    real token for a token head or a causal LM; lower is closer), else ``("cosine", mean embedding
+    cosine)`` of the mean-pooled sentence embeddings (higher is closer). The dense outputs are
+    recomputed batch by batch, so nothing vocabulary-sized is kept between batches."""
     from headslim.quality import pool
-    from headslim.scoring.common import dense_target, forward
+    from headslim.scoring.common import dense_target, discrepancy, forward
 
-    kind, out = "cosine", []
+    metric, total, count = "cosine", 0.0, 0.0
     for b in batches:
-        res = forward(model, b)
+        ref, res = forward(dense, b), forward(model, b)
         if getattr(res, "logits", None) is None:
-            out.append(pool(res.hidden_states[-1], b["attention_mask"]).float())  # (B, d)
-        else:
-            kind = "kl"
-            out.append(dense_target(res, b))  # (B, [T,] C)
-    return kind, out
-
-
-@torch.no_grad()
-def _fidelity(model, metric: str, reference: list, batches: list) -> float:
-    """How close ``model``'s outputs are to ``reference`` (``_outputs`` of the dense model): the mean
-    ``KL(dense || model)`` per sample (per real token for token heads; lower is closer), or the mean
-    embedding cosine (higher is closer)."""
-    from headslim.quality import pool
-    from headslim.scoring.common import discrepancy, forward
-
-    total = count = 0.0
-    for ref, b in zip(reference, batches):
-        res = forward(model, b)
-        if metric == "cosine":
-            emb = pool(res.hidden_states[-1], b["attention_mask"]).float()
-            total += float(torch.nn.functional.cosine_similarity(ref, emb, dim=-1).sum())
-            count += len(ref)
-        else:  # discrepancy: the summed KL, over real tokens for a token head
-            total += float(discrepancy(res, b, "dense", ref))
-            count += float(b["attention_mask"].sum()) if ref.dim() == 3 else len(ref)
-    return total / max(count, 1.0)
+            mask = b["attention_mask"]
+            cos = torch.nn.functional.cosine_similarity(pool(ref.hidden_states[-1], mask).float(),
+                                                        pool(res.hidden_states[-1], mask).float(), dim=-1)  # (B,)
+            total += float(cos.sum())
+            count += len(cos)
+        else:  # the summed KL, over real tokens for a token head
+            metric = "kl"
+            target = dense_target(ref, b)  # (B, [T,] C)
+            total += float(discrepancy(res, b, "dense", target))
+            count += float(b["attention_mask"].sum()) if target.dim() == 3 else len(target)
+            del target
+    return metric, total / max(count, 1.0)
 
 
 def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ridge: float = 1e-2,
@@ -210,8 +224,6 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     if ridge < 0 or not 0.0 <= holdout < 1.0:
         raise HeadslimError("repair needs ridge >= 0 and holdout in [0, 1)")
     adapter = get_adapter(model)
-    if inputs == "pruned" and getattr(adapter, "name", "") != "bert-family":
-        inputs = "dense"  # the residual-drift target assumes post-LayerNorm residual blocks (BERT family)
     head_dim = adapter.head_dim(dense)
     device = next(model.parameters()).device
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
@@ -221,18 +233,21 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     is_val = [every > 0 and i % every == every - 1 for i in range(len(batches))]
     val_batches = [b for b, v in zip(batches, is_val) if v]
     report = RepairReport(applied=False, inputs=inputs, ridge=ridge)
-    layers = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)) if len(kept) < n]
+    # a decoder layer that lost every head has no output projection left (its bias, if any, stays)
+    bias_only_ok = adapter.name == "bert-family"
+    layers = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads))
+              if len(kept) < n and (kept or bias_only_ok)]
     if not layers:
         return report
     blocks = adapter.attention_blocks(model)
     originals = {layer: _o_weight(adapter.o_proj(blocks[layer])) for layer in layers}
-    reference = None
-    if check and val_batches:
-        metric, reference = _outputs(dense, val_batches)
-        before = _fidelity(model, metric, reference, val_batches)
+    checked = check and bool(val_batches)
+    if checked:
+        metric, before = _fidelity(model, dense, val_batches)
     with torch.no_grad():
         for layer in tqdm(layers, desc="repairing layers", unit="layer", disable=not progress, leave=False):
             o_proj = adapter.o_proj(blocks[layer])
+            bias = _has_bias(o_proj)
             kept = plan.kept_heads[layer]
             fit, val = {}, {}
             for batch, v in zip(batches, is_val):
@@ -245,9 +260,9 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                 else:
                     x = ref["c"][mask][:, _head_columns(kept, head_dim).to(device)]  # (N, k * D)
                     t = ref["y"][mask]  # (N, d)
-                _add(val if v else fit, x, t)
+                _add(val if v else fit, x, t, bias)
             w0 = originals[layer]
-            w_fit = _solve(fit, w0, ridge)
+            w_fit = _solve(fit, w0, ridge, bias)
             entry = {"layer": layer, "heads": len(kept),
                      "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
                      "fit_after": _error(w_fit, fit) / max(fit["C"], 1e-30)}
@@ -257,14 +272,14 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                 entry["val_after"] = _error(w_fit, val) / max(val["C"], 1e-30)
                 apply = entry["val_after"] < entry["val_before"]
                 if apply:  # refit on every batch now that the held-out ones have done their job
-                    w_fit = _solve({k: fit[k] + val[k] for k in fit}, w0, ridge)
+                    w_fit = _solve({k: fit[k] + val[k] for k in fit}, w0, ridge, bias)
             entry["applied"] = bool(apply)
             if apply:
                 _set_o_weight(o_proj, w_fit)
             report.layers.append(entry)
     report.applied = any(e["applied"] for e in report.layers)
-    if reference is not None and report.applied:
-        after = _fidelity(model, metric, reference, val_batches)
+    if checked and report.applied:
+        after = _fidelity(model, dense, val_batches)[1]
         report.check = {"metric": metric, "before": before, "after": after, "n_batches": len(val_batches)}
         if (after <= before) if metric == "cosine" else (after >= before):
             for layer in layers:

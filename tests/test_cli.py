@@ -222,8 +222,11 @@ def test_shrink_a_gqa_decoder(tmp_path, tiny_llama_dir, capsys, gqa, method):
                "--calib", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "slim"), *SMALL])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "perplexity on 8 held-out texts" in out and "repair: not applied" in out
+    assert "perplexity on 8 held-out texts" in out and "repair: " in out and "repair: off" not in out
     plan = PrunePlan.load(tmp_path / "slim")
+    repaired = plan.provenance["repair"]  # every layer that lost heads (but not all) was re-fitted
+    lost = [i for i, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)) if 0 < len(kept) < n]
+    assert repaired["requested"] and [e["layer"] for e in repaired["layers"]] == lost
     assert sum(plan.heads_after) == 4 and plan.provenance["gqa"] == gqa
     assert plan.kv_head_of_q == [[0, 0, 1, 1], [0, 0, 1, 1]]
     model = headslim.load_pruned(tmp_path / "slim")

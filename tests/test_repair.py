@@ -7,10 +7,12 @@ import torch
 
 import headslim
 from headslim.errors import HeadslimError
+from headslim.adapters import get_adapter
+from headslim.decoders import kv_maps
 from headslim.plan import PrunePlan
 from headslim.repair import _add, _solve, repair
 from headslim.surgery import prune_heads
-from tests.conftest import HEADS, LAYERS, tiny_inputs, tiny_model
+from tests.conftest import DEC_HEADS, HEADS, LAYERS, tiny_decoder, tiny_inputs, tiny_model
 
 PLAN = PrunePlan([HEADS] * LAYERS, [[0, 3], [1], []])  # a layer with no heads left: bias-only repair
 
@@ -178,3 +180,95 @@ def test_shrink_records_repair_and_no_repair_turns_it_off(tmp_path, minilm_dir, 
     assert main(["shrink", str(minilm_dir), "--out", str(tmp_path / "off"), "--no-repair", *small]) == 0
     assert "repair: off" in capsys.readouterr().out
     assert PrunePlan.load(tmp_path / "off").provenance["repair"] == {"applied": False, "requested": False}
+
+
+# ---- decoders: pre-LayerNorm residual blocks, o_proj without a bias, GPT-2's Conv1D, GQA -------
+
+# 8 query heads over 2 KV heads: layers 0 and 1 keep ragged groups, layer 2 keeps none
+DEC_KEPT = [[0, 1, 5], [2, 3, 4, 6, 7], []]
+DECODERS = [("llama", "LlamaForCausalLM", {}), ("llama", "LlamaForCausalLM", {"attention_bias": False}),
+            ("qwen3", "Qwen3ForCausalLM", {}), ("gpt2", "GPT2LMHeadModel", {})]
+
+
+def _decoder_case(model_type, class_name, overrides):
+    dense = tiny_decoder(model_type, class_name, **overrides)
+    plan = PrunePlan([DEC_HEADS] * LAYERS, DEC_KEPT, kv_head_of_q=kv_maps(dense))
+    return dense, prune_heads(copy.deepcopy(dense), plan), plan
+
+
+def _decoder_errors(model, dense, batches, layer):
+    """``||o_proj(c) - t||^2`` of one layer, ``t = y_dense + x_dense - x_pruned`` with ``x`` the residual
+    stream entering the decoder layer, from plain hooks."""
+    got, hooks = {}, []
+    for name, m in (("p", model), ("d", dense)):
+        adapter = get_adapter(m)
+        block = adapter.attention_blocks(m)[layer]
+        hooks.append(block.register_forward_pre_hook(
+            lambda mod, a, kw, name=name: got.__setitem__(name + "x", a[0] if a else kw["hidden_states"]),
+            with_kwargs=True))
+        hooks.append(adapter.o_proj(block).register_forward_hook(
+            lambda mod, a, o, name=name: got.__setitem__(name + "y", o)))
+    total = 0.0
+    try:
+        for batch in batches:
+            with torch.no_grad():
+                model(**batch), dense(**batch)
+            mask = batch["attention_mask"].bool()
+            total += float((got["py"] - (got["dy"] + got["dx"] - got["px"]))[mask].pow(2).sum())
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+@pytest.mark.parametrize("model_type,class_name,overrides", DECODERS)
+def test_decoder_repair_lowers_each_layers_error_keeps_shapes_and_reloads(tmp_path, model_type, class_name, overrides):
+    dense, pruned, plan = _decoder_case(model_type, class_name, overrides)
+    shapes = {k: v.shape for k, v in pruned.state_dict().items()}
+    unrepaired = copy.deepcopy(pruned)
+    report = repair(pruned, dense, plan, _calib(), check=False, progress=False)
+    assert [e["layer"] for e in report.layers] == [0, 1]  # layer 2 has no projection left to fit
+    assert report.applied and report.inputs == "pruned"
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == shapes
+    adapter = get_adapter(pruned)
+    if overrides.get("attention_bias") is False:
+        assert adapter.o_proj(adapter.attention_blocks(pruned)[0]).bias is None
+    applied = {e["layer"]: e["applied"] for e in report.layers}
+    for layer in (0, 1):  # on the repaired model's own inputs, its weights beat the unrepaired ones
+        ours = adapter.o_proj(adapter.attention_blocks(pruned)[layer])
+        fitted = copy.deepcopy(ours.state_dict())
+        after = _decoder_errors(pruned, dense, _calib(), layer)
+        ours.load_state_dict(adapter.o_proj(adapter.attention_blocks(unrepaired)[layer]).state_dict())
+        before = _decoder_errors(pruned, dense, _calib(), layer)
+        ours.load_state_dict(fitted)
+        assert after < before if applied[layer] else after == before  # a layer the held-out batch refused is unchanged
+    headslim.save_pruned(pruned, tmp_path / "slim", plan)
+    again = headslim.load_pruned(tmp_path / "slim")
+    batch = tiny_inputs(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, pruned(**batch).logits)
+
+
+def test_decoder_check_is_the_kl_of_next_token_predictions():
+    dense, pruned, plan = _decoder_case("llama", "LlamaForCausalLM", {"attention_bias": False})
+    calib = _calib(8)
+    val = [calib[3], calib[7]]  # holdout 0.25: every 4th batch
+
+    def kl(model):  # mean KL(dense || model) per real token
+        total = count = 0.0
+        with torch.no_grad():
+            for b in val:
+                p = torch.log_softmax(dense(**b).logits.double(), -1)
+                q = torch.log_softmax(model(**b).logits.double(), -1)
+                per = (p.exp() * (p - q)).sum(-1) * b["attention_mask"].double()  # (B, T)
+                total, count = total + float(per.sum()), count + float(b["attention_mask"].sum())
+        return total / count
+
+    before = kl(pruned)
+    report = repair(pruned, dense, plan, calib, progress=False)
+    assert report.check["metric"] == "kl"
+    assert report.check["before"] == pytest.approx(before, rel=1e-6)
+    if report.applied:  # kept because the predictions got closer
+        assert report.check["after"] == pytest.approx(kl(pruned), rel=1e-6) and report.check["after"] < before
+    else:  # undone: the predictions are the unrepaired ones again
+        assert report.check["after"] >= before and kl(pruned) == pytest.approx(before, rel=1e-9)
