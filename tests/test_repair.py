@@ -94,9 +94,15 @@ def test_check_of_a_task_head_is_the_kl_of_its_predictions(class_name):
     dense = tiny_model("bert", class_name)
     pruned = prune_heads(copy.deepcopy(dense), PLAN)
     calib = _calib(8)
+    _assert_kl_check(dense, pruned, PLAN, calib)
+
+
+def _assert_kl_check(dense, pruned, plan, calib):
+    """Repair's held-out check is the mean KL(dense || pruned) of the predictions (per sample, or per
+    real token for a token head or a causal LM), and the repair is kept exactly when it lowers it."""
     val = [calib[3], calib[7]]  # holdout 0.25: every 4th batch
 
-    def kl(model):  # mean KL(dense || model) per sample, or per real token for a token head
+    def kl(model):
         total = count = 0.0
         with torch.no_grad():
             for b in val:
@@ -108,7 +114,7 @@ def test_check_of_a_task_head_is_the_kl_of_its_predictions(class_name):
         return total / count
 
     before = kl(pruned)
-    report = repair(pruned, dense, PLAN, calib, progress=False)
+    report = repair(pruned, dense, plan, calib, progress=False)
     assert report.check["metric"] == "kl"
     assert report.check["before"] == pytest.approx(before, rel=1e-6)
     if report.applied:  # kept because the predictions got closer
@@ -251,24 +257,4 @@ def test_decoder_repair_lowers_each_layers_error_keeps_shapes_and_reloads(tmp_pa
 
 def test_decoder_check_is_the_kl_of_next_token_predictions():
     dense, pruned, plan = _decoder_case("llama", "LlamaForCausalLM", {"attention_bias": False})
-    calib = _calib(8)
-    val = [calib[3], calib[7]]  # holdout 0.25: every 4th batch
-
-    def kl(model):  # mean KL(dense || model) per real token
-        total = count = 0.0
-        with torch.no_grad():
-            for b in val:
-                p = torch.log_softmax(dense(**b).logits.double(), -1)
-                q = torch.log_softmax(model(**b).logits.double(), -1)
-                per = (p.exp() * (p - q)).sum(-1) * b["attention_mask"].double()  # (B, T)
-                total, count = total + float(per.sum()), count + float(b["attention_mask"].sum())
-        return total / count
-
-    before = kl(pruned)
-    report = repair(pruned, dense, plan, calib, progress=False)
-    assert report.check["metric"] == "kl"
-    assert report.check["before"] == pytest.approx(before, rel=1e-6)
-    if report.applied:  # kept because the predictions got closer
-        assert report.check["after"] == pytest.approx(kl(pruned), rel=1e-6) and report.check["after"] < before
-    else:  # undone: the predictions are the unrepaired ones again
-        assert report.check["after"] >= before and kl(pruned) == pytest.approx(before, rel=1e-9)
+    _assert_kl_check(dense, pruned, plan, _calib(8))
