@@ -153,8 +153,8 @@ def load_texts(source: str | Path, *, text_column: str | None = None, label_colu
 
 
 # Calibration texts used by default (shrink, sweep). 1024 rather than 256 BBC News articles: the
-# fisher mask search's layer budgets become stable across calibration samples and beat one-shot
-# ablation's cosine at every ratio, at about three times the CPU time (bench/README.md).
+# fisher mask search's layer budgets become stable across calibration samples and its cosine beats
+# one-shot ablation's on the mean at every ratio, at about three times the CPU time (bench/README.md).
 DEFAULT_CALIB_SAMPLES = 1024
 
 
