@@ -111,12 +111,14 @@ def prefill_and_decode(model, ids, new: int, device):
     """(prefill ms, decode ms per token) for one prompt and ``new`` greedy steps against the cache."""
     from transformers import DynamicCache
 
+    from headslim.compat import cache_kwargs
+
     with torch.no_grad():
         cache = DynamicCache()
         state = {}
 
         def prefill():
-            state["out"] = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            state["out"] = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
 
         t_prefill = timed(prefill, device)
         nxt = state["out"].logits[:, -1:].argmax(-1)  # (B, 1)
@@ -124,7 +126,7 @@ def prefill_and_decode(model, ids, new: int, device):
         def decode():
             token = nxt
             for _ in range(new):
-                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                out = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
                 token = out.logits[:, -1:].argmax(-1)
 
         t_decode = timed(decode, device) / max(1, new)

@@ -177,6 +177,21 @@ def make_ragged(attn: nn.Module, kv_head_of_q: list[int] | None) -> None:
     attn.num_key_value_groups = 1  # K/V are gathered to one head per query head before any kernel
 
 
+def find_cache(args: tuple, kwargs: dict):
+    """The KV cache a decoder layer hands its attention module, whatever the keyword.
+
+    transformers has renamed it three times (4.x ``past_key_value``, then ``past_key_values``, 5.24
+    ``cache``); a stand-in that looks for one name silently stops filling its cache slot at the next
+    rename, and every later position and mask is then wrong. So the cache is found by its type.
+    """
+    from transformers.cache_utils import Cache
+
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
 class NoHeadsDecoderAttention(nn.Module):
     """Stands in for a decoder self-attention module whose heads were all removed.
 
@@ -195,11 +210,10 @@ class NoHeadsDecoderAttention(nn.Module):
         # not called ``bias``: GPT-2 checkpoints drop ``attn.bias`` keys (an old causal-mask buffer)
         self.o_bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
-        if past_key_values is None:
-            past_key_values = kwargs.get("past_key_value")  # transformers 4.x spelling
-        if past_key_values is not None:
-            cache = getattr(past_key_values, "self_attention_cache", past_key_values)  # EncoderDecoderCache
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = find_cache(args, kwargs)
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
             stub = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # (B, 1, T, 1)
             cache.update(stub, stub, self.layer_idx)
         if self.o_bias is None:

@@ -9,6 +9,7 @@ import torch
 
 import headslim
 from headslim.adapters import get_adapter
+from headslim.compat import cache_kwargs, output_cache
 from headslim.decoders import causal_lm_batches, kv_maps
 from headslim.errors import HeadslimError
 from headslim.gates import gated
@@ -103,26 +104,67 @@ def test_pruned_equals_gated_dense(model_type, class_name, num_kv, mode):
         assert (got - expected).abs().max().item() <= 1e-5, (mode, plan.kept_heads)
 
 
-def _generate(model, inputs):
-    return model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True,
-                          pad_token_id=0)
+NEW_TOKENS = 40  # long enough that a wrong cache length shows up (at 20, GPT-2 once passed with one)
+
+
+def _generate(model, inputs, new_tokens: int = NEW_TOKENS):
+    return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          use_cache=True, pad_token_id=0)
 
 
 LM_CASES = [(c, i) for c, i in zip(DECODER_CASES, CASE_IDS) if c[1].endswith(("ForCausalLM", "LMHeadModel"))]
+LM_PARAMS = dict(argnames="model_type,class_name,num_kv", argvalues=[c for c, _ in LM_CASES],
+                 ids=[i for _, i in LM_CASES])
 
 
-@pytest.mark.parametrize("model_type,class_name,num_kv", [c for c, _ in LM_CASES], ids=[i for _, i in LM_CASES])
-def test_greedy_generation_matches_gated_dense(model_type, class_name, num_kv):
+def lm_plans(dense) -> list[PrunePlan]:
+    """Empty layer 0 (transformers reads the cached length there) + ragged; no attention at all; uniform."""
+    return [hand_plans(dense)[2], hand_plans(dense)[1], plans_for(dense, "uniform", seed=1)[1]]
+
+
+@pytest.mark.parametrize(**LM_PARAMS)
+def test_prefill_fills_every_layers_cache(model_type, class_name, num_kv):
+    """After a prefill every layer's cache holds the prompt, a layer without heads included."""
     dense = tiny_decoder(model_type, class_name, num_kv)
     inputs = dec_inputs(batch=2, seq=7)
-    plans = [hand_plans(dense)[2], plans_for(dense, "uniform", seed=1)[1]]  # ragged + empty layer 0; uniform
-    for plan in plans:
+    for plan in lm_plans(dense):
+        pruned = prune_heads(copy.deepcopy(dense), plan)
+        with torch.no_grad():
+            cache = output_cache(pruned(**inputs, use_cache=True))
+        assert [cache.get_seq_length(i) for i in range(LAYERS)] == [7] * LAYERS, plan.kept_heads
+
+
+@pytest.mark.parametrize(**LM_PARAMS)
+def test_prefill_then_decode_step_equals_full_forward(model_type, class_name, num_kv):
+    """A hand-written prefill + one decode step against the cache gives the full forward's logits."""
+    dense = tiny_decoder(model_type, class_name, num_kv)
+    for padded in (False, True):
+        inputs = dec_inputs(batch=2, seq=7)
+        if not padded:
+            inputs["attention_mask"].fill_(1)
+        for plan in lm_plans(dense):
+            pruned = prune_heads(copy.deepcopy(dense), plan)
+            with torch.no_grad():
+                full = pruned(**inputs).logits[:, -2:]  # (B, 2, V)
+                prefix = {k: v[:, :-1] for k, v in inputs.items()}
+                first = pruned(**prefix, use_cache=True)
+                step = pruned(input_ids=inputs["input_ids"][:, -1:], attention_mask=inputs["attention_mask"],
+                              use_cache=True, **cache_kwargs(pruned, output_cache(first)))
+            assert (first.logits[:, -1] - full[:, 0]).abs().max().item() <= 1e-5
+            assert (step.logits[:, -1] - full[:, 1]).abs().max().item() <= 1e-5, (padded, plan.kept_heads)
+
+
+@pytest.mark.parametrize(**LM_PARAMS)
+def test_greedy_generation_matches_gated_dense(model_type, class_name, num_kv):
+    dense = tiny_decoder(model_type, class_name, num_kv)
+    inputs = dec_inputs(batch=2, seq=7)  # row 1 is left-padded
+    for plan in lm_plans(dense):
         with torch.no_grad(), gated(dense, plan.mask()):
             expected = _generate(dense, inputs)
         pruned = prune_heads(copy.deepcopy(dense), plan)
         with torch.no_grad():
             got = _generate(pruned, inputs)
-        assert got.shape == (2, 7 + 20)
+        assert got.shape == (2, 7 + NEW_TOKENS)
         assert torch.equal(got, expected), plan.kept_heads
 
 
@@ -142,7 +184,7 @@ def test_save_load_round_trip(tmp_path, model_type, class_name, num_kv):
         assert torch.equal(main_output(reloaded(**inputs)), main_output(pruned(**inputs)))
         if hasattr(pruned, "generate") and class_name.endswith(("ForCausalLM", "LMHeadModel")):
             short = dec_inputs(batch=2, seq=5)
-            assert torch.equal(_generate(reloaded, short), _generate(pruned, short))
+            assert torch.equal(_generate(reloaded, short, 20), _generate(pruned, short, 20))
 
 
 @pytest.mark.skipif(TF_MAJOR >= 5, reason="transformers 5 removed config.pruned_heads")

@@ -19,6 +19,7 @@ import torch
 
 from conftest import TINY_MODELS, TF_MAJOR, tiny_inputs, tiny_model
 
+from headslim.compat import cache_kwargs, output_cache
 from headslim.errors import HeadslimError
 from headslim.kernels import (HeadGroups, disable, enable, encoder_attention, head_groups, kernel_route,
                               ragged_decode_attention, ragged_prefill_attention, triton_available)
@@ -481,7 +482,8 @@ def _prefill_then_decode(model, ids, mask):
         first = model(input_ids=ids, attention_mask=mask, use_cache=True)
         nxt = first.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        second = model(input_ids=nxt, attention_mask=mask2, past_key_values=first.past_key_values, use_cache=True)
+        second = model(input_ids=nxt, attention_mask=mask2, use_cache=True,
+                       **cache_kwargs(model, output_cache(first)))
     return first.logits, second.logits
 
 
