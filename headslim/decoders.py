@@ -12,8 +12,8 @@ may replace). Llama-family attention modules are stock transformers modules afte
 * no heads: ``headslim.ragged.NoHeadsDecoderAttention`` (adds ``o_proj``'s bias, or nothing).
 
 GPT-2 is multi-head: its fused ``c_attn`` Conv1D keeps the Q, K and V column blocks of the kept heads
-and ``c_proj`` the matching rows. On transformers 4.x, ``config.pruned_heads`` is also written so
-stock ``from_pretrained`` rebuilds a GPT-2 whose layers all keep a head.
+and ``c_proj`` the matching rows. ``config.pruned_heads`` is also written (under any version) so
+stock ``from_pretrained`` on 4.x rebuilds a GPT-2 whose layers all keep a head.
 
 The config stays that of the dense model; ``headslim.load_pruned`` re-applies the saved plan.
 (transformers 5.x has ``per_layer_config`` on configs, but the modeling code of these families never
@@ -160,14 +160,14 @@ class GPT2Adapter:
         attn.split_size = len(keep) * head_dim
 
     def update_config(self, model: nn.Module, pruned: dict[int, list[int]]) -> None:
-        """On 4.x, ``config.pruned_heads`` lets stock ``from_pretrained`` rebuild the shapes.
+        """``config.pruned_heads`` lets stock ``from_pretrained`` on 4.x rebuild the shapes.
 
-        Written only when every layer keeps a head (4.x's own pruning cannot express an empty layer).
+        Written whatever version prunes (a checkpoint pruned under 5.x must load on 4.x too; 5.x
+        itself ignores the key), and only when every layer keeps a head (4.x's own pruning cannot
+        express an empty layer).
         """
-        import transformers
-
         n = model.config.n_head
-        if int(transformers.__version__.split(".")[0]) < 5 and all(len(v) < n for v in pruned.values()):
+        if all(len(v) < n for v in pruned.values()):
             model.config.pruned_heads = {int(k): list(v) for k, v in pruned.items() if v}
             for layer, heads in pruned.items():
                 attn = self.attention_blocks(model)[layer].attn

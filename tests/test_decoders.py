@@ -3,6 +3,7 @@
 import copy
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,18 +188,59 @@ def test_save_load_round_trip(tmp_path, model_type, class_name, num_kv):
             assert torch.equal(_generate(reloaded, short, 20), _generate(pruned, short, 20))
 
 
+GPT2_PLAN = [[0, 5], [1, 2, 3, 4, 5, 6, 7], [7]]
+TF4_PYTHON = Path(__file__).resolve().parents[1] / ".venv-tf4" / "bin" / "python"  # make test builds it first
+
+
+def _save_pruned_gpt2(out):
+    dense = tiny_decoder("gpt2", "GPT2LMHeadModel")
+    plan = PrunePlan([DEC_HEADS] * LAYERS, GPT2_PLAN)
+    pruned = prune_heads(dense, plan)
+    save_pruned(pruned, out, plan)
+    return pruned, plan
+
+
+def test_pruned_gpt2_config_records_pruned_heads_on_every_version(tmp_path):
+    """4.x rebuilds a pruned GPT-2 from ``config.pruned_heads``: it must be written under 5.x too."""
+    _, plan = _save_pruned_gpt2(tmp_path / "slim")
+    written = json.loads((tmp_path / "slim" / "config.json").read_text())["pruned_heads"]
+    assert {int(k): v for k, v in written.items()} == plan.pruned_heads
+
+
 @pytest.mark.skipif(TF_MAJOR >= 5, reason="transformers 5 removed config.pruned_heads")
 def test_stock_from_pretrained_loads_pruned_gpt2_on_4x(tmp_path):
     import transformers
 
-    dense = tiny_decoder("gpt2", "GPT2LMHeadModel")
-    plan = PrunePlan([DEC_HEADS] * LAYERS, [[0, 5], [1, 2, 3, 4, 5, 6, 7], [7]])
-    pruned = prune_heads(dense, plan)
-    save_pruned(pruned, tmp_path / "slim", plan)
+    pruned, _ = _save_pruned_gpt2(tmp_path / "slim")
     stock = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "slim").eval()
     inputs = dec_inputs()
     with torch.no_grad():
         assert (stock(**inputs).logits - pruned(**inputs).logits).abs().max() <= 1e-6
+
+
+@pytest.mark.skipif(TF_MAJOR < 5 or not TF4_PYTHON.exists(), reason="needs transformers 5 here and .venv-tf4")
+def test_gpt2_pruned_on_5x_loads_with_stock_from_pretrained_on_4x(tmp_path):
+    """The cross-version case users hit: prune under 5.x, load with plain transformers 4.57."""
+    import subprocess
+    import sys
+
+    pruned, _ = _save_pruned_gpt2(tmp_path / "slim")
+    inputs = dec_inputs()
+    with torch.no_grad():
+        torch.save({**inputs, "logits": pruned(**inputs).logits}, tmp_path / "ref.pt")
+    script = (
+        "import sys, torch, transformers\n"
+        "assert transformers.__version__.startswith('4.'), transformers.__version__\n"
+        "ref = torch.load(sys.argv[2])\n"
+        "m = transformers.GPT2LMHeadModel.from_pretrained(sys.argv[1]).eval()\n"
+        "with torch.no_grad():\n"
+        "    out = m(input_ids=ref['input_ids'], attention_mask=ref['attention_mask']).logits\n"
+        "print((out - ref['logits']).abs().max().item())\n"
+    )
+    done = subprocess.run([str(TF4_PYTHON), "-c", script, str(tmp_path / "slim"), str(tmp_path / "ref.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-6
 
 
 def test_ragged_path_matches_with_eager_attention():
