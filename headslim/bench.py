@@ -509,10 +509,10 @@ def synthetic_inputs(batch: int, seq: int, vocab_size: int, seed: int = 0):
 
 def max_sequence(config) -> int:
     """Longest sequence the position embeddings allow (RoBERTa-style models offset positions by pad + 1)."""
-    limit = int(getattr(config, "max_position_embeddings", 10**9))
-    if config.model_type in ("roberta", "xlm-roberta"):
-        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return limit
+    from headslim.io import position_limit
+
+    limit = position_limit(config)
+    return 10**9 if limit is None else limit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,16 +675,18 @@ def bench(pruned_dir, baseline_dir=None, config: BenchConfig | None = None, *, o
         >>> r = bench("slim/", "all-MiniLM-L6-v2", BenchConfig(backends="torch-sdpa-cpu", batches=(1,), seqs=(128,)))  # doctest: +SKIP
         >>> r["points"][0]["speedup_p50"]                                                                             # doctest: +SKIP
     """
-    from headslim.io import check_output_dir
+    from headslim.io import check_length, check_output_dir, load_config
 
     config = config or BenchConfig()
     log = log or (lambda *a, **k: None)
     if out is not None:
-        check_output_dir(out, overwrite=overwrite)
-    dense_dir, pruned_dir, dense, pruned = _load_pair(baseline_dir or default_baseline(pruned_dir), pruned_dir)
-    too_long = [s for s in config.seqs if s > max_sequence(dense.config)]
-    if too_long:
-        raise HeadslimError(f"--seq {too_long[0]} is longer than the model allows ({max_sequence(dense.config)} tokens)")
+        check_output_dir(out, overwrite=overwrite,
+                         inputs=(pruned_dir, baseline_dir, config.onnx_dense, config.onnx_pruned))
+    baseline_dir = baseline_dir or default_baseline(pruned_dir)
+    model_config = load_config(baseline_dir)
+    for seq in config.seqs:  # from config.json: refused before the weights load
+        check_length(model_config, seq, "--seq")
+    dense_dir, pruned_dir, dense, pruned = _load_pair(baseline_dir, pruned_dir)
     with fixed_threads(config.threads) as threads:
         result = _bench_all(config, dense_dir, pruned_dir, dense, pruned, threads, log)
     if out is not None:
@@ -777,7 +779,10 @@ def write_outputs(result: dict, out, *, overwrite: bool = False) -> Path:
     from headslim import report
     from headslim.io import atomic_output_dir
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite,
+                           inputs=[*(m.get("path") for m in result.get("models", {}).values()),
+                                   result.get("settings", {}).get("onnx_dense"),
+                                   result.get("settings", {}).get("onnx_pruned")]) as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         plot = report.bench_plot(result, tmp / "bench.png")
         (tmp / "bench.md").write_text(report.bench_markdown(result, plot_name=plot.name if plot else None))

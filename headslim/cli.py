@@ -63,7 +63,8 @@ def _add_shrink(sub) -> None:
                      help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}; fewer is faster)")
     opt.add_argument("--eval-data", help="held-out texts for the quality check (default: see docs)")
     opt.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the check (default 256)")
-    opt.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
+    opt.add_argument("--max-length", type=int,
+                     help="tokens per sample (default 128, or the model's position limit if lower)")
     opt.add_argument("--batch-size", type=int, default=16)
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--text-column", help="text column of a CSV/JSONL file")
@@ -97,11 +98,15 @@ def _print_summary(result) -> None:
     r = result.repair
     if not r.get("requested"):
         print("repair: off (--no-repair)")
+    elif r.get("skipped"):
+        print(f"repair: skipped ({r['skipped']})")
     else:
         check = r.get("check", {})
         fitted = sum(1 for e in r.get("layers", []) if e.get("applied"))
         what = "KL to dense" if check.get("metric") == "kl" else "cosine"
-        where = (f"; held-out calibration {what} {check['before']:.4g} -> {check['after']:.4g}" if check else "")
+        n_val = check.get("n_held_out", 0)
+        on = f" on {n_val} sample{'s' if n_val != 1 else ''}" if check.get("unit") == "samples" else ""
+        where = (f"; held-out calibration {what}{on} {check['before']:.4g} -> {check['after']:.4g}" if check else "")
         state = f"applied to {fitted} of {len(r.get('layers', []))} pruned layers" if r.get("applied") else \
             "not applied (it did not help on held-out calibration data)"
         print(f"repair: {state} (inputs {r.get('inputs')}{where})")
@@ -180,7 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0, 2 on a :class:`HeadslimError`, 130 on Ctrl-C, 143 on SIGTERM.
+
+    SIGTERM (``kill``, a container stop, a scheduler's time limit) interrupts the command the way
+    Ctrl-C does, so that a half-written output dir is removed instead of being left behind; further
+    SIGTERMs are ignored while that clean-up runs. 143 = 128 + 15 is what a shell reports for a kill.
+    """
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         from transformers.utils import logging as hf_logging
 
@@ -191,8 +214,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headslim: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terminated:
+            print("headslim: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("headslim: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

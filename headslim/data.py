@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -87,10 +89,24 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple, what
     return next((c for c in candidates if c in columns), None)
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``, refusing bytes that are not UTF-8 (naming the byte offset) rather than
+    replacing them: calibration on mangled text would be a silent, different experiment. A UTF-8
+    byte-order mark (Excel's CSV export writes one) is skipped."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        raise HeadslimError(f"{path} is not UTF-8 text: invalid byte 0x{raw[at]:02x} at byte offset {at}; "
+                            "re-save it as UTF-8") from None
+
+
 def _read_records(path: Path) -> list[dict]:
     if path.suffix.lower() == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path).splitlines(), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -99,8 +115,10 @@ def _read_records(path: Path) -> list[dict]:
         if any(not isinstance(r, dict) for r in records):
             raise HeadslimError(f"{path}: every JSONL line must be an object")
         return records
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        return list(csv.DictReader(io.StringIO(read_utf8(path), newline="")))
+    except csv.Error as e:
+        raise HeadslimError(f"{path} is not a readable CSV file: {e}") from None
 
 
 def load_texts(source: str | Path, *, text_column: str | None = None, label_column: str | None = None,
@@ -143,7 +161,7 @@ def load_texts(source: str | Path, *, text_column: str | None = None, label_colu
                 labels = [label_names.index(str(v)) for v in raw]
             data = TextData(texts, labels, label_names, str(path))
         else:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = read_utf8(path).splitlines()
             data = TextData([ln.strip() for ln in lines if ln.strip()], None, None, str(path))
     if not data.texts:
         raise HeadslimError(f"calibration data {source_s} is empty")

@@ -43,6 +43,7 @@ class EvalConfig:
             ``bbc-news``, otherwise 4 of every 5 rows of ``data`` (the 5th row is evaluated).
         eval_samples, train_samples: at most this many texts (seeded subsets; ``None`` = all).
         k: neighbours of the k-NN classifier.
+        max_length: tokens per text; default 128, or the model's position limit when that is lower.
     """
 
     task: str = "auto"
@@ -51,7 +52,7 @@ class EvalConfig:
     eval_samples: int | None = None
     train_samples: int | None = None
     k: int = 5
-    max_length: int = 128
+    max_length: int | None = None
     batch_size: int = 32
     text_column: str | None = None
     label_column: str | None = None
@@ -154,15 +155,26 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def predictions(model, batches):
-    """Argmax class of every sample ``(N,)``."""
+def _refuse_non_finite(value, which: str) -> None:
+    """NaN/Inf outputs make every metric meaningless (an argmax of NaN logits is class 0): refuse them."""
+    import torch
+
+    finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else math.isfinite(value)
+    if not finite:
+        raise HeadslimError(f"the outputs of the {which} model are not finite (NaN or Inf) on the evaluation texts")
+
+
+def predictions(model, batches, which: str = "evaluated"):
+    """Argmax class of every sample ``(N,)``; non-finite logits are refused (``which`` names the model)."""
     import torch
 
     out = []
     with torch.inference_mode():
         for batch in batches:
             inputs = {k: v.to(_device(model)) for k, v in batch.items() if k != "labels"}
-            out.append(model(**inputs).logits.argmax(-1).cpu())  # (B,)
+            logits = model(**inputs).logits  # (B, C)
+            _refuse_non_finite(logits, which)
+            out.append(logits.argmax(-1).cpu())  # (B,)
     return torch.cat(out)
 
 
@@ -232,9 +244,13 @@ def prepare_reference(dense, tokenizer, config: EvalConfig, *, model_dir=None, t
         model_dir: the dense checkpoint dir (its sentence-transformers pooling config is read).
         task: overrides ``config.task`` / detection.
     """
+    from dataclasses import replace
+
     from headslim.data import BBC_NEWS, batches, sample
+    from headslim.io import check_length
     from headslim.quality import embeddings, pooling_mode
 
+    config = replace(config, max_length=check_length(dense.config, config.max_length))
     task = task or (detect_task(dense) if config.task == "auto" else config.task)
     bb = dict(batch_size=config.batch_size, max_length=config.max_length)
     held_out = f"{BBC_NEWS}:test" if str(config.data) == BBC_NEWS else config.data  # never the calibration split
@@ -243,7 +259,7 @@ def prepare_reference(dense, tokenizer, config: EvalConfig, *, model_dir=None, t
             raise HeadslimError(f"--task classification needs a sequence classifier, not a {type(dense).__name__}")
         data = sample(_load(held_out, config, require_labels=True), config.eval_samples, seed=0)
         ref = Reference(task, tokenizer, config, data, label_map=_label_map(data, dense.config))
-        ref.dense["pred"] = predictions(dense, batches(data, tokenizer, **bb))
+        ref.dense["pred"] = predictions(dense, batches(data, tokenizer, **bb), "dense")
         return ref
     if task == "causal-lm":
         if not hasattr(dense, "get_output_embeddings") or dense.get_output_embeddings() is None:
@@ -254,6 +270,7 @@ def prepare_reference(dense, tokenizer, config: EvalConfig, *, model_dir=None, t
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2/Llama tokenizers have none; padded tokens are masked
         ref = Reference(task, tokenizer, config, data)
         ref.dense["perplexity"], ref.dense["tokens"] = perplexity(dense, batches(data, tokenizer, **bb))
+        _refuse_non_finite(ref.dense["perplexity"], "dense")
         return ref
     if task != "embedding":
         raise HeadslimError(f"unknown task {task!r}; available: {', '.join(TASKS[1:])}")
@@ -275,6 +292,8 @@ def prepare_reference(dense, tokenizer, config: EvalConfig, *, model_dir=None, t
     ref.dense["test"] = embeddings(dense, batches(test, tokenizer, **bb), pooling=ref.pooling)
     if train is not None:
         ref.dense["train"] = embeddings(dense, batches(train, tokenizer, **bb), pooling=ref.pooling)
+    for emb in ref.dense.values():
+        _refuse_non_finite(emb, "dense")
     return ref
 
 
@@ -294,7 +313,7 @@ def evaluate_model(model, ref: Reference) -> dict:
     bb = dict(batch_size=ref.config.batch_size, max_length=ref.config.max_length)
     if ref.task == "classification":
         labels = torch.tensor([ref.label_map[i] for i in ref.eval_data.labels])  # (N,) model class ids
-        pred, dense_pred = predictions(model, batches(ref.eval_data, ref.tokenizer, **bb)), ref.dense["pred"]
+        pred, dense_pred = predictions(model, batches(ref.eval_data, ref.tokenizer, **bb), "pruned"), ref.dense["pred"]
         acc = {"dense": accuracy(dense_pred, labels), "pruned": accuracy(pred, labels)}
         f1 = {"dense": macro_f1(dense_pred, labels), "pruned": macro_f1(pred, labels)}
         for m in (acc, f1):
@@ -302,9 +321,11 @@ def evaluate_model(model, ref: Reference) -> dict:
         return {"accuracy": acc, "macro_f1": f1, "agreement": accuracy(pred, dense_pred), "n": int(labels.numel())}
     if ref.task == "causal-lm":
         ppl, tokens = perplexity(model, batches(ref.eval_data, ref.tokenizer, **bb))
+        _refuse_non_finite(ppl, "pruned")
         dense = ref.dense["perplexity"]
         return {"perplexity": {"dense": dense, "pruned": ppl, "ratio": ppl / dense}, "tokens": tokens}
     test = embeddings(model, batches(ref.eval_data, ref.tokenizer, **bb), pooling=ref.pooling)
+    _refuse_non_finite(test, "pruned")
     cos = embedding_cosine(ref.dense["test"], test)
     metrics = {"cosine": {"mean": cos["mean_cosine"], "min": cos["min_cosine"], "n": cos["n"]}}
     if ref.train_data is not None:
@@ -370,18 +391,21 @@ def evaluate(pruned_dir, baseline_dir=None, config: EvalConfig | None = None, *,
     """
     from headslim import report
     from headslim.bench import _load_pair, default_baseline
-    from headslim.io import atomic_output_dir, check_output_dir
+    from headslim.io import atomic_output_dir, check_length, check_output_dir, load_config
 
     config = config or EvalConfig()
     if out is not None:
-        check_output_dir(out, overwrite=overwrite)
-    dense_dir, pruned_dir, dense, pruned = _load_pair(baseline_dir or default_baseline(pruned_dir), pruned_dir)
+        check_output_dir(out, overwrite=overwrite, inputs=(pruned_dir, baseline_dir, config.data, config.train_data))
+    baseline_dir = baseline_dir or default_baseline(pruned_dir)
+    check_length(load_config(baseline_dir), config.max_length)  # from config.json, before the weights load
+    dense_dir, pruned_dir, dense, pruned = _load_pair(baseline_dir, pruned_dir)
     tokenizer = load_tokenizer(pruned_dir, dense_dir)
     ref = prepare_reference(dense, tokenizer, config, model_dir=dense_dir)
     result = {"kind": "headslim-eval", "task": ref.task, "pruned": str(pruned_dir), "baseline": str(dense_dir),
-              "data": ref.source, "settings": asdict(config), "metrics": evaluate_model(pruned, ref)}
+              "data": ref.source, "settings": asdict(ref.config), "metrics": evaluate_model(pruned, ref)}
     if out is not None:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out, overwrite=overwrite,
+                               inputs=(pruned_dir, dense_dir, config.data, config.train_data)) as tmp:
             (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
             (tmp / "eval.md").write_text(report.eval_markdown(result))
     return result
@@ -411,7 +435,8 @@ def add_data_arguments(opt, data_default: str = "bbc-news") -> None:
     opt.add_argument("--eval-samples", type=int, help="at most this many evaluation texts (default all)")
     opt.add_argument("--train-samples", type=int, help="at most this many k-NN fitting texts (default all)")
     opt.add_argument("--k", type=int, default=5, help="neighbours for k-NN accuracy (default 5)")
-    opt.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    opt.add_argument("--max-length", type=int,
+                     help="tokens per text (default 128, or the model's position limit if lower)")
     opt.add_argument("--batch-size", type=int, default=32)
     opt.add_argument("--text-column", help="text column of a CSV/JSONL file")
     opt.add_argument("--label-column", help="label column of a CSV/JSONL file")

@@ -35,7 +35,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from headslim.errors import HeadslimError
@@ -87,8 +87,11 @@ EXPORT_INPUTS = {
 }
 # Model types the adapters prune but this command does not export, and why. A model type must be
 # in one of the two tables (the coverage guard in tests/test_export.py).
-_DECODER_REASON = ("decoder LLM export (KV cache, generation) is not supported here; "
-                   "use optimum-cli export onnx or onnxruntime-genai")
+_DECODER_REASON = "decoder LLM export (KV cache, generation) is not supported yet"
+# What a user can do instead. Stock exporters rebuild a model from config.json, which cannot describe
+# a pruned decoder's smaller (possibly uneven) attention, so they are named for dense decoders only.
+_DECODER_INSTEAD = {False: "optimum-cli export onnx (or onnxruntime-genai) exports the dense model",
+                    True: "run the pruned model in PyTorch with headslim.load_pruned"}
 NOT_EXPORTED = {t: _DECODER_REASON for t in ("llama", "mistral", "qwen2", "qwen3", "gpt2")}
 
 
@@ -105,7 +108,7 @@ class ExportConfig:
         calib: calibration text for validation (see ``headslim.data.load_texts``); None: bbc-news when
             installed, else built-in sentences.
         calib_samples: texts in the validation batch (one short built-in sentence is added, for padding).
-        max_length: tokens per text.
+        max_length: tokens per text; default 128, or the model's position limit when that is lower.
         prefer: which fp32 graph becomes ``model.onnx`` with ``optimize``: ``auto`` (the faster one,
             timed here), ``fused`` or ``unfused``.
         exporter: ``torchscript`` (default; see the module docstring) or ``dynamo``.
@@ -121,7 +124,7 @@ class ExportConfig:
     quantize: str | None = None
     calib: str | None = None
     calib_samples: int = 8
-    max_length: int = 128
+    max_length: int | None = None
     prefer: str = "auto"
     exporter: str = "torchscript"
     atol: float = ATOL
@@ -138,7 +141,7 @@ class ExportConfig:
             raise HeadslimError(f"prefer must be auto, fused or unfused, not {self.prefer!r}")
         if self.exporter not in ("torchscript", "dynamo"):
             raise HeadslimError(f"exporter must be torchscript or dynamo, not {self.exporter!r}")
-        if self.calib_samples < 1 or self.max_length < 8:
+        if self.calib_samples < 1 or (self.max_length is not None and self.max_length < 8):
             raise HeadslimError("calib_samples must be >= 1 and max_length >= 8")
         if not self.atol > 0:
             raise HeadslimError(f"atol must be > 0, not {self.atol}")
@@ -361,6 +364,20 @@ def _versions() -> dict:
 # the API
 
 
+def _check_exportable(model_config, source: Path) -> str:
+    """The model type of ``source``, refused from its config.json alone when this command cannot
+    export it: at once instead of after loading every weight."""
+    from headslim.plan import PLAN_FILE
+
+    model_type = model_config.model_type
+    if model_type not in EXPORT_INPUTS:
+        why = NOT_EXPORTED.get(model_type, "it has no entry in headslim.export.EXPORT_INPUTS")
+        if why == _DECODER_REASON:
+            why = f"{why}; {_DECODER_INSTEAD[(source / PLAN_FILE).is_file()]}"
+        raise HeadslimError(f"cannot export a {model_type} model: {why}")
+    return model_type
+
+
 def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | None = None,
                 **options) -> ExportReport:
     """Export a dense or pruned checkpoint to ONNX, validate it, optionally fuse and quantise it.
@@ -392,16 +409,15 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
 
     from headslim.adapters import get_adapter
     from headslim.io import atomic_output_dir, check_output_dir, copy_sentence_transformers_files, load_model
-    from headslim.io import resolve_model_path
+    from headslim.io import check_length, load_config, resolve_model_path
     from headslim.plan import PLAN_FILE
 
     source = resolve_model_path(model_dir)
-    check_output_dir(out, overwrite=config.overwrite, inputs=(source,))  # refuse before the slow part
+    check_output_dir(out, overwrite=config.overwrite, inputs=(source, config.calib))  # refuse before the slow part
+    model_config = load_config(source)
+    model_type = _check_exportable(model_config, source)
+    config = replace(config, max_length=check_length(model_config, config.max_length))
     model = load_model(source, allow_pickle=config.allow_pickle).float().eval()
-    model_type = model.config.model_type
-    if model_type not in EXPORT_INPUTS:
-        why = NOT_EXPORTED.get(model_type, "it has no entry in headslim.export.EXPORT_INPUTS")
-        raise HeadslimError(f"cannot export a {model_type} model: {why}")
     heads = get_adapter(model).num_heads(model)
     task_name, module = _resolve_task(model, config.task)
     task = TASKS[task_name]
@@ -412,7 +428,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
     references = _reference_outputs(module, probes, output_names)
     pruned = (source / PLAN_FILE).is_file()
 
-    with atomic_output_dir(out, overwrite=config.overwrite, inputs=(source,)) as tmp:
+    with atomic_output_dir(out, overwrite=config.overwrite, inputs=(source, config.calib)) as tmp:
         from headslim import onnx_utils as ox
 
         raw = tmp / MODEL_FILE
@@ -526,7 +542,8 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     opt.add_argument("--calib", help="validation text: bbc-news (default when installed), .txt/.csv/.jsonl")
     opt.add_argument("--calib-samples", type=int, default=8, help="texts in the validation batch (default 8)")
-    opt.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    opt.add_argument("--max-length", type=int,
+                     help="tokens per text (default 128, or the model's position limit if lower)")
     opt.add_argument("--prefer", default="auto", choices=["auto", "fused", "unfused"],
                      help="with --optimize: which fp32 graph is model.onnx (default auto: the faster)")
     opt.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],

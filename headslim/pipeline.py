@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +27,8 @@ class ShrinkConfig:
         calib_samples: at most this many calibration samples (a seeded random subset).
         eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
             otherwise the last fifth of the calibration file (not used for scoring).
+        max_length: tokens per sample; default 128, or the model's position limit when that is lower
+            (a larger value than the limit is refused before any work).
         plan: a hand-written plan JSON to apply instead of scoring.
         repair: after surgery, re-fit each pruned layer's output projection by ridge least squares
             (``headslim.repair``); it is kept only where it lowers the error on held-out calibration
@@ -46,7 +48,7 @@ class ShrinkConfig:
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
     eval_data: str | None = None
     eval_samples: int | None = 256
-    max_length: int = 128
+    max_length: int | None = None
     batch_size: int = 16
     min_heads_per_layer: int = 1
     seed: int = 0
@@ -136,6 +138,57 @@ class _NextTokenBatches:
         return causal_lm_batches(self.base)
 
 
+def warn(message: str) -> None:
+    """One ``headslim: warning:`` line on stderr: the run goes on, but the user should know."""
+    print(f"headslim: warning: {message}", file=sys.stderr)
+
+
+def check_prune_target(prune: float | int, model_config, min_per_layer: int = 1) -> int:
+    """Heads ``prune`` removes from the dense model of ``model_config``, checked from the config alone.
+
+    Refused before any work: a count above the model's heads, a fraction so small that it rounds to
+    no head (the output would be an unpruned copy), and a target the per-layer minimum forbids.
+    """
+    from headslim.io import dense_head_count
+    from headslim.selection import heads_to_prune
+
+    total = dense_head_count(model_config)
+    n = heads_to_prune(prune, total)
+    if n == 0:
+        raise HeadslimError(f"--prune {prune!r} removes no head: {prune!r} of the model's {total} heads rounds to 0; "
+                            "give a larger fraction or a head count")
+    if min_per_layer < 0:
+        raise HeadslimError("--min-heads-per-layer must be >= 0")
+    layers, per_layer = int(model_config.num_hidden_layers), total // int(model_config.num_hidden_layers)
+    floor = layers * min(min_per_layer, per_layer)
+    if total - n < floor:
+        raise HeadslimError(f"cannot remove {n} of {total} heads while keeping {min_per_layer} per layer: "
+                            f"at most {total - floor} can go")
+    return n
+
+
+def check_finite_scores(scores, num_heads: list[int], method: str) -> None:
+    """Refuse NaN/Inf head scores: sorting them gives an arbitrary plan that would still be saved."""
+    import torch
+
+    for layer, n in enumerate(num_heads):
+        bad = (~torch.isfinite(scores[layer, :n])).nonzero()
+        if len(bad):
+            raise HeadslimError(f"head scores are not finite (layer {layer}, head {int(bad[0])}: "
+                                f"{float(scores[layer, int(bad[0])])}) with --method {method}; "
+                                "refusing to choose heads from them")
+
+
+def _check_finite_outputs(value, which: str) -> None:
+    """Refuse a quality check whose outputs are NaN/Inf: "cosine nan" is not a result."""
+    import torch
+
+    finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else math.isfinite(value)
+    if not finite:
+        raise HeadslimError(f"the outputs of the {which} model are not finite (NaN or Inf) on the held-out texts; "
+                            "nothing was written")
+
+
 def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
@@ -154,8 +207,8 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
 
     from headslim.adapters import get_adapter
     from headslim.data import batches, load_texts, sample
-    from headslim.io import check_output_dir, load_model, resolve_model_path, save_pruned
-    from headslim.plan import PLAN_FILE, PrunePlan
+    from headslim.io import check_length, check_output_dir, load_config, load_model, resolve_model_path, save_pruned
+    from headslim.plan import PLAN_FILE, PrunePlan, read_json
     from headslim.quality import count_parameters, embedding_cosine, embeddings, pooling_mode
     from headslim.decoders import kv_maps
     from headslim.evaluate import detect_task, perplexity
@@ -168,9 +221,13 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     config = config or ShrinkConfig()
     t0 = time.perf_counter()
     src = resolve_model_path(model_path)
-    check_output_dir(out, overwrite=config.overwrite, inputs=(src,))
+    check_output_dir(out, overwrite=config.overwrite, inputs=(src, config.plan, config.calib, config.eval_data))
     if (Path(src) / PLAN_FILE).is_file():
         raise HeadslimError(f"{src} is already pruned by headslim; shrink its dense original instead")
+    model_config = load_config(src)  # the checks that need only config.json come before any slow work
+    max_length = check_length(model_config, config.max_length)
+    if config.plan is None:
+        check_prune_target(config.prune, model_config, config.min_heads_per_layer)
     calib = load_texts(config.calib, text_column=config.text_column, label_column=config.label_column,
                        require_labels=config.objective == "task" and config.plan is None)
     calib, held_out = _split_eval(config, calib)
@@ -201,26 +258,22 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source_model": str(src),
         "calibration": {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
-                        "max_length": config.max_length},
+                        "max_length": max_length},
         "seed": config.seed,
     }
     if config.plan is not None:
-        try:
-            data = json.loads(Path(config.plan).read_text())
-        except FileNotFoundError:
-            raise HeadslimError(f"plan file {config.plan} not found") from None
-        except json.JSONDecodeError as e:
-            raise HeadslimError(f"plan file {config.plan} is not valid JSON: {e}") from None
+        data = read_json(config.plan, "plan file")
         plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map if grouped else None)
         plan.provenance = {**provenance, "method": "hand-written", "plan_file": str(config.plan)}
     else:
-        calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+        calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length)
         if causal and config.objective == "task":
             calib_batches = _NextTokenBatches(calib_batches)
         scores = score_heads(model, calib_batches,
                              method=config.method, objective=config.objective, seed=config.seed,
                              progress=config.progress, prune=config.prune, min_per_layer=config.min_heads_per_layer,
                              step=config.step)
+        check_finite_scores(scores, num_heads, config.method)
         provenance.update(method=config.method, objective=config.objective, prune=config.prune,
                           min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores))
         if grouped:
@@ -233,28 +286,35 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     t_scored = time.perf_counter()
 
     pooling = pooling_mode(src)
-    eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=config.max_length)
+    eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=max_length)
     if causal:
         dense_ppl, n_tokens = perplexity(model, eval_batches)
     else:
         dense_emb = embeddings(model, eval_batches, pooling=pooling)
+    _check_finite_outputs(dense_ppl if causal else dense_emb, "dense")
     t_repair = time.perf_counter()
     dense = copy.deepcopy(model) if config.repair else None  # repair fits to it: a second copy in memory
     prune_heads(model, plan)
     repair_info = {"applied": False, "requested": config.repair}
     if config.repair:
         report = repair(model, dense, plan, batches(calib, tokenizer, batch_size=config.batch_size,
-                                                   max_length=config.max_length),
+                                                   max_length=max_length),
                         inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress)
         repair_info.update(report.to_dict())
+        if report.warning:
+            warn(report.warning)
         del dense
     plan.provenance["repair"] = repair_info
     t_repaired = time.perf_counter()
     if causal:
-        quality = {"perplexity_dense": dense_ppl, "perplexity_pruned": perplexity(model, eval_batches)[0],
+        pruned_ppl = perplexity(model, eval_batches)[0]
+        _check_finite_outputs(pruned_ppl, "pruned")
+        quality = {"perplexity_dense": dense_ppl, "perplexity_pruned": pruned_ppl,
                    "n_tokens": n_tokens, "n": len(held_out)}
     else:
-        quality = embedding_cosine(dense_emb, embeddings(model, eval_batches, pooling=pooling))
+        pruned_emb = embeddings(model, eval_batches, pooling=pooling)
+        _check_finite_outputs(pruned_emb, "pruned")
+        quality = embedding_cosine(dense_emb, pruned_emb)
         quality["pooling"] = pooling
     quality["source"] = held_out.source if held_out is not calib else f"{held_out.source} (in-sample)"
     plan.provenance["quality"] = quality

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,34 @@ from headslim.errors import HeadslimError
 
 PLAN_FILE = "headslim_plan.json"
 FORMAT_VERSION = 1
+
+
+def _show(value) -> str:
+    """``value`` as the user wrote it in JSON (``null``, ``true``, ``"a"``), cut to one short line."""
+    return json.dumps(value, default=repr)[:60]
+
+
+def _index(value, what: str, noun: str = "head number") -> int:
+    """``value`` as an int: plan files are hand-edited, and ``int()`` would turn ``0.7`` or ``true``
+    into a head silently and ``"a"`` into a traceback."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise HeadslimError(f"plan: {what}: {_show(value)} is not a {noun} (a whole number, without quotes)")
+    return int(value)
+
+
+def _rows(value, what: str, shape: str = "a list") -> list:
+    """``value`` as a list (of per-layer rows or of indices); a one-line error for anything else."""
+    if not isinstance(value, (list, tuple)):
+        raise HeadslimError(f"plan: {what} must be {shape}, not {_show(value)}")
+    return list(value)
+
+
+def _check_version(data: dict) -> None:
+    version = data.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise HeadslimError(f"plan: format_version must be a whole number, not {_show(version)}")
+    if version > FORMAT_VERSION:
+        raise HeadslimError(f"plan format_version {version} is newer than this headslim reads")
 
 
 @dataclass
@@ -39,7 +68,10 @@ class PrunePlan:
     kept_kv_heads: list[list[int]] | None = None
 
     def __post_init__(self):
-        self.num_heads = [int(n) for n in self.num_heads]
+        self.num_heads = [_index(n, "num_heads", "head count") for n in _rows(self.num_heads, "'num_heads'")]
+        if not isinstance(self.provenance, dict):
+            raise HeadslimError(f"plan: 'provenance' must be a JSON object, not {_show(self.provenance)}")
+        self.kept_heads = _rows(self.kept_heads, "'kept_heads'", "a list with one list of head numbers per layer")
         if len(self.kept_heads) != len(self.num_heads):
             raise HeadslimError(
                 f"plan has {len(self.kept_heads)} layers of kept heads but the model has "
@@ -47,7 +79,8 @@ class PrunePlan:
             )
         kept = []
         for layer, (heads, n) in enumerate(zip(self.kept_heads, self.num_heads)):
-            heads = [int(h) for h in heads]
+            row = _rows(heads, f"layer {layer}'s kept heads", "a list of head numbers ('kept_heads' has one per layer)")
+            heads = [_index(h, f"layer {layer}") for h in row]
             bad = [h for h in heads if not 0 <= h < n]
             if bad:
                 raise HeadslimError(
@@ -64,13 +97,15 @@ class PrunePlan:
             if self.kept_kv_heads is not None:
                 raise HeadslimError("plan: 'kept_kv_heads' needs 'kv_head_of_q' (the KV head of every query head)")
             return
+        self.kv_head_of_q = _rows(self.kv_head_of_q, "'kv_head_of_q'")
         if len(self.kv_head_of_q) != self.num_layers:
             raise HeadslimError(
                 f"plan: 'kv_head_of_q' has {len(self.kv_head_of_q)} layers, the plan has {self.num_layers}"
             )
         maps = []
         for layer, (row, n) in enumerate(zip(self.kv_head_of_q, self.num_heads)):
-            row = [int(k) for k in row]
+            what = f"layer {layer}'s kv_head_of_q"
+            row = [_index(k, what, "KV head number") for k in _rows(row, what)]
             if len(row) != n or any(k < 0 for k in row) or any(a > b for a, b in zip(row, row[1:])):
                 raise HeadslimError(
                     f"plan: layer {layer}'s kv_head_of_q must list a non-decreasing KV head >= 0 for each of "
@@ -80,13 +115,15 @@ class PrunePlan:
         self.kv_head_of_q = maps
         if self.kept_kv_heads is None:
             return
+        self.kept_kv_heads = _rows(self.kept_kv_heads, "'kept_kv_heads'")
         if len(self.kept_kv_heads) != self.num_layers:
             raise HeadslimError(
                 f"plan: 'kept_kv_heads' has {len(self.kept_kv_heads)} layers, the plan has {self.num_layers}"
             )
         kept_kv = []
         for layer, (kv, q, row) in enumerate(zip(self.kept_kv_heads, self.kept_heads, maps)):
-            kv = sorted({int(k) for k in kv})
+            what = f"layer {layer}'s kept_kv_heads"
+            kv = sorted({_index(k, what, "KV head number") for k in _rows(kv, what)})
             for h in q:
                 if row[h] not in kv:
                     raise HeadslimError(f"plan: layer {layer} keeps query head {h} but not its KV head {row[h]}")
@@ -150,9 +187,7 @@ class PrunePlan:
     def from_dict(cls, data: dict) -> "PrunePlan":
         if not isinstance(data, dict) or "kept_heads" not in data or "num_heads" not in data:
             raise HeadslimError("plan JSON needs 'num_heads' and 'kept_heads'")
-        version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
-            raise HeadslimError(f"plan format_version {version} is newer than this headslim reads")
+        _check_version(data)
         return cls(data["num_heads"], data["kept_heads"], data.get("provenance", {}),
                    data.get("kv_head_of_q"), data.get("kept_kv_heads"))
 
@@ -167,8 +202,11 @@ class PrunePlan:
         """
         if not isinstance(data, dict) or "kept_heads" not in data:
             raise HeadslimError("plan JSON needs a 'kept_heads' entry")
-        if "num_heads" in data and [int(n) for n in data["num_heads"]] != list(num_heads):
-            raise HeadslimError(f"plan is for heads per layer {data['num_heads']}, the model has {num_heads}")
+        _check_version(data)
+        if "num_heads" in data:
+            given = [_index(n, "num_heads", "head count") for n in _rows(data["num_heads"], "'num_heads'")]
+            if given != list(num_heads):
+                raise HeadslimError(f"plan is for heads per layer {given}, the model has {num_heads}")
         kept = data["kept_heads"]
         if isinstance(kept, dict):
             rows = [list(range(n)) for n in num_heads]
@@ -186,9 +224,12 @@ class PrunePlan:
             rows = [sorted(set(m)) for m in kv_head_of_q]
             for key, heads in kept_kv.items():
                 try:
-                    rows[int(key)] = heads
-                except (ValueError, IndexError):
-                    raise HeadslimError(f"plan: kept_kv_heads layer {key!r} does not exist") from None
+                    layer = int(key)
+                except ValueError:
+                    layer = -1
+                if not 0 <= layer < len(rows):
+                    raise HeadslimError(f"plan: kept_kv_heads layer {key!r} does not exist")
+                rows[layer] = heads
             kept_kv = rows
         return cls(list(num_heads), kept, data.get("provenance", {"method": "hand-written"}),
                    kv_head_of_q, kept_kv)
@@ -201,10 +242,25 @@ class PrunePlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise HeadslimError(f"no prune plan at {path}") from None
-        except json.JSONDecodeError as e:
-            raise HeadslimError(f"prune plan {path} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "prune plan"))
+
+
+def read_json(path: str | Path, what: str = "plan file"):
+    """The parsed JSON of ``path``; a missing file, a directory, bytes that are not UTF-8 or broken
+    JSON are one-line errors naming the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise HeadslimError(f"no {what} at {path}") from None
+    except OSError as e:
+        raise HeadslimError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeadslimError(f"{what} {path} is not UTF-8 text: invalid byte 0x{raw[e.start]:02x} at byte offset "
+                            f"{e.start}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HeadslimError(f"{what} {path} is not valid JSON: {e}") from None

@@ -15,6 +15,10 @@ def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
     Exact: the result computes what the dense model computes with ``plan.mask()`` as its gates.
     Layers that keep no head get a bias-only attention block (see ``headslim.modules``).
 
+    A model that is already pruned takes a plan over its current heads (``plan.num_heads`` equal to
+    what it has now); the plans compose, and ``model.headslim_plan`` (what ``save_pruned`` writes)
+    is always the one plan over the dense model's heads, so the checkpoint reloads.
+
     Example:
         >>> plan = PrunePlan(num_heads=[12] * 6, kept_heads=[[0, 1]] * 6)   # doctest: +SKIP
         >>> prune_heads(model, plan)                                         # doctest: +SKIP
@@ -33,8 +37,29 @@ def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
             if want != have:
                 raise HeadslimError(f"plan is for a model whose layer {layer} maps query heads to KV heads as {want}, "
                                     f"this model maps them as {have}")
+    previous = getattr(model, "headslim_plan", None)
+    applied = plan if previous is None else compose(previous, plan)
     for block, kept, n in zip(adapter.attention_blocks(model), plan.kept_heads, plan.num_heads):
         if len(kept) < n:
             adapter.prune_block(block, kept)
-    adapter.update_config(model, plan.pruned_heads)
+    adapter.update_config(model, applied.pruned_heads)
+    model.headslim_plan = applied
     return model
+
+
+def compose(first: PrunePlan, then: PrunePlan) -> PrunePlan:
+    """The plan over the dense model's heads that ``first`` followed by ``then`` amounts to.
+
+    ``then`` indexes the heads ``first`` kept (its ``num_heads`` are ``first.heads_after``). The
+    provenance lists both steps; ``then``'s dict is shared, so what is added to it later is kept.
+
+    Example:
+        >>> compose(PrunePlan([4], [[0, 2, 3]]), PrunePlan([3], [[0, 2]])).kept_heads
+        [[0, 3]]
+    """
+    if then.num_heads != first.heads_after:
+        raise HeadslimError(f"plan is for heads per layer {then.num_heads}, the pruned model has {first.heads_after}")
+    kept = [[row[h] for h in step] for row, step in zip(first.kept_heads, then.kept_heads)]
+    steps = first.provenance.get("steps", [first.provenance]) if first.provenance.get("composed") else [first.provenance]
+    return PrunePlan(first.num_heads, kept, {"composed": True, "steps": [*steps, then.provenance]},
+                     kv_head_of_q=first.kv_head_of_q)

@@ -54,7 +54,8 @@ class SweepConfig:
     Args:
         ratios: fractions of all heads to remove (floats in (0, 1)) or head counts (ints).
         method, objective: scorer and objective (``headslim.scoring``), run once.
-        calib, calib_samples, calib_max_length: calibration data for the scoring pass.
+        calib, calib_samples, calib_max_length: calibration data for the scoring pass (tokens per text:
+            default 128, or the model's position limit when that is lower).
         min_heads_per_layer: heads every layer keeps.
         eval: quality settings (:class:`headslim.evaluate.EvalConfig`).
         backend: one :mod:`headslim.bench` backend for latency, or ``none``.
@@ -69,7 +70,7 @@ class SweepConfig:
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
-    calib_max_length: int = 128
+    calib_max_length: int | None = None
     min_heads_per_layer: int = 1
     seed: int = 0
     eval: object = None
@@ -99,6 +100,9 @@ class SweepConfig:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 < r < 1) \
                     or (isinstance(r, int) and r < 1):
                 raise HeadslimError(f"--prune {r!r}: give fractions in (0, 1) or head counts >= 1")
+        twice = next((r for i, r in enumerate(self.ratios) if r in self.ratios[:i]), None)
+        if twice is not None:  # one pruned model per ratio: a repeat would only collide at the end
+            raise HeadslimError(f"--prune lists {twice!r} twice; give every ratio once")
         if self.method not in SCORERS:
             raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
         if self.objective not in OBJECTIVES:
@@ -106,7 +110,7 @@ class SweepConfig:
         if self.backend != "none" and self.backend not in BACKENDS:
             raise HeadslimError(f"unknown backend {self.backend!r} for sweep (one of: none, {', '.join(BACKENDS)})")
         for name in ("batch", "seq", "min_runs", "calib_max_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise HeadslimError(f"--{name.replace('_', '-')} must be >= 1")
         if self.repair and importlib.util.find_spec("headslim.repair") is None:
             raise HeadslimError("repair needs headslim.repair, which is not part of this install; pass --no-repair")
@@ -137,6 +141,28 @@ def _apply_repair(model, dense, plan, calib_batches, progress: bool) -> dict:
     return report.to_dict() if hasattr(report, "to_dict") else {}
 
 
+def _check_against_model(config: SweepConfig, model_config) -> SweepConfig:
+    """``config`` with its lengths resolved, after the checks that need only the model's config.json:
+    every ratio removes at least one head and no two the same number, and no length exceeds the
+    position embeddings. Refused here, before the model loads, rather than after the scoring pass."""
+    from dataclasses import replace
+
+    from headslim.io import check_length, dense_head_count
+    from headslim.pipeline import check_prune_target
+
+    counts = {}
+    for ratio in config.ratios:
+        n = check_prune_target(ratio, model_config, config.min_heads_per_layer)
+        if n in counts:
+            raise HeadslimError(f"--prune {counts[n]!r} and {ratio!r} both remove {n} of the model's "
+                                f"{dense_head_count(model_config)} heads; give ratios that differ by a head at least")
+        counts[n] = ratio
+    if config.backend != "none":
+        check_length(model_config, config.seq, "--seq")
+    return replace(config, calib_max_length=check_length(model_config, config.calib_max_length),
+                   eval=replace(config.eval, max_length=check_length(model_config, config.eval.max_length)))
+
+
 def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool = False, log=print) -> dict:
     """Score once, prune at every ratio, measure quality and latency, write the table and the plot.
 
@@ -151,20 +177,20 @@ def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool 
         >>> [row["prune"] for row in r["rows"]]                                          # doctest: +SKIP
         [0, 0.3, 0.5]
     """
-    from headslim.bench import fixed_threads, max_sequence
+    from headslim.bench import fixed_threads
     from headslim.evaluate import load_tokenizer
-    from headslim.io import check_output_dir, load_model, resolve_model_path
+    from headslim.io import check_output_dir, load_config, load_model, resolve_model_path
     from headslim.plan import PLAN_FILE
 
     config = config or SweepConfig()
     log = log or (lambda *a, **k: None)
     src = resolve_model_path(model_dir)
-    check_output_dir(out, overwrite=overwrite, inputs=(src,))
+    check_output_dir(out, overwrite=overwrite,
+                     inputs=(src, config.calib, config.eval.data, config.eval.train_data, config.onnx_dense))
     if (Path(src) / PLAN_FILE).is_file():
         raise HeadslimError(f"{src} is already pruned by headslim; sweep its dense original instead")
+    config = _check_against_model(config, load_config(src))
     dense = load_model(src)
-    if config.backend != "none" and config.seq > max_sequence(dense.config):
-        raise HeadslimError(f"--seq {config.seq} is longer than the model allows ({max_sequence(dense.config)} tokens)")
     tokenizer = load_tokenizer(src)
     with fixed_threads(config.threads) as threads:
         result = _sweep(src, out, dense, tokenizer, threads, config, overwrite, log)
@@ -179,6 +205,7 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     from headslim.data import batches, load_texts, sample
     from headslim.evaluate import evaluate_model, prepare_reference, primary_metric
     from headslim.io import atomic_output_dir, save_pruned
+    from headslim.pipeline import check_finite_scores, warn
     from headslim.quality import count_parameters
     from headslim.scoring import score_heads
     from headslim.selection import select_heads
@@ -194,6 +221,7 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     scores = score_heads(dense, calib_batches, method=config.method, objective=config.objective, seed=config.seed,
                          progress=config.progress, prune=max(config.ratios),
                          min_per_layer=config.min_heads_per_layer)
+    check_finite_scores(scores, num_heads, config.method)
     ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
     dense_shape = flops.LayerShape.from_model(dense)
     dense_metrics = evaluate_model(dense, ref)
@@ -202,7 +230,8 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
              "quality": dense_quality, "metrics": dense_metrics, "ideal_speedup": 1.0, "latency": None}]
     notes = []
     backend = BACKENDS[config.backend]() if config.backend != "none" else None
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(src,)) as tmp, \
+    with atomic_output_dir(out, overwrite=overwrite,
+                           inputs=(src, config.calib, config.eval.data, config.eval.train_data, config.onnx_dense)) as tmp, \
             tempfile.TemporaryDirectory(prefix="headslim-sweep-") as scratch:
         models_dir = (tmp if config.save_models else Path(scratch)) / "models"
         dense_exports: dict = {}
@@ -217,6 +246,8 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
                    "params": count_parameters(pruned)}
             if config.repair:
                 row["repair"] = _apply_repair(pruned, dense, plan, calib_batches, config.progress)
+                if row["repair"].get("warning") and not any(r.get("repair", {}).get("warning") for r in rows):
+                    warn(row["repair"]["warning"])  # the calibration data is the same for every ratio: once
             metrics = evaluate_model(pruned, ref)
             row.update(quality=primary_metric(ref.task, metrics)[1], metrics=metrics,
                        ideal_speedup=flops.compare(dense_shape, flops.LayerShape.from_model(pruned),

@@ -117,7 +117,11 @@ def test_atomic_output_dir_refuses_existing_and_input(tmp_path):
     with pytest.raises(HeadslimError, match="inside the input"):
         with atomic_output_dir(tmp_path / "out" / "sub", inputs=(tmp_path / "out",)):
             pass
+    with pytest.raises(HeadslimError, match="not written by headslim"):
+        with atomic_output_dir(tmp_path / "out", overwrite=True):
+            pass
+    (tmp_path / "out" / ".headslim-output").write_text("")  # as if headslim had written it
     with atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".headslim-output", "new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -93,3 +93,49 @@ def test_unsupported_architecture_lists_supported():
     config = transformers.T5Config(num_layers=1, num_heads=2, d_model=8, vocab_size=10)
     with pytest.raises(HeadslimError, match="unsupported architecture 't5'; supported model types: bert"):
         get_adapter(config)
+
+
+@pytest.mark.parametrize("model_type,class_name", [("bert", "BertModel"), ("llama", "LlamaForCausalLM"),
+                                                   ("gpt2", "GPT2LMHeadModel")])
+def test_pruning_a_pruned_model_composes_and_the_checkpoint_reloads(tmp_path, model_type, class_name):
+    """Pruning twice through the API saves one plan over the dense heads, which load_pruned and
+    inspect accept, and the model equals the dense one gated by the composed plan."""
+    import headslim
+    from headslim.cli import main
+    from headslim.decoders import kv_maps
+    from headslim.io import save_pruned
+    from tests.conftest import tiny_decoder
+
+    if model_type in TINY_MODELS:
+        dense, inputs = tiny_model(model_type, class_name), tiny_inputs()
+    else:
+        dense, inputs = tiny_decoder(model_type, class_name), {"input_ids": tiny_inputs()["input_ids"]}
+    maps = kv_maps(dense) if model_type == "llama" else None
+    n = get_adapter(dense).num_heads(dense)
+    first = PrunePlan(n, [list(range(n[0])), list(range(1, n[1])), [0, 1, n[2] - 1]], kv_head_of_q=maps)
+    pruned = prune_heads(copy.deepcopy(dense), first)
+    now = get_adapter(pruned).num_heads(pruned)
+    then = PrunePlan(now, [[0, 2], list(range(now[1])), [1]], {"method": "second"},
+                     kv_head_of_q=kv_maps(pruned) if maps else None)
+    prune_heads(pruned, then)
+    composed = pruned.headslim_plan
+    assert composed.num_heads == n
+    assert composed.kept_heads == [[0, 2], list(range(1, n[1])), [1]]
+    with torch.no_grad(), gated(dense, composed.mask()):
+        expected = main_output(dense(**inputs))
+    with torch.no_grad():
+        assert (main_output(pruned(**inputs)) - expected).abs().max() <= 1e-5
+    save_pruned(pruned, tmp_path / "slim", then)
+    saved = PrunePlan.load(tmp_path / "slim")
+    assert saved.kept_heads == composed.kept_heads and saved.provenance["steps"][-1]["method"] == "second"
+    reloaded = headslim.load_pruned(tmp_path / "slim")
+    with torch.no_grad():
+        assert torch.equal(main_output(reloaded(**inputs)), main_output(pruned(**inputs)))
+    assert main(["inspect", str(tmp_path / "slim")]) == 0
+
+
+def test_a_dense_plan_on_a_pruned_model_is_refused():
+    dense = tiny_model("bert", "BertModel")
+    pruned = prune_heads(dense, PrunePlan([HEADS] * LAYERS, [[0, 1], [2], [3]]))
+    with pytest.raises(HeadslimError, match="heads per layer"):
+        prune_heads(pruned, PrunePlan([HEADS] * LAYERS, [[0], [0], [0]]))
