@@ -56,6 +56,37 @@ class BertFamilyAdapter:
         attn.num_attention_heads = len(keep)
         attn.all_head_size = len(keep) * head_dim
 
+    # FFN neurons: ``layer.intermediate.dense`` rows and ``layer.output.dense`` columns.
+    def mlp_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.base_model.encoder.layer)
+
+    def num_neurons(self, model: nn.Module) -> list[int]:
+        return [getattr(layer.intermediate, "dense", layer.intermediate).out_features
+                for layer in self.mlp_blocks(model)]
+
+    def down_proj(self, block: nn.Module) -> nn.Module:
+        return block.output.dense
+
+    def mlp_residual(self, block: nn.Module) -> tuple[nn.Module, int]:
+        """Where the residual the FFN output is added to enters: ``BertOutput(h, input_tensor)``."""
+        return block.output, 1
+
+    def prune_mlp(self, block: nn.Module, keep: list[int]) -> None:
+        """Keep only FFN neurons ``keep`` (current indices, sorted) of one layer, in place."""
+        import torch
+
+        from headslim.modules import BiasOnly, NoNeurons, slice_linear
+
+        out = block.output.dense
+        if not keep:
+            bias = out.bias if out.bias is not None else out.weight.new_zeros(out.out_features)
+            block.intermediate = NoNeurons()
+            block.output.dense = BiasOnly(bias)
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        block.intermediate.dense = slice_linear(block.intermediate.dense, index, dim=0)
+        block.output.dense = slice_linear(out, index, dim=1)
+
     def update_config(self, model: nn.Module, pruned: dict[int, list[int]]) -> None:
         """Record the removed heads where transformers 4.x's own loader looks for them.
 

@@ -78,7 +78,7 @@ def _add_shrink(sub) -> None:
 
 
 def _print_summary(result) -> None:
-    kept = result.plan["kept_heads"]
+    kept = result.plan["attention"]["kept_heads"]
     print(f"{'layer':>5}  {'heads before':>12}  {'heads after':>11}  kept heads")
     for layer, (before, after) in enumerate(zip(result.heads_before, result.heads_after)):
         print(f"{layer:>5}  {before:>12}  {after:>11}  {' '.join(map(str, kept[layer])) or '-'}")
@@ -166,7 +166,7 @@ def _run_inspect(args) -> int:
 
 # Sub-commands that live beside the code they drive: each module has ``add_parser(subparsers)``,
 # which adds its parser and sets ``func``; importing the module must stay cheap (no torch/onnx).
-COMMAND_MODULES = ("headslim.export", "headslim.bench", "headslim.evaluate", "headslim.sweep")
+COMMAND_MODULES = ("headslim.export", "headslim.bench", "headslim.evaluate", "headslim.sweep", "headslim.latency")
 
 
 def build_parser() -> argparse.ArgumentParser:

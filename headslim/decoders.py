@@ -109,6 +109,37 @@ class LlamaFamilyAdapter:
         else:
             make_ragged(attn, new_map)
 
+    # FFN neurons of the gated MLP: ``gate_proj`` and ``up_proj`` rows, ``down_proj`` columns.
+    def mlp_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return self.layers(model)
+
+    def num_neurons(self, model: nn.Module) -> list[int]:
+        return [getattr(getattr(layer.mlp, "down_proj", None), "in_features", 0) for layer in self.mlp_blocks(model)]
+
+    def down_proj(self, block: nn.Module) -> nn.Module:
+        return block.mlp.down_proj
+
+    def mlp_residual(self, block: nn.Module) -> tuple[nn.Module, int]:
+        """Pre-norm: the residual the MLP output is added to is what ``post_attention_layernorm`` reads."""
+        return block.post_attention_layernorm, 0
+
+    def prune_mlp(self, block: nn.Module, keep: list[int]) -> None:
+        """Keep only FFN neurons ``keep`` (current indices, sorted) of one decoder layer, in place."""
+        import torch
+
+        from headslim.modules import NoNeuronsMLP, slice_linear
+
+        mlp = block.mlp
+        if not keep:
+            block.mlp = NoNeuronsMLP(mlp.down_proj.out_features, mlp.down_proj.bias)
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mlp.gate_proj = slice_linear(mlp.gate_proj, index, dim=0)
+        mlp.up_proj = slice_linear(mlp.up_proj, index, dim=0)
+        mlp.down_proj = slice_linear(mlp.down_proj, index, dim=1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(keep)
+
     def update_config(self, model: nn.Module, pruned: dict[int, list[int]]) -> None:
         """Nothing: the config stays dense and ``load_pruned`` re-applies the plan."""
 
@@ -158,6 +189,32 @@ class GPT2Adapter:
         attn.c_proj = _slice_conv1d(attn.c_proj, rows, dim=0)
         attn.num_heads = len(keep)
         attn.split_size = len(keep) * head_dim
+
+    # FFN neurons: ``mlp.c_fc`` output columns and ``mlp.c_proj`` input rows (Conv1D: weight (in, out)).
+    def mlp_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return self.attention_blocks(model)
+
+    def num_neurons(self, model: nn.Module) -> list[int]:
+        return [getattr(getattr(block.mlp, "c_fc", None), "nf", 0) for block in self.mlp_blocks(model)]
+
+    def down_proj(self, block: nn.Module) -> nn.Module:
+        return block.mlp.c_proj
+
+    def mlp_residual(self, block: nn.Module) -> tuple[nn.Module, int]:
+        return block.ln_2, 0
+
+    def prune_mlp(self, block: nn.Module, keep: list[int]) -> None:
+        import torch
+
+        from headslim.modules import NoNeuronsMLP
+
+        mlp = block.mlp
+        if not keep:
+            block.mlp = NoNeuronsMLP(mlp.c_proj.nf, mlp.c_proj.bias)
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mlp.c_fc = _slice_conv1d(mlp.c_fc, index, dim=1)
+        mlp.c_proj = _slice_conv1d(mlp.c_proj, index, dim=0)
 
     def update_config(self, model: nn.Module, pruned: dict[int, list[int]]) -> None:
         """``config.pruned_heads`` lets stock ``from_pretrained`` on 4.x rebuild the shapes.

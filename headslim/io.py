@@ -293,7 +293,8 @@ OUTPUT_MARKER = ".headslim-output"
 def _legacy_reports(path: Path) -> dict:
     """Output of headslim versions before :data:`OUTPUT_MARKER`: a report file with headslim's own content."""
     return {
-        PLAN_FILE: lambda d: {"num_heads", "kept_heads", "provenance"} <= d.keys()
+        PLAN_FILE: lambda d: ({"num_heads", "kept_heads", "provenance"} <= d.keys()
+                              or {"attention", "provenance"} <= d.keys())
         and (path / "config.json").is_file(),
         "export_report.json": lambda d: {"source", "graphs", "validation"} <= d.keys(),
         "bench.json": lambda d: d.get("kind") == "headslim-bench",
@@ -511,11 +512,11 @@ def save_pruned(model, out: str | Path, plan: PrunePlan, *, tokenizer=None, sour
     """
     recorded = getattr(model, "headslim_plan", None)
     if recorded is not None and plan is not recorded:
-        if plan.num_heads != recorded.num_heads:  # a step over an already pruned model: save the composition
-            plan = recorded
-        elif plan.kept_heads != recorded.kept_heads:
-            raise HeadslimError(f"the plan to save keeps heads {plan.kept_heads}, the model was pruned to "
-                                f"{recorded.kept_heads}")
+        steps = recorded.provenance.get("steps", []) if recorded.provenance.get("composed") else []
+        if steps and steps[-1] is plan.provenance:
+            plan = recorded  # the last step over an already pruned model: save the composition
+        elif (plan.kept_heads, plan.kept_neurons) != (recorded.kept_heads, recorded.kept_neurons):
+            raise HeadslimError("the plan to save is not the one this model was pruned with")
     inputs = (source,) if source else ()
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -1,4 +1,4 @@
-"""Small modules that stand in for an attention block whose heads were all removed.
+"""Small modules that stand in for an attention block or an FFN whose heads / neurons were all removed.
 
 A layer that keeps no head computes ``LayerNorm(x + b_O)``: no query/key/value projections run and
 no zero-sized tensor is created (so ONNX export and every attention backend stay happy).
@@ -61,3 +61,32 @@ def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     """Row indices of the given heads in a ``(num_heads * head_dim, ...)`` projection."""
     rows = [h * head_dim + i for h in heads for i in range(head_dim)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+class NoNeurons(nn.Module):
+    """Stands in for the first half of an FFN whose neurons were all removed (BERT's ``intermediate``).
+
+    Passes its input through: the output projection after it is a :class:`BiasOnly`, which ignores
+    it, so the layer computes ``LayerNorm(b_out + x)`` with no zero-sized tensor.
+    """
+
+    out_features = 0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class NoNeuronsMLP(nn.Module):
+    """Stands in for a whole FFN block with no neurons left (Llama-family ``mlp``, GPT-2 ``mlp``):
+    returns its output projection's bias (zeros when it had none) for every token."""
+
+    def __init__(self, hidden_size: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        # not ``bias``: GPT-2 checkpoints drop keys ending in ``attn.bias``; ``out_bias`` is safe everywhere
+        self.out_bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.out_bias is None:
+            return hidden_states.new_zeros(hidden_states.shape)  # (B, T, d)
+        return self.out_bias.to(hidden_states.dtype).expand(hidden_states.shape)  # (B, T, d)

@@ -1,4 +1,16 @@
-"""PrunePlan: which heads every layer keeps, plus where that choice came from."""
+"""PrunePlan: which structures every layer keeps (attention heads, FFN neurons), and where that choice came from.
+
+A head and an FFN neuron are the same thing to a pruner: a group of input columns of an output
+projection (``head_dim`` wide for a head, 1 for a neuron) with the rows upstream that produce it.
+The plan file has one section per kind (format 2)::
+
+    {"format_version": 2,
+     "attention": {"num_heads": [...], "kept_heads": [[...], ...], "kv_head_of_q": ..., "kept_kv_heads": ...},
+     "mlp": {"num_neurons": [...], "kept_neurons": [[...], ...]},        # absent: the FFNs are untouched
+     "provenance": {...}}
+
+Format 1 files (``num_heads`` / ``kept_heads`` at the top level, heads only) still read.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +22,7 @@ from pathlib import Path
 from headslim.errors import HeadslimError
 
 PLAN_FILE = "headslim_plan.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _show(value) -> str:
@@ -54,6 +66,10 @@ class PrunePlan:
         kept_kv_heads: optional, the KV heads each layer keeps (needs ``kv_head_of_q``). A KV head
             without kept query heads is removed anyway; a kept query head whose KV head is not
             listed is an error. Default: exactly the KV heads the kept query heads read.
+        num_neurons: optional, FFN neurons per layer of the dense model (``intermediate_size``);
+            ``None`` leaves every FFN as it is.
+        kept_neurons: for each layer, the (dense) indices of the FFN neurons it keeps; may be empty
+            (the layer's FFN then adds only its output bias). Needs ``num_neurons``.
 
     Example:
         >>> plan = PrunePlan(num_heads=[4, 4], kept_heads=[[0, 3], []])
@@ -66,6 +82,8 @@ class PrunePlan:
     provenance: dict = field(default_factory=dict)
     kv_head_of_q: list[list[int]] | None = None
     kept_kv_heads: list[list[int]] | None = None
+    num_neurons: list[int] | None = None
+    kept_neurons: list[list[int]] | None = None
 
     def __post_init__(self):
         self.num_heads = [_index(n, "num_heads", "head count") for n in _rows(self.num_heads, "'num_heads'")]
@@ -91,6 +109,32 @@ class PrunePlan:
             kept.append(sorted(heads))
         self.kept_heads = kept
         self._check_kv()
+        self._check_mlp()
+
+    def _check_mlp(self) -> None:
+        if self.num_neurons is None:
+            if self.kept_neurons is not None:
+                raise HeadslimError("plan: 'kept_neurons' needs 'num_neurons' (the FFN width of every layer)")
+            return
+        self.num_neurons = [_index(n, "num_neurons", "neuron count") for n in _rows(self.num_neurons, "'num_neurons'")]
+        if len(self.num_neurons) != self.num_layers:
+            raise HeadslimError(f"plan: 'num_neurons' has {len(self.num_neurons)} layers, the plan has {self.num_layers}")
+        if self.kept_neurons is None:
+            self.kept_neurons = [list(range(n)) for n in self.num_neurons]
+        rows = _rows(self.kept_neurons, "'kept_neurons'", "a list with one list of neuron numbers per layer")
+        if len(rows) != self.num_layers:
+            raise HeadslimError(f"plan: 'kept_neurons' has {len(rows)} layers, the plan has {self.num_layers}")
+        kept = []
+        for layer, (row, n) in enumerate(zip(rows, self.num_neurons)):
+            what = f"layer {layer}'s kept neurons"
+            neurons = [_index(i, what, "neuron number") for i in _rows(row, what)]
+            if any(not 0 <= i < n for i in neurons):
+                bad = next(i for i in neurons if not 0 <= i < n)
+                raise HeadslimError(f"plan: layer {layer} keeps neuron {bad} but that layer has {n} (0-{n - 1})")
+            if len(set(neurons)) != len(neurons):
+                raise HeadslimError(f"plan: layer {layer} lists an FFN neuron twice")
+            kept.append(sorted(neurons))
+        self.kept_neurons = kept
 
     def _check_kv(self) -> None:
         if self.kv_head_of_q is None:
@@ -155,6 +199,27 @@ class PrunePlan:
     def heads_after(self) -> list[int]:
         return [len(k) for k in self.kept_heads]
 
+    @property
+    def neurons_after(self) -> list[int] | None:
+        """FFN neurons each layer keeps; None when the plan leaves the FFNs alone."""
+        return None if self.kept_neurons is None else [len(k) for k in self.kept_neurons]
+
+    @property
+    def prunes_mlp(self) -> bool:
+        """Whether any FFN neuron is removed."""
+        return self.kept_neurons is not None and self.neurons_after != self.num_neurons
+
+    def neuron_mask(self):
+        """Gate tensor ``(layers, max_neurons)`` of the FFNs: 1.0 kept, 0.0 removed; None without an mlp section."""
+        import torch
+
+        if self.num_neurons is None:
+            return None
+        mask = torch.zeros(self.num_layers, max(self.num_neurons))
+        for layer, kept in enumerate(self.kept_neurons):
+            mask[layer, kept] = 1.0
+        return mask
+
     def mask(self):
         """Gate tensor ``(layers, max_heads)``: 1.0 for kept heads, 0.0 for removed ones."""
         import torch
@@ -172,37 +237,46 @@ class PrunePlan:
         return cls(num_heads=num_heads, kept_heads=kept, provenance=provenance or {})
 
     def to_dict(self) -> dict:
-        out = {
-            "format_version": FORMAT_VERSION,
-            "num_heads": self.num_heads,
-            "kept_heads": self.kept_heads,
-            "provenance": self.provenance,
-        }
-        if self.kv_head_of_q is not None:  # optional keys: older readers ignore them
-            out["kv_head_of_q"] = self.kv_head_of_q
-            out["kept_kv_heads"] = self.kv_heads_after
+        attention = {"num_heads": self.num_heads, "kept_heads": self.kept_heads}
+        if self.kv_head_of_q is not None:
+            attention["kv_head_of_q"] = self.kv_head_of_q
+            attention["kept_kv_heads"] = self.kv_heads_after
+        out = {"format_version": FORMAT_VERSION, "attention": attention}
+        if self.num_neurons is not None:
+            out["mlp"] = {"num_neurons": self.num_neurons, "kept_neurons": self.kept_neurons}
+        out["provenance"] = self.provenance
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrunePlan":
-        if not isinstance(data, dict) or "kept_heads" not in data or "num_heads" not in data:
-            raise HeadslimError("plan JSON needs 'num_heads' and 'kept_heads'")
-        _check_version(data)
+        if isinstance(data, dict):
+            _check_version(data)
+        data = _sections(data)
+        if "kept_heads" not in data or "num_heads" not in data:
+            raise HeadslimError("plan JSON needs 'num_heads' and 'kept_heads' (in its 'attention' section)")
         return cls(data["num_heads"], data["kept_heads"], data.get("provenance", {}),
-                   data.get("kv_head_of_q"), data.get("kept_kv_heads"))
+                   data.get("kv_head_of_q"), data.get("kept_kv_heads"),
+                   data.get("num_neurons"), data.get("kept_neurons"))
 
     @classmethod
-    def from_user(cls, data: dict, num_heads: list[int], kv_head_of_q: list[list[int]] | None = None) -> "PrunePlan":
+    def from_user(cls, data: dict, num_heads: list[int], kv_head_of_q: list[list[int]] | None = None,
+                  num_neurons: list[int] | None = None) -> "PrunePlan":
         """A hand-written plan for a model with ``num_heads`` per layer.
 
         ``kept_heads`` is either a list with one entry per layer or a ``{layer: [heads]}`` mapping
         (layers not named keep every head); ``num_heads``, when given, must match the model.
         ``kv_head_of_q`` is the model's query-head → KV-head map (grouped-query attention); with it,
         an optional ``kept_kv_heads`` (list or mapping, like ``kept_heads``) is checked against it.
+        ``num_neurons`` is the model's FFN width per layer; an ``mlp`` section's ``kept_neurons`` (list
+        or mapping, like ``kept_heads``) is read against it. Sections (format 2) or top-level keys both read.
         """
-        if not isinstance(data, dict) or "kept_heads" not in data:
-            raise HeadslimError("plan JSON needs a 'kept_heads' entry")
-        _check_version(data)
+        if isinstance(data, dict):
+            _check_version(data)
+        data = _sections(data)
+        if "kept_heads" not in data:
+            if num_neurons is None or "kept_neurons" not in data:
+                raise HeadslimError("plan JSON needs a 'kept_heads' entry (or an 'mlp' section with 'kept_neurons')")
+            data = {**data, "kept_heads": [list(range(n)) for n in num_heads]}
         if "num_heads" in data:
             given = [_index(n, "num_heads", "head count") for n in _rows(data["num_heads"], "'num_heads'")]
             if given != list(num_heads):
@@ -231,11 +305,20 @@ class PrunePlan:
                     raise HeadslimError(f"plan: kept_kv_heads layer {key!r} does not exist")
                 rows[layer] = heads
             kept_kv = rows
+        kept_neurons = None
+        if "kept_neurons" in data:
+            if num_neurons is None:
+                raise HeadslimError("plan: this model's FFN neurons cannot be pruned ('kept_neurons' given)")
+            if "num_neurons" in data:
+                given = [_index(n, "num_neurons", "neuron count") for n in _rows(data["num_neurons"], "'num_neurons'")]
+                if given != list(num_neurons):
+                    raise HeadslimError(f"plan is for FFN widths {given}, the model has {num_neurons}")
+            kept_neurons = _per_layer(data["kept_neurons"], [list(range(n)) for n in num_neurons], "kept_neurons")
         return cls(list(num_heads), kept, data.get("provenance", {"method": "hand-written"}),
-                   kv_head_of_q, kept_kv)
+                   kv_head_of_q, kept_kv, list(num_neurons) if kept_neurons is not None else None, kept_neurons)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(dumps(self.to_dict()) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
@@ -243,6 +326,45 @@ class PrunePlan:
         if path.is_dir():
             path = path / PLAN_FILE
         return cls.from_dict(read_json(path, "prune plan"))
+
+
+def _sections(data) -> dict:
+    """A plan dict with its ``attention`` and ``mlp`` sections (format 2) flattened to the top level,
+    as format 1 wrote it; a one-line error for a section that is not a JSON object."""
+    if not isinstance(data, dict):
+        raise HeadslimError(f"plan JSON must be an object, not {_show(data)}")
+    flat = {k: v for k, v in data.items() if k not in ("attention", "mlp")}
+    for name in ("attention", "mlp"):
+        if name in data:
+            if not isinstance(data[name], dict):
+                raise HeadslimError(f"plan: '{name}' must be a JSON object, not {_show(data[name])}")
+            flat.update(data[name])
+    return flat
+
+
+def _per_layer(value, rows: list, what: str) -> list:
+    """A per-layer list, or a ``{layer: [...]}`` mapping applied over ``rows`` (layers not named keep ``rows``)."""
+    if not isinstance(value, dict):
+        return value
+    rows = list(rows)
+    for key, item in value.items():
+        try:
+            layer = int(key)
+        except ValueError:
+            raise HeadslimError(f"plan: {what} layer {key!r} is not a layer number") from None
+        if not 0 <= layer < len(rows):
+            raise HeadslimError(f"plan: {what} layer {layer} does not exist (the model has {len(rows)} layers)")
+        rows[layer] = item
+    return rows
+
+
+def dumps(data: dict) -> str:
+    """JSON with two-space indents, but each list of plain numbers on one line: a plan keeps a list
+    of up to thousands of FFN neurons per layer, one per line would be unreadable."""
+    import re
+
+    text = json.dumps(data, indent=2)
+    return re.sub(r"\[[^\[\]{}\"]*\]", lambda m: re.sub(r"\s+", "", m.group(0)).replace(",", ", "), text)
 
 
 def read_json(path: str | Path, what: str = "plan file"):

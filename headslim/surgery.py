@@ -1,4 +1,4 @@
-"""Head surgery: physically remove heads, fixing weights, biases, head counts and config at once."""
+"""Surgery: physically remove heads and FFN neurons, fixing weights, biases, counts and config at once."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from headslim.plan import PrunePlan
 
 
 def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
-    """Remove every head ``plan`` does not keep from a dense ``model``, in place, and return it.
+    """Remove every head and FFN neuron ``plan`` does not keep from a dense ``model``, in place, and return it.
 
-    Exact: the result computes what the dense model computes with ``plan.mask()`` as its gates.
-    Layers that keep no head get a bias-only attention block (see ``headslim.modules``).
+    Exact: the result computes what the dense model computes with ``plan.mask()`` as its head gates
+    and ``plan.neuron_mask()`` as its neuron gates. Layers that keep no head get a bias-only attention
+    block, layers that keep no neuron a bias-only FFN (see ``headslim.modules``).
 
     A model that is already pruned takes a plan over its current heads (``plan.num_heads`` equal to
     what it has now); the plans compose, and ``model.headslim_plan`` (what ``save_pruned`` writes)
@@ -37,11 +38,18 @@ def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
             if want != have:
                 raise HeadslimError(f"plan is for a model whose layer {layer} maps query heads to KV heads as {want}, "
                                     f"this model maps them as {have}")
+    if plan.num_neurons is not None and adapter.num_neurons(model) != plan.num_neurons:
+        raise HeadslimError(f"plan is for a model with FFN neurons per layer {plan.num_neurons}, this model has "
+                            f"{adapter.num_neurons(model)}")
     previous = getattr(model, "headslim_plan", None)
     applied = plan if previous is None else compose(previous, plan)
     for block, kept, n in zip(adapter.attention_blocks(model), plan.kept_heads, plan.num_heads):
         if len(kept) < n:
             adapter.prune_block(block, kept)
+    if plan.num_neurons is not None:
+        for block, kept, n in zip(adapter.mlp_blocks(model), plan.kept_neurons, plan.num_neurons):
+            if len(kept) < n:
+                adapter.prune_mlp(block, kept)
     adapter.update_config(model, applied.pruned_heads)
     model.headslim_plan = applied
     return model
@@ -61,5 +69,14 @@ def compose(first: PrunePlan, then: PrunePlan) -> PrunePlan:
         raise HeadslimError(f"plan is for heads per layer {then.num_heads}, the pruned model has {first.heads_after}")
     kept = [[row[h] for h in step] for row, step in zip(first.kept_heads, then.kept_heads)]
     steps = first.provenance.get("steps", [first.provenance]) if first.provenance.get("composed") else [first.provenance]
+    num_neurons = kept_neurons = None
+    if first.num_neurons is not None or then.num_neurons is not None:
+        before = first.kept_neurons if first.num_neurons is not None else [list(range(n)) for n in then.num_neurons]
+        if then.num_neurons is not None and then.num_neurons != [len(k) for k in before]:
+            raise HeadslimError(f"plan is for FFN neurons per layer {then.num_neurons}, the pruned model has "
+                                f"{[len(k) for k in before]}")
+        num_neurons = first.num_neurons if first.num_neurons is not None else then.num_neurons
+        kept_neurons = before if then.num_neurons is None else \
+            [[row[i] for i in step] for row, step in zip(before, then.kept_neurons)]
     return PrunePlan(first.num_heads, kept, {"composed": True, "steps": [*steps, then.provenance]},
-                     kv_head_of_q=first.kv_head_of_q)
+                     kv_head_of_q=first.kv_head_of_q, num_neurons=num_neurons, kept_neurons=kept_neurons)

@@ -373,7 +373,7 @@ def test_plan_json_round_trip_and_old_plans_still_load(tmp_path):
     plan = PrunePlan([8], [[0, 5]], kv_head_of_q=[MAPS[0]])
     plan.save(tmp_path / "p.json")
     data = json.loads((tmp_path / "p.json").read_text())
-    assert data["kept_kv_heads"] == [[0, 1]]
+    assert data["attention"]["kept_kv_heads"] == [[0, 1]]
     loaded = PrunePlan.load(tmp_path / "p.json")
     assert (loaded.kept_heads, loaded.kv_head_of_q, loaded.kv_heads_after) == ([[0, 5]], [MAPS[0]], [[0, 1]])
     old = {"format_version": 1, "num_heads": [4], "kept_heads": [[1]], "provenance": {}}

@@ -1,0 +1,149 @@
+"""FFN neurons as prunable structures: joint head + neuron plans are exact and reload, on every family."""
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+import headslim
+from headslim.adapters import ADAPTERS, get_adapter
+from headslim.decoders import kv_maps
+from headslim.errors import HeadslimError
+from headslim.gates import gated
+from headslim.io import save_pruned
+from headslim.plan import PrunePlan
+from headslim.surgery import prune_heads
+from tests.conftest import (DECODER_CASES, MODEL_CASES, TINY_DECODERS, TINY_MODELS, main_output, tiny_decoder,
+                            tiny_inputs, tiny_model)
+
+CASES = [(t, c) for t, c in MODEL_CASES] + sorted({(t, c) for t, c, _ in DECODER_CASES})
+
+
+def build(model_type: str, class_name: str):
+    if model_type in TINY_MODELS:
+        return tiny_model(model_type, class_name)
+    return tiny_decoder(model_type, class_name)
+
+
+def joint_plans(model, seed: int) -> list[PrunePlan]:
+    """Random head + neuron plans, with layers left with 0 and 1 neurons (and 0 heads)."""
+    adapter = get_adapter(model)
+    heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
+    maps = kv_maps(model) if hasattr(adapter, "kv_maps") and adapter.name != "gpt2" else None
+    rng = random.Random(seed)
+    plans = [PrunePlan(heads, [list(range(n)) for n in heads], kv_head_of_q=maps, num_neurons=widths,
+                       kept_neurons=[[], [3], list(range(0, widths[2], 2))])]  # FFN only: 0, 1, half
+    for _ in range(3):
+        kept_h = [sorted(rng.sample(range(n), rng.randint(0, n))) for n in heads]
+        kept_n = [sorted(rng.sample(range(w), rng.choice([0, 1, rng.randint(0, w)]))) for w in widths]
+        plans.append(PrunePlan(heads, kept_h, kv_head_of_q=maps, num_neurons=widths, kept_neurons=kept_n))
+    return plans
+
+
+def test_every_adapter_family_has_neuron_cases():
+    assert {t for t, _ in CASES} == set(ADAPTERS) == set(TINY_MODELS) | set(TINY_DECODERS)
+
+
+@pytest.mark.parametrize("model_type,class_name", CASES)
+def test_joint_plan_equals_gated_dense(model_type, class_name):
+    dense = build(model_type, class_name)
+    inputs = tiny_inputs()
+    for plan in joint_plans(dense, seed=len(class_name)):
+        with torch.no_grad(), gated(dense, plan.mask(), neurons=plan.neuron_mask()):
+            expected = main_output(dense(**inputs))
+        pruned = prune_heads(copy.deepcopy(dense), plan)
+        adapter = get_adapter(pruned)
+        assert adapter.num_neurons(pruned) == plan.neurons_after
+        assert adapter.num_heads(pruned) == plan.heads_after
+        with torch.no_grad():
+            got = main_output(pruned(**inputs))
+        assert (got - expected).abs().max().item() <= 1e-5, (plan.kept_heads, plan.neurons_after)
+
+
+def test_neuron_gates_are_what_removal_computes():
+    """The gate is the reference: a zero gate on a neuron equals zeroing its down-projection column."""
+    dense = tiny_model("bert", "BertModel")
+    inputs = tiny_inputs()
+    widths = get_adapter(dense).num_neurons(dense)
+    gates = torch.ones(len(widths), max(widths))
+    gates[1, 5] = 0.0
+    with torch.no_grad(), gated(dense, neurons=gates):
+        gated_out = dense(**inputs).last_hidden_state
+    edited = copy.deepcopy(dense)
+    with torch.no_grad():
+        edited.encoder.layer[1].output.dense.weight[:, 5] = 0.0
+        assert torch.allclose(edited(**inputs).last_hidden_state, gated_out, atol=1e-6)
+        assert not torch.allclose(dense(**inputs).last_hidden_state, gated_out, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type,class_name", [("bert", "BertForSequenceClassification"),
+                                                   ("roberta", "RobertaModel"),
+                                                   ("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                                                   ("gpt2", "GPT2LMHeadModel")])
+def test_joint_plan_saves_and_reloads(tmp_path, model_type, class_name):
+    """Per-layer FFN widths reload with load_pruned on this transformers version (CI runs 4.57 and 5.x)."""
+    dense = build(model_type, class_name)
+    plan = joint_plans(dense, seed=1)[1]
+    pruned = prune_heads(dense, plan)
+    save_pruned(pruned, tmp_path / "slim", plan)
+    data = json.loads((tmp_path / "slim" / "headslim_plan.json").read_text())
+    assert data["format_version"] == 2 and data["mlp"]["kept_neurons"] == plan.kept_neurons
+    reloaded = headslim.load_pruned(tmp_path / "slim")
+    assert get_adapter(reloaded).num_neurons(reloaded) == plan.neurons_after
+    inputs = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(main_output(reloaded(**inputs)), main_output(pruned(**inputs)))
+
+
+def test_format_1_plan_files_still_load():
+    old = {"format_version": 1, "num_heads": [4, 4], "kept_heads": [[1], [0, 2]], "provenance": {"method": "x"},
+           "kv_head_of_q": [[0, 0, 1, 1]] * 2, "kept_kv_heads": [[0], [0, 1]]}
+    plan = PrunePlan.from_dict(old)
+    assert plan.kept_heads == [[1], [0, 2]] and plan.num_neurons is None and not plan.prunes_mlp
+    again = PrunePlan.from_dict(plan.to_dict())
+    assert again == plan
+
+
+def test_hand_written_mlp_section():
+    plan = PrunePlan.from_user({"mlp": {"kept_neurons": {"1": [0, 4]}}}, [4, 4], num_neurons=[8, 8])
+    assert plan.kept_heads == [[0, 1, 2, 3]] * 2
+    assert plan.kept_neurons == [list(range(8)), [0, 4]]
+    with pytest.raises(HeadslimError, match="neuron 9"):
+        PrunePlan.from_user({"mlp": {"kept_neurons": [[9], []]}}, [4, 4], num_neurons=[8, 8])
+    with pytest.raises(HeadslimError, match="neuron number"):
+        PrunePlan.from_user({"mlp": {"kept_neurons": [[0.5], []]}}, [4, 4], num_neurons=[8, 8])
+    with pytest.raises(HeadslimError, match="FFN widths"):
+        PrunePlan.from_user({"mlp": {"num_neurons": [9, 9], "kept_neurons": [[0], []]}}, [4, 4], num_neurons=[8, 8])
+
+
+def test_neurons_compose_over_a_pruned_model(tmp_path):
+    dense = tiny_model("bert", "BertModel")
+    adapter = get_adapter(dense)
+    heads, widths = adapter.num_heads(dense), adapter.num_neurons(dense)
+    first = PrunePlan(heads, [[0, 1], [2], [0, 3]], num_neurons=widths,
+                      kept_neurons=[list(range(10)), list(range(5, 20)), []])
+    pruned = prune_heads(copy.deepcopy(dense), first)
+    then = PrunePlan(first.heads_after, [[1], [0], [0, 1]], num_neurons=first.neurons_after,
+                     kept_neurons=[[0, 9], [], []], provenance={"method": "second"})
+    prune_heads(pruned, then)
+    composed = pruned.headslim_plan
+    assert composed.kept_heads == [[1], [2], [0, 3]] and composed.kept_neurons == [[0, 9], [], []]
+    inputs = tiny_inputs()
+    with torch.no_grad(), gated(dense, composed.mask(), neurons=composed.neuron_mask()):
+        expected = dense(**inputs).last_hidden_state
+    with torch.no_grad():
+        assert (pruned(**inputs).last_hidden_state - expected).abs().max() <= 1e-5
+    save_pruned(pruned, tmp_path / "slim", then)
+    reloaded = headslim.load_pruned(tmp_path / "slim")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).last_hidden_state, pruned(**inputs).last_hidden_state)
+
+
+def test_plan_for_other_ffn_widths_is_refused():
+    dense = tiny_model("bert", "BertModel")
+    heads = get_adapter(dense).num_heads(dense)
+    with pytest.raises(HeadslimError, match="FFN neurons per layer"):
+        prune_heads(dense, PrunePlan(heads, [list(range(n)) for n in heads], num_neurons=[5] * 3,
+                                     kept_neurons=[[0]] * 3))
