@@ -46,9 +46,9 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
 	$(LATEST)/bin/pip install -q $(TORCH)
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev,onnx]"
-	$(LATEST)/bin/pip install -q --upgrade transformers
-	$(LATEST)/bin/python -c "import transformers, onnxruntime; print('transformers', transformers.__version__, '| onnxruntime', onnxruntime.__version__)"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints/torch-cpu.txt -e ".[dev,onnx]"
+	$(LATEST)/bin/pip install -q --upgrade -c constraints/torch-cpu.txt transformers
+	$(LATEST)/bin/python -c "import torch, transformers, onnxruntime; print('torch', torch.__version__, '| transformers', transformers.__version__, '| onnxruntime', onnxruntime.__version__)"
 	$(LATEST)/bin/python -m pytest -q tests
 
 # After a green test-latest: write its versions as the new upper-bound pins.

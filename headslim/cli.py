@@ -14,6 +14,7 @@ from headslim.errors import HeadslimError
 SHRINK_EXAMPLE = """example:
   headslim shrink all-MiniLM-L6-v2 --prune 0.5 --calib bbc-news --out slim/
   headslim shrink PATH/TO/MODEL --prune 36 --calib texts.txt --out slim/ --method random
+  headslim shrink all-MiniLM-L6-v2 --prune-heads 0.5 --prune-ffn 0.3 --calib bbc-news --out slim/
   python -c "import headslim; m = headslim.load_pruned('slim/')"
 """
 
@@ -34,8 +35,17 @@ def _add_shrink(sub) -> None:
     req.add_argument("model", help="dense checkpoint dir (safetensors), or 'all-MiniLM-L6-v2' for the bundled one")
     req.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite)")
     opt = p.add_argument_group("optional")
-    opt.add_argument("--prune", type=_prune_arg, default=0.5,
-                     help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5)")
+    opt.add_argument("--prune", "--prune-heads", dest="prune", type=_prune_arg, default=0.5,
+                     help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5; "
+                          "0 with --prune-ffn: FFN neurons only)")
+    opt.add_argument("--prune-ffn", type=_prune_arg, default=None,
+                     help="fraction of all FFN neurons to remove, in [0, 1), or a whole neuron count "
+                          "(default: the FFNs are left alone)")
+    opt.add_argument("--ffn-method", default=None,
+                     help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
+                          "(default: --method when it is one of them, else fisher)")
+    opt.add_argument("--min-neurons-per-layer", type=int, default=0,
+                     help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
     opt.add_argument("--method", default="fisher",
@@ -84,6 +94,9 @@ def _print_summary(result) -> None:
         print(f"{layer:>5}  {before:>12}  {after:>11}  {' '.join(map(str, kept[layer])) or '-'}")
     total_b, total_a = sum(result.heads_before), sum(result.heads_after)
     print(f"{'all':>5}  {total_b:>12}  {total_a:>11}")
+    if result.neurons_after is not None:
+        print(f"FFN neurons per layer: {result.neurons_before} -> {result.neurons_after} "
+              f"({sum(result.neurons_after)} of {sum(result.neurons_before)} kept)")
     pb, pa = result.params_before, result.params_after
     print(f"parameters: {pb:,} -> {pa:,} ({100 * (pa - pb) / pb:+.1f} %)")
     q = result.quality
@@ -107,7 +120,7 @@ def _print_summary(result) -> None:
         n_val = check.get("n_held_out", 0)
         on = f" on {n_val} sample{'s' if n_val != 1 else ''}" if check.get("unit") == "samples" else ""
         where = (f"; held-out calibration {what}{on} {check['before']:.4g} -> {check['after']:.4g}" if check else "")
-        state = f"applied to {fitted} of {len(r.get('layers', []))} pruned layers" if r.get("applied") else \
+        state = f"applied to {fitted} of {len(r.get('layers', []))} pruned projections" if r.get("applied") else \
             "not applied (it did not help on held-out calibration data)"
         print(f"repair: {state} (inputs {r.get('inputs')}{where})")
     s = result.seconds
@@ -124,6 +137,7 @@ def _run_shrink(args) -> int:
         calib_samples=args.calib_samples, eval_data=args.eval_data, eval_samples=args.eval_samples,
         max_length=args.max_length, batch_size=args.batch_size, min_heads_per_layer=args.min_heads_per_layer,
         seed=args.seed, text_column=args.text_column, label_column=args.label_column, plan=args.plan,
+        prune_ffn=args.prune_ffn, ffn_method=args.ffn_method, min_neurons_per_layer=args.min_neurons_per_layer,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.no_progress,
         repair=not args.no_repair, repair_inputs=args.repair_inputs, step=args.step, gqa=args.gqa,
     )

@@ -20,8 +20,15 @@ class ShrinkConfig:
     """Settings of one ``shrink`` run; validated on construction.
 
     Args:
-        prune: fraction of all heads to remove (float in (0, 1)) or a head count (int).
+        prune: fraction of all heads to remove (float in (0, 1)) or a head count (int); 0 keeps
+            every head (with ``prune_ffn``: prune FFN neurons only).
+        prune_ffn: fraction of all FFN neurons to remove (float in [0, 1)) or a neuron count (int);
+            None (default) leaves the FFNs alone.
         method: scorer name (``headslim.scoring.SCORERS``); default ``fisher``.
+        ffn_method: scorer of the FFN neurons (``headslim.scoring.neurons.NEURON_METHODS``); default:
+            ``method`` when it scores neurons too, else ``fisher``. With ``method`` equal to it and
+            ``fisher`` or ``gradient``, heads and neurons are scored in the same backward passes.
+        min_neurons_per_layer: FFN neurons every layer keeps (default 0: a layer may lose its FFN).
         objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
         calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
         calib_samples: at most this many calibration samples (a seeded random subset).
@@ -42,7 +49,10 @@ class ShrinkConfig:
     """
 
     prune: float | int = 0.5
+    prune_ffn: float | int | None = None
     method: str = "fisher"
+    ffn_method: str | None = None
+    min_neurons_per_layer: int = 0
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
@@ -82,10 +92,26 @@ class ShrinkConfig:
             raise HeadslimError(f"--step must be in (0, 1], not {self.step}")
         if self.objective not in OBJECTIVES:
             raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
-        if isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
+        ffn = self.prune_ffn is not None
+        if ffn:
+            from headslim.scoring.neurons import NEURON_METHODS
+
+            if isinstance(self.prune_ffn, bool) or not isinstance(self.prune_ffn, (int, float)) or self.prune_ffn < 0 \
+                    or (isinstance(self.prune_ffn, float) and self.prune_ffn >= 1.0):
+                raise HeadslimError(f"--prune-ffn {self.prune_ffn!r}: give a fraction in [0, 1) or a neuron count")
+            if self.ffn_method is None:
+                self.ffn_method = self.method if self.method in NEURON_METHODS else "fisher"
+            if self.ffn_method not in NEURON_METHODS:
+                raise HeadslimError(f"--ffn-method must be one of {', '.join(NEURON_METHODS)}, not {self.ffn_method!r}")
+            if self.min_neurons_per_layer < 0:
+                raise HeadslimError("--min-neurons-per-layer must be >= 0")
+        if self.prune == 0 and ffn and self.plan is None:
+            pass  # FFN neurons only
+        elif isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
             raise HeadslimError(f"--prune {self.prune} is outside (0, 1); give a fraction or a whole head count")
-        if isinstance(self.prune, int) and self.prune < 1:
-            raise HeadslimError(f"--prune {self.prune}: give a fraction in (0, 1) or a head count >= 1")
+        elif isinstance(self.prune, int) and self.prune < 1:
+            raise HeadslimError(f"--prune {self.prune}: give a fraction in (0, 1) or a head count >= 1 "
+                                "(0 only with --prune-ffn)")
         for name in ("calib_samples", "eval_samples", "max_length", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -100,6 +126,8 @@ class ShrinkResult:
     heads_after: list[int]
     params_before: int
     params_after: int
+    neurons_before: list[int] | None = None
+    neurons_after: list[int] | None = None
     quality: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     repair: dict = field(default_factory=dict)
@@ -193,6 +221,61 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
+def _choose(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
+            kv_map: list[list[int]] | None, provenance: dict):
+    """Score the structures ``config`` prunes on ``calib_batches`` and select the plan.
+
+    Heads and FFN neurons are chosen with separate budgets (``prune``, ``prune_ffn``); when both are
+    scored by the same ``fisher`` / ``gradient`` method, one set of backward passes scores both.
+    """
+    from headslim.gqa import select_gqa
+    from headslim.plan import PrunePlan
+    from headslim.scoring import score_heads
+    from headslim.scoring.neurons import score_structures
+    from headslim.selection import select_heads, select_neurons
+
+    heads, ffn = config.prune != 0, config.prune_ffn is not None
+    together = heads and ffn and config.method == config.ffn_method and config.method in ("fisher", "gradient")
+    common = dict(objective=config.objective, seed=config.seed, progress=config.progress)
+    neuron_scores = None
+    if together:
+        both = score_structures(model, calib_batches, method=config.method, heads=True,
+                                min_per_layer=config.min_neurons_per_layer,
+                                min_heads_per_layer=config.min_heads_per_layer, **common)
+        scores, neuron_scores = both["attention"], both["mlp"]
+    elif heads:
+        scores = score_heads(model, calib_batches, method=config.method, prune=config.prune,
+                             min_per_layer=config.min_heads_per_layer, step=config.step, **common)
+    if ffn and neuron_scores is None:
+        neuron_scores = score_structures(model, calib_batches, method=config.ffn_method,
+                                         min_per_layer=config.min_neurons_per_layer, **common)["mlp"]
+    if heads:
+        check_finite_scores(scores, num_heads, config.method)
+        provenance.update(method=config.method, objective=config.objective, prune=config.prune,
+                          min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores))
+    else:
+        provenance.update(method=None, objective=config.objective, prune=0)
+    if heads and kv_map is not None:
+        provenance.update(gqa=config.gqa)
+        plan = select_gqa(scores, kv_map, prune=config.prune, mode=config.gqa,
+                          min_per_layer=config.min_heads_per_layer, provenance=provenance)
+    elif heads:
+        plan = select_heads(scores, num_heads, prune=config.prune, min_per_layer=config.min_heads_per_layer,
+                            provenance=provenance)
+    else:
+        plan = PrunePlan(num_heads, [list(range(n)) for n in num_heads], provenance, kv_head_of_q=kv_map)
+    if ffn:
+        check_finite_scores(neuron_scores, num_neurons, config.ffn_method)
+        provenance.update(ffn_method=config.ffn_method, prune_ffn=config.prune_ffn,
+                          min_neurons_per_layer=config.min_neurons_per_layer,
+                          scored_together=together)
+        kept = select_neurons(neuron_scores, num_neurons, prune=config.prune_ffn,
+                              min_per_layer=config.min_neurons_per_layer)
+        plan = PrunePlan(plan.num_heads, plan.kept_heads, plan.provenance, plan.kv_head_of_q, plan.kept_kv_heads,
+                         num_neurons, kept)
+    return plan
+
+
 def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None = None) -> ShrinkResult:
     """Score heads, remove the least important, check quality on held-out text, write ``out``.
 
@@ -212,10 +295,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     from headslim.quality import count_parameters, embedding_cosine, embeddings, pooling_mode
     from headslim.decoders import kv_maps
     from headslim.evaluate import detect_task, perplexity
-    from headslim.gqa import select_gqa
     from headslim.repair import repair
-    from headslim.scoring import score_heads
-    from headslim.selection import select_heads
     from headslim.surgery import prune_heads
 
     config = config or ShrinkConfig()
@@ -226,7 +306,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         raise HeadslimError(f"{src} is already pruned by headslim; shrink its dense original instead")
     model_config = load_config(src)  # the checks that need only config.json come before any slow work
     max_length = check_length(model_config, config.max_length)
-    if config.plan is None:
+    if config.plan is None and config.prune != 0:
         check_prune_target(config.prune, model_config, config.min_heads_per_layer)
     calib = load_texts(config.calib, text_column=config.text_column, label_column=config.label_column,
                        require_labels=config.objective == "task" and config.plan is None)
@@ -240,6 +320,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         raise HeadslimError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0] if str(e) else e}") from None
     adapter = get_adapter(model)
     num_heads = adapter.num_heads(model)
+    num_neurons = adapter.num_neurons(model)
     kv_map = kv_maps(model)
     grouped = any(m != list(range(len(m))) for m in kv_map)  # GQA: selection must respect KV groups
     causal = detect_task(model) == "causal-lm"
@@ -263,26 +344,13 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     }
     if config.plan is not None:
         data = read_json(config.plan, "plan file")
-        plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map if grouped else None)
+        plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map if grouped else None, num_neurons=num_neurons)
         plan.provenance = {**provenance, "method": "hand-written", "plan_file": str(config.plan)}
     else:
         calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length)
         if causal and config.objective == "task":
             calib_batches = _NextTokenBatches(calib_batches)
-        scores = score_heads(model, calib_batches,
-                             method=config.method, objective=config.objective, seed=config.seed,
-                             progress=config.progress, prune=config.prune, min_per_layer=config.min_heads_per_layer,
-                             step=config.step)
-        check_finite_scores(scores, num_heads, config.method)
-        provenance.update(method=config.method, objective=config.objective, prune=config.prune,
-                          min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores))
-        if grouped:
-            provenance.update(gqa=config.gqa)
-            plan = select_gqa(scores, kv_map, prune=config.prune, mode=config.gqa,
-                              min_per_layer=config.min_heads_per_layer, provenance=provenance)
-        else:
-            plan = select_heads(scores, num_heads, prune=config.prune, min_per_layer=config.min_heads_per_layer,
-                                provenance=provenance)
+        plan = _choose(model, calib_batches, config, num_heads, num_neurons, kv_map if grouped else None, provenance)
     t_scored = time.perf_counter()
 
     pooling = pooling_mode(src)
@@ -322,6 +390,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     t_end = time.perf_counter()
     return ShrinkResult(
         out=str(out), plan=plan.to_dict(), heads_before=num_heads, heads_after=plan.heads_after,
+        neurons_before=num_neurons if plan.num_neurons is not None else None, neurons_after=plan.neurons_after,
         params_before=params_before, params_after=count_parameters(model), quality=quality,
         seconds={"load": round(t_loaded - t0, 2), "score": round(t_scored - t_loaded, 2),
                  "repair": round(t_repaired - t_repair, 2), "total": round(t_end - t0, 2)},

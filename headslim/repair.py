@@ -1,4 +1,9 @@
-"""Retraining-free repair: re-fit each pruned layer's output projection by ridge least squares.
+"""Retraining-free repair: re-fit each pruned output projection by ridge least squares.
+
+The sites are every attention output projection (O) of a layer that lost heads and every FFN down
+projection of a layer that lost neurons, in forward order; what follows is written for O, and holds
+for a down projection with "kept neurons' activations" for "context vectors of the kept heads" and
+the FFN's residual input (where the adapter's ``mlp_residual`` says it enters) for the block input.
 
 After surgery, layer ``l`` computes ``y = W c + b`` from the context vectors ``c`` of the heads it
 kept (``W``: ``(d, k * D)``). Repair chooses ``W, b`` so that ``y`` best matches what the dense model
@@ -140,30 +145,42 @@ def _add(stats: dict, x: torch.Tensor, t: torch.Tensor, bias: bool = True) -> No
     stats["C"] = stats.get("C", 0) + float(t.pow(2).sum())
 
 
-def _capture(model, layer: int, want_input: bool):
-    """Hooks on ``layer``'s attention block: record the projection input/output and the block input, then stop."""
+def _site_modules(model, site: tuple[int, str]):
+    """``(output projection, module whose input is the residual, which positional input)`` of a site:
+    ``(layer, "attention")`` (O; the attention block's input) or ``(layer, "mlp")`` (the down
+    projection; where the adapter says the residual the FFN output is added to enters)."""
     adapter = get_adapter(model)
-    block = adapter.attention_blocks(model)[layer]
-    o_proj = adapter.o_proj(block)
+    layer, kind = site
+    if kind == "attention":
+        block = adapter.attention_blocks(model)[layer]
+        return adapter.o_proj(block), block, 0
+    block = adapter.mlp_blocks(model)[layer]
+    residual, index = adapter.mlp_residual(block)
+    return adapter.down_proj(block), residual, index
+
+
+def _capture(model, site: tuple[int, str], want_input: bool):
+    """Hooks on one site: record the projection input/output and the residual input, then stop."""
+    proj, residual, index = _site_modules(model, site)
     got: dict = {}
 
-    def pre_block(module, args, kwargs):
-        got["x"] = args[0] if args else kwargs["hidden_states"]  # (B, T, d) residual input
+    def pre_residual(module, args, kwargs):
+        got["x"] = args[index] if len(args) > index else kwargs["hidden_states"]  # (B, T, d) residual
 
-    def on_o(module, args, output):
-        got["c"] = args[0]  # (B, T, k * D)
+    def on_proj(module, args, output):
+        got["c"] = args[0]  # (B, T, p): context of the kept heads, or kept neurons' activations
         got["y"] = output  # (B, T, d)
         raise _Stop
 
-    handles = [o_proj.register_forward_hook(on_o)]
+    handles = [proj.register_forward_hook(on_proj)]
     if want_input:
-        handles.append(block.register_forward_pre_hook(pre_block, with_kwargs=True))
+        handles.append(residual.register_forward_pre_hook(pre_residual, with_kwargs=True))
     return got, handles
 
 
 @torch.no_grad()
-def _run_to(model, layer: int, batch: dict, want_input: bool) -> dict:
-    got, handles = _capture(model, layer, want_input)
+def _run_to(model, site: tuple[int, str], batch: dict, want_input: bool) -> dict:
+    got, handles = _capture(model, site, want_input)
     try:
         model(**{k: v for k, v in batch.items() if k != "labels"})
     except _Stop:
@@ -172,7 +189,7 @@ def _run_to(model, layer: int, batch: dict, want_input: bool) -> dict:
         for h in handles:
             h.remove()
     if "y" not in got:
-        raise HeadslimError(f"repair: layer {layer}'s output projection did not run")
+        raise HeadslimError(f"repair: the output projection of layer {site[0]}'s {site[1]} did not run")
     return got
 
 
@@ -277,11 +294,17 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     batches, is_val, held_out = _split(batches, holdout)
     val_batches = [b for b, v in zip(batches, is_val) if v]
     report = RepairReport(applied=False, inputs=inputs, ridge=ridge, held_out=held_out)
-    # a decoder layer that lost every head has no output projection left (its bias, if any, stays)
+    # a decoder layer that lost every head (or FFN neuron) has no output projection left (its bias stays)
     bias_only_ok = adapter.name == "bert-family"
-    layers = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads))
-              if len(kept) < n and (kept or bias_only_ok)]
-    if not layers:
+    sites = []
+    for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
+        if len(kept) < n and (kept or bias_only_ok):
+            sites.append((layer, "attention"))
+        if plan.num_neurons is not None:
+            kept_n, width = plan.kept_neurons[layer], plan.num_neurons[layer]
+            if len(kept_n) < width and (kept_n or bias_only_ok):
+                sites.append((layer, "mlp"))
+    if not sites:
         return report
     if holdout > 0 and not val_batches:
         report.skipped = f"{n_samples} calibration sample leaves none to hold out to check the repair on"
@@ -292,31 +315,32 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
         report.warning = (f"calibration data is small ({n_samples} samples in {n_batches} "
                           f"batch{'es' if n_batches > 1 else ''}): repair is checked on {n_val} held-out "
                           f"sample{'s' if n_val > 1 else ''} instead of held-out batches")
-    blocks = adapter.attention_blocks(model)
-    originals = {layer: _o_weight(adapter.o_proj(blocks[layer])) for layer in layers}
+    proj = {site: _site_modules(model, site)[0] for site in sites}
+    originals = {site: _o_weight(proj[site]) for site in sites}
     checked = check and bool(val_batches)
     if checked:
         metric, before = _fidelity(model, dense, val_batches)
     with torch.no_grad():
-        for layer in tqdm(layers, desc="repairing layers", unit="layer", disable=not progress, leave=False):
-            o_proj = adapter.o_proj(blocks[layer])
-            bias = _has_bias(o_proj)
-            kept = plan.kept_heads[layer]
+        for site in tqdm(sites, desc="repairing layers", unit="projection", disable=not progress, leave=False):
+            layer, kind = site
+            bias = _has_bias(proj[site])
+            kept = plan.kept_heads[layer] if kind == "attention" else plan.kept_neurons[layer]
             fit, val = {}, {}
             for batch, v in zip(batches, is_val):
                 mask = batch["attention_mask"].bool()  # (B, T)
-                ref = _run_to(dense, layer, batch, want_input=inputs == "pruned")
+                ref = _run_to(dense, site, batch, want_input=inputs == "pruned")
                 if inputs == "pruned":
-                    cur = _run_to(model, layer, batch, want_input=True)
-                    x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, k * D)
+                    cur = _run_to(model, site, batch, want_input=True)
+                    x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
                     t = (ref["y"] + ref["x"] - cur["x"])[mask]  # (N, d)
                 else:
-                    x = ref["c"][mask][:, _head_columns(kept, head_dim).to(device)]  # (N, k * D)
+                    cols = _head_columns(kept, head_dim) if kind == "attention" else torch.tensor(kept, dtype=torch.long)
+                    x = ref["c"][mask][:, cols.to(device)]  # (N, p)
                     t = ref["y"][mask]  # (N, d)
                 _add(val if v else fit, x, t, bias)
-            w0 = originals[layer]
+            w0 = originals[site]
             w_fit = _solve(fit, w0, ridge, bias)
-            entry = {"layer": layer, "heads": len(kept),
+            entry = {"layer": layer, "kind": kind, ("heads" if kind == "attention" else "neurons"): len(kept),
                      "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
                      "fit_after": _error(w_fit, fit) / max(fit["C"], 1e-30)}
             apply = True
@@ -328,7 +352,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                     w_fit = _solve({k: fit[k] + val[k] for k in fit}, w0, ridge, bias)
             entry["applied"] = bool(apply)
             if apply:
-                _set_o_weight(o_proj, w_fit)
+                _set_o_weight(proj[site], w_fit)
             report.layers.append(entry)
     report.applied = any(e["applied"] for e in report.layers)
     if checked:  # recorded even when no layer kept its fit: the report says the repair was checked
@@ -336,8 +360,8 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
         report.check = {"metric": metric, "before": before, "after": after, "n_batches": len(val_batches),
                         "n_held_out": held_out["n_held_out"], "unit": held_out["unit"]}
         if report.applied and ((after <= before) if metric == "cosine" else (after >= before)):
-            for layer in layers:
-                _set_o_weight(adapter.o_proj(blocks[layer]), originals[layer])
+            for site in sites:
+                _set_o_weight(proj[site], originals[site])
             report.applied = False
             for e in report.layers:
                 e["applied"] = False

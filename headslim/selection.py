@@ -56,3 +56,31 @@ def select_heads(scores: torch.Tensor, num_heads: list[int], *, prune: float | i
     for _, layer, h in sorted(rest)[: n_keep - sum(len(k) for k in kept.values())]:
         kept[layer].add(h)
     return PrunePlan(num_heads, [sorted(kept[layer]) for layer in range(len(num_heads))], provenance or {})
+
+
+def select_neurons(scores: torch.Tensor, widths: list[int], *, prune: float | int,
+                   min_per_layer: int = 0) -> list[list[int]]:
+    """Kept FFN neurons per layer: the highest scores globally, at least ``min_per_layer`` each.
+
+    ``prune`` is a fraction of all neurons (float in (0, 1)) or a neuron count (int); 0 keeps them all.
+
+    Example:
+        >>> [len(k) for k in select_neurons(torch.rand(2, 8), [8, 8], prune=0.25)]   # doctest: +SKIP
+        [6, 6]
+    """
+    total = sum(widths)
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)):
+        raise HeadslimError(f"--prune-ffn must be a fraction in [0, 1) or a neuron count, not {prune!r}")
+    n_prune = int(round(prune * total)) if isinstance(prune, float) else prune
+    if not 0 <= n_prune <= total or (isinstance(prune, float) and not 0.0 <= prune < 1.0):
+        raise HeadslimError(f"--prune-ffn {prune}: the model has {total} FFN neurons")
+    floor = sum(min(min_per_layer, n) for n in widths)
+    if total - n_prune < floor:
+        raise HeadslimError(f"cannot remove {n_prune} of {total} FFN neurons while keeping {min_per_layer} per layer")
+    kept = {layer: set(sorted(range(n), key=lambda i: (-float(scores[layer, i]), i))[:min_per_layer])
+            for layer, n in enumerate(widths)}
+    rest = sorted((-float(scores[layer, i]), layer, i) for layer, n in enumerate(widths) for i in range(n)
+                  if i not in kept[layer])
+    for _, layer, i in rest[: total - n_prune - sum(len(k) for k in kept.values())]:
+        kept[layer].add(i)
+    return [sorted(kept[layer]) for layer in range(len(widths))]

@@ -1,0 +1,209 @@
+"""FFN neuron scorers: the head scorers' ideas applied to the other prunable structure.
+
+A neuron is a one-column group of the FFN's down projection (a head is a ``head_dim``-wide group of
+the attention output projection), so the same gates and probes serve both: a gate on each neuron's
+activation just before the down projection (``headslim.gates``), gradients through the same
+label-free Gauss-Newton / Fisher probe (``common.probe``) or the task loss.
+
+Methods (``NEURON_METHODS``):
+    ``fisher`` (Kwon et al. 2022): the block-diagonal empirical Fisher of the neuron gates (one
+        ``n x n`` block per layer) and a greedy mask search, as for heads; the score is the position
+        in the removal order. Layers wider than ``max_block`` neurons use the diagonal only.
+    ``gradient``: the diagonal of that Fisher (the first-order removal cost).
+    ``magnitude``: function norm (Lin et al. 2020): RMS over tokens of ``||W_down[:, i]|| * |a_i|``,
+        the norm of the neuron's contribution to the layer output; one forward pass, label-free.
+    ``random``: the baseline.
+
+Every scorer returns ``(layers, max_neurons)``, higher = more important, ``-inf`` past a layer's width.
+With ``heads=True``, ``fisher`` and ``gradient`` also return the head scores of the same backward
+passes (``score_structures``), so scoring both kinds costs one pass over the calibration data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headslim.adapters import get_adapter
+from headslim.errors import HeadslimError
+from headslim.gates import gated
+from headslim.scoring.common import (check_nonempty, finish, forward, frozen, model_device, probe, progress_bar,
+                                     run_hooked, to_device)
+
+NEURON_METHODS = ("fisher", "gradient", "magnitude", "random")
+
+
+def neuron_counts(model) -> list[int]:
+    return get_adapter(model).num_neurons(model)
+
+
+def structure_gradients(model, batches, *, objective: str, seed: int, progress: bool, probes: int = 4,
+                        heads: bool = True, desc: str = "scoring heads and FFN neurons"):
+    """Yield ``(head_grads, neuron_grads)`` per batch: ``(probes, layers, max_heads)`` (None unless
+    ``heads``) and ``(probes, layers, max_neurons)``, each probe's ``g`` with ``E[g g^T]`` = the batch's
+    Fisher / Gauss-Newton matrix over the gates (see ``common.probe``)."""
+    adapter = get_adapter(model)
+    n_heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    with frozen(model):
+        for batch in progress_bar(batches, desc, progress):
+            batch = to_device(batch, device)
+            head_gates = torch.ones(len(n_heads), max(n_heads), device=device, requires_grad=True) if heads else None
+            neuron_gates = torch.ones(len(widths), max(widths), device=device, requires_grad=True)
+            with gated(model, head_gates, neurons=neuron_gates):
+                out = forward(model, batch)
+            wrt = [neuron_gates] + ([head_gates] if heads else [])
+            hg, ng = [], []
+            for k in range(probes):
+                grads = torch.autograd.grad(probe(out, batch, objective, gen), wrt, retain_graph=k < probes - 1)
+                ng.append(grads[0].detach().cpu().double())
+                if heads:
+                    hg.append(grads[1].detach().cpu().double())
+            yield (torch.stack(hg) if heads else None), torch.stack(ng)
+
+
+def blockwise_path(blocks: list[torch.Tensor], widths: list[int], min_per_layer: int = 0) -> list[tuple[int, int, float]]:
+    """Greedy removal order minimising ``1/2 r^T C r`` over indicators ``r``, ``C`` block-diagonal.
+
+    Args:
+        blocks: per layer, the ``(n, n)`` curvature block (a 1-D ``(n,)`` tensor: its diagonal only).
+        widths: current structures per layer (``n``).
+        min_per_layer: each layer keeps this many until every layer is down to that many.
+
+    Returns: every ``(layer, index, marginal cost)`` in removal order: each step removes the structure
+    whose removal adds least to the cost given those already removed. The blocks do not interact, so
+    each layer's own greedy sequence is computed alone and the global path merges the sequences,
+    always taking the layer whose next removal is cheapest (the same path as a global greedy, in
+    ``O(n^2)`` per layer instead of ``O(N^2)``).
+    """
+    import heapq
+
+    import numpy as np
+
+    sequences = []
+    for block, n in zip(blocks, widths):
+        curv = block.double().numpy()
+        marginal = 0.5 * (np.diag(curv).copy() if curv.ndim == 2 else curv.copy())  # (n,)
+        removed = np.zeros(n, dtype=bool)
+        seq = []
+        for _ in range(n):
+            j = int(np.argmin(np.where(removed, np.inf, marginal)))
+            seq.append((j, float(marginal[j])))
+            removed[j] = True
+            if curv.ndim == 2:
+                marginal += curv[:, j]
+        sequences.append(seq)
+    floors = [min(min_per_layer, n) for n in widths]
+    order, pos = [], [0] * len(widths)
+    for phase in (0, 1):  # 0: every layer down to its floor; 1: the rest
+        limit = [n - f if phase == 0 else n for n, f in zip(widths, floors)]
+        heap = [(sequences[l][pos[l]][1], l) for l in range(len(widths)) if pos[l] < limit[l]]
+        heapq.heapify(heap)
+        while heap:
+            _, layer = heapq.heappop(heap)
+            j, cost = sequences[layer][pos[layer]]
+            order.append((layer, j, cost))
+            pos[layer] += 1
+            if pos[layer] < limit[layer]:
+                heapq.heappush(heap, (sequences[layer][pos[layer]][1], layer))
+    return order
+
+
+def _path_scores(order, widths: list[int]) -> torch.Tensor:
+    scores = torch.zeros(len(widths), max(widths) if widths else 0)
+    for pos, (layer, index, _) in enumerate(order):
+        scores[layer, index] = float(pos)
+    return finish(scores, widths)
+
+
+def score_structures(model, batches, *, method: str = "fisher", objective: str = "dense", seed: int = 0,
+                     progress: bool = True, probes: int = 4, heads: bool = False, min_per_layer: int = 0,
+                     min_heads_per_layer: int = 1, max_block: int = 4096, **options) -> dict:
+    """Score every FFN neuron (and, with ``heads``, every head in the same passes).
+
+    Args:
+        model: a model an adapter supports (dense or pruned); left as it was.
+        batches: re-iterable calibration batches.
+        method: one of ``NEURON_METHODS``; ``heads=True`` needs ``fisher`` or ``gradient``.
+        objective: ``dense`` (label-free) or ``task``.
+        probes: random probes per batch (``fisher``, ``gradient``).
+        min_per_layer: neurons each layer keeps in the fisher path until every layer is down to it.
+        min_heads_per_layer: the same for the heads' path.
+        max_block: widest layer whose full Fisher block is kept (memory: ``8 n^2`` bytes a layer).
+
+    Returns: ``{"mlp": (layers, max_neurons)}`` and, with ``heads``, ``"attention": (layers, max_heads)``,
+    higher = more important.
+
+    Example:
+        >>> scores = score_structures(model, calib_batches, method="fisher", heads=True)   # doctest: +SKIP
+    """
+    if method not in NEURON_METHODS:
+        raise HeadslimError(f"FFN neurons can be scored by {', '.join(NEURON_METHODS)}, not {method!r}")
+    widths = neuron_counts(model)
+    if heads and method not in ("fisher", "gradient"):
+        raise HeadslimError(f"scoring heads and neurons together needs fisher or gradient, not {method!r}")
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed + 1)  # not the heads' draw: the two kinds are independent
+        return {"mlp": finish(torch.rand(len(widths), max(widths), generator=gen), widths)}
+    if method == "magnitude":
+        return {"mlp": _magnitude(model, batches, progress)}
+    n_heads = get_adapter(model).num_heads(model)
+    full = method == "fisher"
+    blocks = [torch.zeros((n, n) if full and n <= max_block else (n,), dtype=torch.float64) for n in widths]
+    head_curv = torch.zeros(len(n_heads) * max(n_heads), len(n_heads) * max(n_heads), dtype=torch.float64) \
+        if heads else None
+    seen = 0
+    for hg, ng in structure_gradients(model, batches, objective=objective, seed=seed, progress=progress,
+                                      probes=probes, heads=heads,
+                                      desc=f"scoring {'heads and ' if heads else ''}FFN neurons ({method})"):
+        for layer, n in enumerate(widths):
+            g = ng[:, layer, :n]  # (probes, n)
+            blocks[layer] += (g.T @ g if blocks[layer].dim() == 2 else g.pow(2).sum(0)) / len(g)
+        if heads:
+            flat = hg.flatten(1)  # (probes, layers * max_heads)
+            head_curv += flat.T @ flat / len(flat)
+        seen += 1
+    check_nonempty(seen)
+    blocks = [b / seen for b in blocks]
+    result = {}
+    if full:
+        result["mlp"] = _path_scores(blockwise_path(blocks, widths, min_per_layer), widths)
+    else:
+        diag = torch.zeros(len(widths), max(widths), dtype=torch.float64)
+        for layer, b in enumerate(blocks):
+            diag[layer, : widths[layer]] = 0.5 * (b.diagonal() if b.dim() == 2 else b)
+        result["mlp"] = finish(diag, widths)
+    if heads:
+        from headslim.scoring.fisher import layer_mask_search, path_scores
+
+        head_curv /= seen
+        if full:
+            order = layer_mask_search(head_curv, n_heads, min_heads_per_layer)
+            result["attention"] = path_scores(order, n_heads, max(n_heads))
+        else:
+            result["attention"] = finish(0.5 * head_curv.diagonal().view(len(n_heads), max(n_heads)), n_heads)
+    return result
+
+
+@torch.no_grad()
+def _magnitude(model, batches, progress: bool) -> torch.Tensor:
+    """RMS over real tokens of each neuron's contribution norm ``||W_down[:, i]|| |a_i|``."""
+    from headslim.scoring.magnitude import o_weight
+
+    adapter = get_adapter(model)
+    widths = adapter.num_neurons(model)
+    sums = torch.zeros(len(widths), max(widths), dtype=torch.float64)
+    state, handles = {}, []
+    for layer, (block, n) in enumerate(zip(adapter.mlp_blocks(model), widths)):
+        if n == 0:
+            continue
+        down = adapter.down_proj(block)
+        col_norm = o_weight(down).float().norm(dim=0)  # (n,)
+
+        def hook(module, args, layer=layer, n=n, col_norm=col_norm):
+            a = args[0].float().pow(2) * state["mask"][..., None].float()  # (B, T, n)
+            sums[layer, :n] += (a.sum((0, 1)) * col_norm.pow(2).to(a.device)).double().cpu()
+
+        handles.append(down.register_forward_pre_hook(hook))
+    tokens = run_hooked(model, batches, handles, state, "scoring FFN neurons (magnitude)", progress)
+    return finish((sums / tokens).sqrt(), widths)
