@@ -195,6 +195,7 @@ class ExportReport:
     quantization: dict | None = None
     versions: dict = field(default_factory=dict)
     seconds: float = 0.0
+    neurons_per_layer: list[int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -487,6 +488,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
             versions=_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
+        report.neurons_per_layer = get_adapter(model).num_neurons(model)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
@@ -565,7 +567,7 @@ def run(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     print(f"{report.architecture} ({report.model_type}), task {report.task}, heads per layer "
-          f"{report.heads_per_layer}, opset {report.opset}")
+          f"{report.heads_per_layer}, FFN neurons per layer {report.neurons_per_layer}, opset {report.opset}")
     for kind, name in report.graphs.items():
         val = report.validation[kind]
         diff = max(val["max_abs_diff"].values())

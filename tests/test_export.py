@@ -374,3 +374,28 @@ def test_config_rejects_bad_values():
     with pytest.raises(HeadslimError, match="int8 only"):
         ExportConfig(quantize="int4")
     assert set(TASKS) >= {"feature-extraction", "sequence-classification", "token-classification"}
+
+
+@pytest.mark.parametrize("model_type", EXPORTED)
+def test_ffn_pruned_encoder_exports_fused_and_int8_with_parity(tmp_path, model_type):
+    """Per-layer FFN widths (one layer with no FFN left, one with a single neuron) beside uneven heads:
+    the unfused and the fused graph match PyTorch, int8 is written and judged, the report says the widths."""
+    from headslim.adapters import get_adapter
+
+    dense = tiny_model(model_type, TINY_MODELS[model_type][2][0])
+    widths = get_adapter(dense).num_neurons(dense)
+    plan = PrunePlan([HEADS] * LAYERS, UNEVEN.kept_heads, num_neurons=widths,
+                     kept_neurons=[[], [4], list(range(0, widths[2], 2))])
+    src, model = _checkpoint(tmp_path, model_type, TINY_MODELS[model_type][2][0], plan, tokenizer=True)
+    report = export_onnx(src, tmp_path / "onnx", optimize=True, quantize="int8", prefer="unfused")
+    assert report.neurons_per_layer == [0, 1, len(range(0, widths[2], 2))]
+    assert set(report.graphs) == {"fp32-unfused", "fp32-fused", "int8"}
+    feeds = _padded_inputs(report.inputs)
+    with torch.no_grad():
+        expected = model(**feeds).last_hidden_state.numpy()
+    out = tmp_path / "onnx"
+    for kind in ("fp32-unfused", "fp32-fused"):
+        assert np.abs(_ort_outputs(out / report.graphs[kind], feeds)[0] - expected).max() <= 1e-4, kind
+    assert report.fusion["all_attention_fused"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert not [i.name for i in graph.initializer if 0 in i.dims]

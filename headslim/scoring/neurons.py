@@ -62,6 +62,28 @@ def structure_gradients(model, batches, *, objective: str, seed: int, progress: 
             yield (torch.stack(hg) if heads else None), torch.stack(ng)
 
 
+def layer_sequences(blocks: list[torch.Tensor]) -> list[list[tuple[int, float]]]:
+    """Each layer's own greedy removal sequence ``[(index, marginal cost), ...]`` under its curvature
+    block (``(n, n)``, or ``(n,)`` for the diagonal only): the order in which removing one more adds
+    least to ``1/2 r^T C r`` given those already removed."""
+    import numpy as np
+
+    sequences = []
+    for block in blocks:
+        curv = block.double().numpy()
+        marginal = 0.5 * (np.diag(curv).copy() if curv.ndim == 2 else curv.copy())  # (n,)
+        removed = np.zeros(len(marginal), dtype=bool)
+        seq = []
+        for _ in range(len(marginal)):
+            j = int(np.argmin(np.where(removed, np.inf, marginal)))
+            seq.append((j, float(marginal[j])))
+            removed[j] = True
+            if curv.ndim == 2:
+                marginal += curv[:, j]
+        sequences.append(seq)
+    return sequences
+
+
 def blockwise_path(blocks: list[torch.Tensor], widths: list[int], min_per_layer: int = 0) -> list[tuple[int, int, float]]:
     """Greedy removal order minimising ``1/2 r^T C r`` over indicators ``r``, ``C`` block-diagonal.
 
@@ -78,21 +100,7 @@ def blockwise_path(blocks: list[torch.Tensor], widths: list[int], min_per_layer:
     """
     import heapq
 
-    import numpy as np
-
-    sequences = []
-    for block, n in zip(blocks, widths):
-        curv = block.double().numpy()
-        marginal = 0.5 * (np.diag(curv).copy() if curv.ndim == 2 else curv.copy())  # (n,)
-        removed = np.zeros(n, dtype=bool)
-        seq = []
-        for _ in range(n):
-            j = int(np.argmin(np.where(removed, np.inf, marginal)))
-            seq.append((j, float(marginal[j])))
-            removed[j] = True
-            if curv.ndim == 2:
-                marginal += curv[:, j]
-        sequences.append(seq)
+    sequences = layer_sequences(blocks)
     floors = [min(min_per_layer, n) for n in widths]
     order, pos = [], [0] * len(widths)
     for phase in (0, 1):  # 0: every layer down to its floor; 1: the rest
@@ -132,7 +140,9 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
         max_block: widest layer whose full Fisher block is kept (memory: ``8 n^2`` bytes a layer).
 
     Returns: ``{"mlp": (layers, max_neurons)}`` and, with ``heads``, ``"attention": (layers, max_heads)``,
-    higher = more important.
+    higher = more important; ``fisher`` and ``gradient`` add ``"sequences"``: per kind and layer, the
+    layer's greedy removal sequence ``[(index, marginal cost)]`` (costs of both kinds in one unit:
+    the same probes), which ``headslim.budget`` spends to a speed-up target.
 
     Example:
         >>> scores = score_structures(model, calib_batches, method="fisher", heads=True)   # doctest: +SKIP
@@ -165,7 +175,7 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
         seen += 1
     check_nonempty(seen)
     blocks = [b / seen for b in blocks]
-    result = {}
+    result = {"sequences": {"mlp": layer_sequences(blocks)}}
     if full:
         result["mlp"] = _path_scores(blockwise_path(blocks, widths, min_per_layer), widths)
     else:
@@ -177,11 +187,16 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
         from headslim.scoring.fisher import layer_mask_search, path_scores
 
         head_curv /= seen
+        width = max(n_heads)
+        head_blocks = [head_curv[l * width:l * width + n, l * width:l * width + n] for l, n in enumerate(n_heads)]
+        if not full:
+            head_blocks = [b.diagonal().clone() for b in head_blocks]
+        result["sequences"]["attention"] = layer_sequences(head_blocks)
         if full:
             order = layer_mask_search(head_curv, n_heads, min_heads_per_layer)
-            result["attention"] = path_scores(order, n_heads, max(n_heads))
+            result["attention"] = path_scores(order, n_heads, width)
         else:
-            result["attention"] = finish(0.5 * head_curv.diagonal().view(len(n_heads), max(n_heads)), n_heads)
+            result["attention"] = finish(0.5 * head_curv.diagonal().view(len(n_heads), width), n_heads)
     return result
 
 

@@ -1,0 +1,90 @@
+"""headslim.budget: spending a speed-up target on heads and neurons, against hand-made latency tables."""
+
+import pytest
+
+from headslim.budget import effective_times, spend
+from headslim.errors import HeadslimError
+
+
+class Table:
+    """A latency table with linear prices: ``a0 + a * h`` per attention block, ``f(n)`` per FFN."""
+
+    def __init__(self, a=1.0, a0=0.0, ffn=None, batch=1, seq=128):
+        self.a, self.a0, self.batch, self.seq, self.runtime = a, a0, batch, seq, "fake"
+        self._ffn = ffn or (lambda n: 0.01 * n)
+
+    def attention(self, h):
+        return self.a0 + self.a * h
+
+    def ffn(self, n):
+        return self._ffn(n)
+
+
+def sequences(layers, width, cost):
+    """Every layer removes its structures in index order; ``cost(layer, i)`` is each one's marginal cost."""
+    return [[(i, cost(layer, i)) for i in range(width)] for layer in range(layers)]
+
+
+def test_reaches_the_target_and_removes_a_prefix_of_each_sequence():
+    heads, neurons = [4] * 3, [100] * 3
+    seqs = {"attention": sequences(3, 4, lambda l, i: 1.0 + l), "mlp": sequences(3, 100, lambda l, i: 0.05 * (i + 1))}
+    tables = [Table(), Table(a=2.0, batch=32)]
+    budget = spend(seqs, heads, neurons, tables, 1.5)
+    assert all(s >= 1.5 for s in budget.estimated)
+    for layer in range(3):
+        kept = budget.kept_neurons[layer]
+        assert kept == list(range(100 - len(kept), 100))  # the first removals of the sequence went
+        assert budget.kept_heads[layer] == list(range(4 - len(budget.kept_heads[layer]), 4))
+    # check the estimate against the tables directly
+    for t, s in zip(tables, budget.estimated):
+        dense = sum(t.attention(4) + t.ffn(100) for _ in range(3))
+        pruned = sum(t.attention(len(h)) + t.ffn(len(n)) for h, n in zip(budget.kept_heads, budget.kept_neurons))
+        assert s == pytest.approx(dense / pruned)
+
+
+def test_cheap_structures_go_first():
+    """Neurons cost nothing, heads cost a lot: the target is met with neurons alone."""
+    seqs = {"attention": sequences(2, 4, lambda l, i: 100.0), "mlp": sequences(2, 100, lambda l, i: 0.0)}
+    budget = spend(seqs, [4, 4], [100, 100], [Table(a=0.25)], 1.5)
+    assert budget.kept_heads == [[0, 1, 2, 3]] * 2
+    assert sum(len(k) for k in budget.kept_neurons) < 200
+
+
+def test_the_cheaper_layer_loses_more():
+    seqs = {"attention": sequences(2, 4, lambda l, i: 1e6), "mlp": sequences(2, 100, lambda l, i: 1.0 if l == 0 else 10.0)}
+    budget = spend(seqs, [4, 4], [100, 100], [Table()], 1.15, kinds=("mlp",))
+    assert len(budget.kept_neurons[0]) < len(budget.kept_neurons[1])
+
+
+def test_a_plateau_is_crossed_and_counts_round_up_to_the_faster_width():
+    """FFN time is flat from 100 down to 50 and 64 is slower than 80: the step crosses the plateau,
+    and a chosen count of 64 keeps 80 neurons (as fast, more quality)."""
+    def ffn(n):
+        if n > 80:
+            return 1.0
+        if n > 64:
+            return 0.6  # 65..80
+        if n > 48:
+            return 0.7  # 49..64: slower than 80
+        return 0.2
+
+    assert effective_times([Table(ffn=ffn)], "mlp", 100, [1.0])[1][64] == 80
+    seqs = {"attention": sequences(1, 4, lambda l, i: 1e6), "mlp": sequences(1, 100, lambda l, i: 1.0)}
+    budget = spend(seqs, [4], [100], [Table(a=0.0, ffn=ffn)], 1.5, kinds=("mlp",))
+    assert len(budget.kept_neurons[0]) == 80
+    assert budget.estimated[0] == pytest.approx(1.0 / 0.6)
+
+
+def test_an_unreachable_target_names_the_best_estimate():
+    seqs = {"attention": sequences(1, 4, lambda l, i: 1.0), "mlp": sequences(1, 10, lambda l, i: 1.0)}
+    with pytest.raises(HeadslimError, match=r"cannot be reached.*estimated"):
+        spend(seqs, [4], [10], [Table(a0=5.0)], 3.0, rest_ms=[10.0], min_heads_per_layer=1)
+    with pytest.raises(HeadslimError, match="above 1"):
+        spend(seqs, [4], [10], [Table()], 1.0)
+
+
+def test_floors_are_kept():
+    seqs = {"attention": sequences(2, 4, lambda l, i: 0.0), "mlp": sequences(2, 10, lambda l, i: 0.0)}
+    budget = spend(seqs, [4, 4], [10, 10], [Table(ffn=lambda n: 0.1 * n)], 2.0, min_heads_per_layer=1,
+                   min_neurons_per_layer=2)
+    assert all(len(k) >= 1 for k in budget.kept_heads) and all(len(k) >= 2 for k in budget.kept_neurons)
