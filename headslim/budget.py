@@ -13,9 +13,9 @@ keeping more structures than chosen never costs quality. A step is the run of re
 next count whose effective time is lower (a plateau has no saving on its own), and at the end each
 layer keeps the count whose time it was priced at (rounding up to a runtime-friendly width for free).
 
-The estimate is ``(dense layers + rest) / (pruned layers + rest)`` per shape, ``rest`` the time of
-what pruning does not touch (embeddings, task head, the runtime's own overhead) when the caller
-measured it (``rest_ms``), else 0, which overestimates the speed-up.
+The estimate is ``(rest + scale * dense layers) / (rest + scale * pruned layers)`` per shape: ``scale``
+and ``rest`` calibrate the block tables on whole-model timings (``headslim.speedup.SpeedTarget``);
+without them (1 and 0) it is the tables' own ratio.
 """
 
 from __future__ import annotations
@@ -60,8 +60,22 @@ class Budget:
                 "steps": self.steps, "shapes": self.shapes}
 
 
+class _Scaled:
+    """A latency table with every time multiplied by ``scale``."""
+
+    def __init__(self, table, scale: float):
+        self.table, self.scale = table, scale
+        self.batch, self.seq, self.runtime = table.batch, table.seq, table.runtime
+
+    def attention(self, h):
+        return self.scale * self.table.attention(h)
+
+    def ffn(self, n):
+        return self.scale * self.table.ffn(n)
+
+
 def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables: list, target: float, *,
-          rest_ms: list[float] | None = None, min_heads_per_layer: int = 1, min_neurons_per_layer: int = 0,
+          rest_ms: list[float] | None = None, scale: list[float] | None = None, min_heads_per_layer: int = 1, min_neurons_per_layer: int = 0,
           kinds: tuple = ("attention", "mlp")) -> Budget:
     """Choose which heads and neurons to remove so the estimated speed-up reaches ``target`` at every
     table's shape, at the least estimated quality cost per unit of time saved.
@@ -73,6 +87,7 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
         tables: one latency table per shape (``headslim.latency.LatencyTable``).
         target: the speed-up to reach (> 1).
         rest_ms: per table, the time of what pruning leaves alone; None: 0.
+        scale: per table, what its block times are multiplied by in the whole model; None: 1.
         min_heads_per_layer, min_neurons_per_layer: floors.
         kinds: which structures may go (heads only, neurons only, or both).
 
@@ -82,6 +97,7 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
     if not target > 1.0:
         raise HeadslimError(f"--target-speedup must be above 1, not {target}")
     rest_ms = rest_ms or [0.0] * len(tables)
+    tables = [_Scaled(t, a) for t, a in zip(tables, scale or [1.0] * len(tables))]
     layers = len(num_heads)
     width = {"attention": num_heads, "mlp": num_neurons}
     floor = {"attention": min_heads_per_layer, "mlp": min_neurons_per_layer}
@@ -158,6 +174,7 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
         kept[kind] = rows
     estimated = [d / c for d, c in zip(dense, current)]
     shapes = [{"batch": table.batch, "seq": table.seq, "runtime": table.runtime, "dense_ms": round(d, 4),
-               "estimated_ms": round(c, 4), "estimated_speedup": round(d / c, 4), "rest_ms": round(r, 4)}
+               "estimated_ms": round(c, 4), "estimated_speedup": round(d / c, 4), "rest_ms": round(r, 4),
+               "scale": round(table.scale, 4)}
               for table, d, c, r in zip(tables, dense, current, rest_ms)]
     return Budget(kept["attention"], kept["mlp"], estimated, target, total_cost, steps, shapes)

@@ -35,7 +35,7 @@ def _add_shrink(sub) -> None:
     req.add_argument("model", help="dense checkpoint dir (safetensors), or 'all-MiniLM-L6-v2' for the bundled one")
     req.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite)")
     opt = p.add_argument_group("optional")
-    opt.add_argument("--prune", "--prune-heads", dest="prune", type=_prune_arg, default=0.5,
+    opt.add_argument("--prune", "--prune-heads", dest="prune", type=_prune_arg, default=None,
                      help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5; "
                           "0 with --prune-ffn: FFN neurons only)")
     opt.add_argument("--prune-ffn", type=_prune_arg, default=None,
@@ -46,6 +46,17 @@ def _add_shrink(sub) -> None:
                           "(default: --method when it is one of them, else fisher)")
     opt.add_argument("--min-neurons-per-layer", type=int, default=0,
                      help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
+    opt.add_argument("--target-speedup", type=float, default=None,
+                     help="plan for this speed-up on --runtime instead of --prune/--prune-ffn: heads and FFN "
+                          "neurons ranked together by Fisher cost per unit of latency saved (per-layer latency "
+                          "tables measured on the runtime and cached), then dense and pruned timed side by side")
+    opt.add_argument("--target-structures", default="both", choices=["both", "heads", "ffn"],
+                     help="what --target-speedup may remove (default both)")
+    opt.add_argument("--runtime", default="ort-cpu", help="runtime of --target-speedup: ort-cpu (default), "
+                                                          "ort-int8-cpu, torch-cpu or cuda")
+    opt.add_argument("--shapes", default="1x128,32x128",
+                     help="BATCHxSEQ shapes --target-speedup must be met at (default 1x128,32x128)")
+    opt.add_argument("--threads", type=int, default=None, help="CPU threads for latency tables and timings")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
     opt.add_argument("--method", default="fisher",
@@ -123,6 +134,14 @@ def _print_summary(result) -> None:
         state = f"applied to {fitted} of {len(r.get('layers', []))} pruned projections" if r.get("applied") else \
             "not applied (it did not help on held-out calibration data)"
         print(f"repair: {state} (inputs {r.get('inputs')}{where})")
+    target = result.speedup
+    if target:
+        print(f"speed-up target {target['target']} on {target['runtime']} "
+              f"({'met' if target['met'] else 'NOT met'} as measured):")
+        for shape in target["shapes"]:
+            print(f"  batch {shape['batch']:>3} x seq {shape['seq']:>4}: estimated x{shape['estimated_speedup']:.2f}, "
+                  f"measured x{shape['measured_speedup']:.2f} (dense {shape['measured_dense_ms']:.2f} ms, "
+                  f"pruned {shape['measured_pruned_ms']:.2f} ms, interleaved)")
     s = result.seconds
     print(f"time: load {s['load']:.1f} s, scoring {s['score']:.1f} s, repair {s.get('repair', 0.0):.1f} s, "
           f"total {s['total']:.1f} s")
@@ -132,12 +151,18 @@ def _print_summary(result) -> None:
 def _run_shrink(args) -> int:
     from headslim.pipeline import ShrinkConfig, shrink
 
+    if args.target_speedup is not None and (args.prune is not None or args.prune_ffn is not None):
+        raise HeadslimError("--target-speedup decides what to remove: leave out --prune/--prune-heads and --prune-ffn")
+    if args.prune is None:
+        args.prune = 0 if args.target_speedup is not None else 0.5
     config = ShrinkConfig(
         prune=args.prune, method=args.method, objective=args.objective, calib=args.calib,
         calib_samples=args.calib_samples, eval_data=args.eval_data, eval_samples=args.eval_samples,
         max_length=args.max_length, batch_size=args.batch_size, min_heads_per_layer=args.min_heads_per_layer,
         seed=args.seed, text_column=args.text_column, label_column=args.label_column, plan=args.plan,
         prune_ffn=args.prune_ffn, ffn_method=args.ffn_method, min_neurons_per_layer=args.min_neurons_per_layer,
+        target_speedup=args.target_speedup, target_structures=args.target_structures, runtime=args.runtime,
+        shapes=args.shapes, threads=args.threads,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.no_progress,
         repair=not args.no_repair, repair_inputs=args.repair_inputs, step=args.step, gqa=args.gqa,
     )

@@ -29,6 +29,14 @@ class ShrinkConfig:
             ``method`` when it scores neurons too, else ``fisher``. With ``method`` equal to it and
             ``fisher`` or ``gradient``, heads and neurons are scored in the same backward passes.
         min_neurons_per_layer: FFN neurons every layer keeps (default 0: a layer may lose its FFN).
+        target_speedup: plan for this speed-up measured on ``runtime`` instead of ``prune`` /
+            ``prune_ffn`` (which are then ignored): heads and FFN neurons compete in one ranking,
+            Fisher cost per unit of saved latency, priced by per-layer latency tables measured on
+            ``runtime`` at ``shapes`` (``headslim.budget``); the result is timed against the dense model.
+        target_structures: what the target may remove: ``both`` (default), ``heads`` or ``ffn``.
+        runtime: ``ort-cpu`` (default), ``ort-int8-cpu``, ``torch-cpu`` or ``cuda``.
+        shapes: ``(batch, seq)`` pairs the target must be met at (default 1x128 and 32x128).
+        threads: CPU threads for the latency tables and the timings (default: torch's).
         objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
         calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
         calib_samples: at most this many calibration samples (a seeded random subset).
@@ -53,6 +61,13 @@ class ShrinkConfig:
     method: str = "fisher"
     ffn_method: str | None = None
     min_neurons_per_layer: int = 0
+    target_speedup: float | None = None
+    target_structures: str = "both"
+    runtime: str = "ort-cpu"
+    shapes: tuple = ((1, 128), (32, 128))
+    threads: int | None = None
+    latency_min_time: float = 0.2
+    measure_seconds: float = 3.0
     objective: str = "dense"
     calib: str = "bbc-news"
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
@@ -92,6 +107,24 @@ class ShrinkConfig:
             raise HeadslimError(f"--step must be in (0, 1], not {self.step}")
         if self.objective not in OBJECTIVES:
             raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
+        if self.target_speedup is not None:
+            from headslim.speedup import check_runtime, parse_shapes
+
+            if isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float)) \
+                    or not self.target_speedup > 1.0:
+                raise HeadslimError(f"--target-speedup must be a number above 1, not {self.target_speedup!r}")
+            if self.plan is not None:
+                raise HeadslimError("--target-speedup and --plan exclude each other")
+            if self.method not in ("fisher", "gradient"):
+                raise HeadslimError(f"--target-speedup prices structures by fisher or gradient costs, not --method "
+                                    f"{self.method}")
+            if self.target_structures not in ("both", "heads", "ffn"):
+                raise HeadslimError(f"--target-structures must be both, heads or ffn, not {self.target_structures!r}")
+            check_runtime(self.runtime)
+            self.shapes = parse_shapes(self.shapes)
+            self.prune, self.prune_ffn = 0, None  # the target decides
+            if self.threads is not None and self.threads < 1:
+                raise HeadslimError(f"--threads must be >= 1, not {self.threads}")
         ffn = self.prune_ffn is not None
         if ffn:
             from headslim.scoring.neurons import NEURON_METHODS
@@ -105,8 +138,8 @@ class ShrinkConfig:
                 raise HeadslimError(f"--ffn-method must be one of {', '.join(NEURON_METHODS)}, not {self.ffn_method!r}")
             if self.min_neurons_per_layer < 0:
                 raise HeadslimError("--min-neurons-per-layer must be >= 0")
-        if self.prune == 0 and ffn and self.plan is None:
-            pass  # FFN neurons only
+        if self.prune == 0 and (ffn or self.target_speedup is not None) and self.plan is None:
+            pass  # FFN neurons only, or the target decides
         elif isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
             raise HeadslimError(f"--prune {self.prune} is outside (0, 1); give a fraction or a whole head count")
         elif isinstance(self.prune, int) and self.prune < 1:
@@ -128,6 +161,7 @@ class ShrinkResult:
     params_after: int
     neurons_before: list[int] | None = None
     neurons_after: list[int] | None = None
+    speedup: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     repair: dict = field(default_factory=dict)
@@ -222,7 +256,7 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
 
 
 def _choose(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
-            kv_map: list[list[int]] | None, provenance: dict):
+            kv_map: list[list[int]] | None, provenance: dict, speed=None):
     """Score the structures ``config`` prunes on ``calib_batches`` and select the plan.
 
     Heads and FFN neurons are chosen with separate budgets (``prune``, ``prune_ffn``); when both are
@@ -234,6 +268,8 @@ def _choose(model, calib_batches, config: ShrinkConfig, num_heads: list[int], nu
     from headslim.scoring.neurons import score_structures
     from headslim.selection import select_heads, select_neurons
 
+    if speed is not None:
+        return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed)
     heads, ffn = config.prune != 0, config.prune_ffn is not None
     together = heads and ffn and config.method == config.ffn_method and config.method in ("fisher", "gradient")
     common = dict(objective=config.objective, seed=config.seed, progress=config.progress)
@@ -276,6 +312,34 @@ def _choose(model, calib_batches, config: ShrinkConfig, num_heads: list[int], nu
     return plan
 
 
+def _choose_for_speed(model, calib_batches, config: ShrinkConfig, num_heads, num_neurons, kv_map, provenance,
+                      speed):
+    """Heads and neurons in one ranking, spent to the speed-up target (``headslim.budget``)."""
+    from headslim.budget import spend
+    from headslim.plan import PrunePlan
+    from headslim.scoring.neurons import score_structures
+
+    if kv_map is not None:
+        raise HeadslimError("--target-speedup does not plan grouped-query (GQA) models yet; use --prune and "
+                            "--prune-ffn")
+    scored = score_structures(model, calib_batches, method=config.method, heads=True, objective=config.objective,
+                              seed=config.seed, progress=config.progress, min_per_layer=config.min_neurons_per_layer,
+                              min_heads_per_layer=config.min_heads_per_layer)
+    check_finite_scores(scored["attention"], num_heads, config.method)
+    check_finite_scores(scored["mlp"], num_neurons, config.method)
+    kinds = {"both": ("attention", "mlp"), "heads": ("attention",), "ffn": ("mlp",)}[config.target_structures]
+    budget = spend(scored["sequences"], num_heads, num_neurons, speed.tables, config.target_speedup,
+                   rest_ms=speed.rest_ms, scale=speed.scale, min_heads_per_layer=config.min_heads_per_layer,
+                   min_neurons_per_layer=config.min_neurons_per_layer, kinds=kinds)
+    provenance.update(method=config.method, objective=config.objective, ffn_method=config.method,
+                      min_heads_per_layer=config.min_heads_per_layer,
+                      min_neurons_per_layer=config.min_neurons_per_layer, target_structures=config.target_structures,
+                      speed_target={**speed.describe(), **budget.to_dict()},
+                      scores=_jsonable_scores(scored["attention"]))
+    return PrunePlan(num_heads, budget.kept_heads, provenance, num_neurons=num_neurons,
+                     kept_neurons=budget.kept_neurons)
+
+
 def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None = None) -> ShrinkResult:
     """Score heads, remove the least important, check quality on held-out text, write ``out``.
 
@@ -308,6 +372,9 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     max_length = check_length(model_config, config.max_length)
     if config.plan is None and config.prune != 0:
         check_prune_target(config.prune, model_config, config.min_heads_per_layer)
+    if config.target_speedup is not None:
+        for _, seq in config.shapes:
+            check_length(model_config, seq, "--shapes sequence length")
     calib = load_texts(config.calib, text_column=config.text_column, label_column=config.label_column,
                        require_labels=config.objective == "task" and config.plan is None)
     calib, held_out = _split_eval(config, calib)
@@ -342,6 +409,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
                         "max_length": max_length},
         "seed": config.seed,
     }
+    speed, t_tables = None, t_loaded
     if config.plan is not None:
         data = read_json(config.plan, "plan file")
         plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map if grouped else None, num_neurons=num_neurons)
@@ -350,7 +418,18 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length)
         if causal and config.objective == "task":
             calib_batches = _NextTokenBatches(calib_batches)
-        plan = _choose(model, calib_batches, config, num_heads, num_neurons, kv_map if grouped else None, provenance)
+        if config.target_speedup is not None:
+            from headslim.speedup import SpeedTarget
+
+            if grouped:
+                raise HeadslimError("--target-speedup does not plan grouped-query (GQA) models yet; use --prune "
+                                    "and --prune-ffn")
+            speed = SpeedTarget(src, model, tokenizer, config.target_speedup, runtime=config.runtime, shapes=config.shapes,
+                                threads=config.threads, max_length=max_length, min_time=config.latency_min_time,
+                                measure_seconds=config.measure_seconds, progress=config.progress)
+        t_tables = time.perf_counter()
+        plan = _choose(model, calib_batches, config, num_heads, num_neurons, kv_map if grouped else None, provenance,
+                       speed)
     t_scored = time.perf_counter()
 
     pooling = pooling_mode(src)
@@ -386,6 +465,18 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         quality["pooling"] = pooling
     quality["source"] = held_out.source if held_out is not calib else f"{held_out.source} (in-sample)"
     plan.provenance["quality"] = quality
+    speedup = {}
+    if speed is not None:  # timed before writing, so the plan says what was measured
+        trial = Path(speed._tmp.name) / "pruned"
+        save_pruned(model, trial, plan, tokenizer=tokenizer, source=src)
+        measured = speed.measure(trial)
+        target = plan.provenance["speed_target"]
+        for shape, m in zip(target["shapes"], measured):
+            shape.update(measured_dense_ms=round(m["dense_ms"], 4), measured_pruned_ms=round(m["pruned_ms"], 4),
+                         measured_speedup=round(m["speedup"], 4))
+        target["met"] = all(m["speedup"] >= config.target_speedup for m in measured)
+        speedup = target
+        speed.close()
     save_pruned(model, out, plan, tokenizer=tokenizer, source=src, overwrite=config.overwrite)
     t_end = time.perf_counter()
     return ShrinkResult(
@@ -393,6 +484,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         neurons_before=num_neurons if plan.num_neurons is not None else None, neurons_after=plan.neurons_after,
         params_before=params_before, params_after=count_parameters(model), quality=quality,
         seconds={"load": round(t_loaded - t0, 2), "score": round(t_scored - t_loaded, 2),
-                 "repair": round(t_repaired - t_repair, 2), "total": round(t_end - t0, 2)},
-        repair=repair_info,
+                 "repair": round(t_repaired - t_repair, 2), "total": round(t_end - t0, 2),
+                 **({"latency": round(t_tables - t_loaded, 2)} if speed is not None else {})},
+        repair=repair_info, speedup=speedup,
     )

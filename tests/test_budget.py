@@ -19,6 +19,11 @@ class Table:
     def ffn(self, n):
         return self._ffn(n)
 
+    def model_ms(self, heads, neurons):
+        return sum(self.attention(h) + self.ffn(n) for h, n in zip(heads, neurons))
+
+    cache_path, key = None, "hand-made"
+
 
 def sequences(layers, width, cost):
     """Every layer removes its structures in index order; ``cost(layer, i)`` is each one's marginal cost."""
@@ -88,3 +93,69 @@ def test_floors_are_kept():
     budget = spend(seqs, [4, 4], [10, 10], [Table(ffn=lambda n: 0.1 * n)], 2.0, min_heads_per_layer=1,
                    min_neurons_per_layer=2)
     assert all(len(k) >= 1 for k in budget.kept_heads) and all(len(k) >= 2 for k in budget.kept_neurons)
+
+
+def test_shrink_to_a_target_speedup_wires_tables_budget_and_timing(tmp_path, minilm_dir, monkeypatch, capsys):
+    """``shrink --target-speedup``: the latency tables price the structures, the budget meets the
+    estimate, the result is timed before it is written and the plan records target, estimate and
+    measurement. Tables and timings are stand-ins here (timing is a benchmark's job, not a test's)."""
+    import headslim.latency
+    import headslim.speedup
+    from headslim.cli import main
+    from headslim.plan import PrunePlan
+
+    class Linear(Table):
+        layer = {}
+
+    def fake_table(shape, *, runtime, batch, seq, **kw):
+        return Linear(a=0.1 * batch, ffn=lambda n: 0.004 * batch * n, batch=batch, seq=seq)
+
+    timings = []
+
+    def fake_time(dense_dir, pruned_dir, runtime, shapes, **kw):
+        timings.append((str(dense_dir), str(pruned_dir), runtime))
+        pruned = 2.0 if len(timings) == 1 else 6.0  # first the skeleton (nothing left), then the result
+        return [{"batch": b, "seq": s, "dense_ms": 10.0 * b, "pruned_ms": pruned * b, "speedup": 10 / pruned}
+                for b, s in shapes]
+
+    monkeypatch.setattr(headslim.latency, "measure_table", fake_table)
+    monkeypatch.setattr(headslim.speedup, "time_pair", fake_time)
+    monkeypatch.setattr(headslim.speedup, "export_for", lambda *a, **k: None)
+    lines = [f"Sentence number {i} talks about topic {i % 3} at some length." for i in range(40)]
+    (tmp_path / "texts.txt").write_text("\n".join(lines))
+    out = tmp_path / "slim"
+    rc = main(["shrink", str(minilm_dir), "--target-speedup", "1.5", "--runtime", "torch-cpu", "--shapes", "1x32,8x32",
+               "--calib", str(tmp_path / "texts.txt"), "--out", str(out), "--calib-samples", "24",
+               "--eval-samples", "8", "--max-length", "32", "--no-progress", "--no-repair"])
+    assert rc == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "speed-up target 1.5 on torch-cpu (met as measured)" in stdout and "measured x1.67" in stdout
+    plan = PrunePlan.load(out)
+    target = plan.provenance["speed_target"]
+    assert target["met"] and [s["batch"] for s in target["shapes"]] == [1, 8]
+    assert all(s["estimated_speedup"] >= 1.5 for s in target["shapes"])
+    assert plan.prunes_mlp or sum(plan.heads_after) < 72
+    # dense against its skeleton (the calibration), then dense against the pruned result
+    assert len(timings) == 2 and timings[0][1].endswith("skeleton") and timings[1][1] != timings[1][0]
+    # the calibrated estimate is exact at both ends and the plan meets it: recompute from the kept counts
+    for shape, dense_ms, bare_ms in zip(target["shapes"], target["calibration"]["dense_ms"],
+                                         target["calibration"]["skeleton_ms"]):
+        t = fake_table(None, runtime="torch-cpu", batch=shape["batch"], seq=shape["seq"])
+        a, rest = shape["scale"], shape["rest_ms"]
+        assert rest + a * 6 * (t.attention(12) + t.ffn(1536)) == pytest.approx(dense_ms, rel=1e-3)
+        assert rest + a * 6 * (t.attention(0) + t.ffn(0)) == pytest.approx(bare_ms, rel=1e-3)
+        pruned = rest + a * sum(t.attention(h) + t.ffn(n) for h, n in zip(plan.heads_after, plan.neurons_after))
+        assert dense_ms / pruned == pytest.approx(shape["estimated_speedup"], rel=1e-3)
+
+
+def test_target_speedup_bad_input(tmp_path, minilm_dir, capsys):
+    from headslim.cli import main
+
+    for args, message in ((["--target-speedup", "0.9"], "above 1"), (["--target-speedup", "1.5", "--prune", "0.3"], "leave out"),
+                          (["--target-speedup", "1.5", "--runtime", "tpu"], "--runtime"),
+                          (["--target-speedup", "1.5", "--shapes", "1by128"], "BATCHxSEQ"),
+                          (["--target-speedup", "1.5", "--method", "magnitude"], "fisher or gradient")):
+        rc = main(["shrink", str(minilm_dir), *args, "--out", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "o").exists()
