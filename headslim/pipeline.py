@@ -255,7 +255,7 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
-def _choose(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
+def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
             kv_map: list[list[int]] | None, provenance: dict, speed=None):
     """Score the structures ``config`` prunes on ``calib_batches`` and select the plan.
 
@@ -428,7 +428,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
                                 threads=config.threads, max_length=max_length, min_time=config.latency_min_time,
                                 measure_seconds=config.measure_seconds, progress=config.progress)
         t_tables = time.perf_counter()
-        plan = _choose(model, calib_batches, config, num_heads, num_neurons, kv_map if grouped else None, provenance,
+        plan = choose_plan(model, calib_batches, config, num_heads, num_neurons, kv_map if grouped else None, provenance,
                        speed)
     t_scored = time.perf_counter()
 
