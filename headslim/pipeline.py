@@ -262,11 +262,9 @@ def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int]
     Heads and FFN neurons are chosen with separate budgets (``prune``, ``prune_ffn``); when both are
     scored by the same ``fisher`` / ``gradient`` method, one set of backward passes scores both.
     """
-    from headslim.gqa import select_gqa
-    from headslim.plan import PrunePlan
     from headslim.scoring import score_heads
     from headslim.scoring.neurons import score_structures
-    from headslim.selection import select_heads, select_neurons
+    from headslim.selection import select_plan
 
     if speed is not None:
         return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed)
@@ -293,23 +291,16 @@ def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int]
         provenance.update(method=None, objective=config.objective, prune=0)
     if heads and kv_map is not None:
         provenance.update(gqa=config.gqa)
-        plan = select_gqa(scores, kv_map, prune=config.prune, mode=config.gqa,
-                          min_per_layer=config.min_heads_per_layer, provenance=provenance)
-    elif heads:
-        plan = select_heads(scores, num_heads, prune=config.prune, min_per_layer=config.min_heads_per_layer,
-                            provenance=provenance)
-    else:
-        plan = PrunePlan(num_heads, [list(range(n)) for n in num_heads], provenance, kv_head_of_q=kv_map)
     if ffn:
         check_finite_scores(neuron_scores, num_neurons, config.ffn_method)
         provenance.update(ffn_method=config.ffn_method, prune_ffn=config.prune_ffn,
-                          min_neurons_per_layer=config.min_neurons_per_layer,
-                          scored_together=together)
-        kept = select_neurons(neuron_scores, num_neurons, prune=config.prune_ffn,
-                              min_per_layer=config.min_neurons_per_layer)
-        plan = PrunePlan(plan.num_heads, plan.kept_heads, plan.provenance, plan.kv_head_of_q, plan.kept_kv_heads,
-                         num_neurons, kept)
-    return plan
+                          min_neurons_per_layer=config.min_neurons_per_layer, scored_together=together)
+    # the whole provenance first: select_gqa copies the dict it is given
+    return select_plan(scores if heads else None, num_heads, prune=config.prune if heads else 0,
+                       min_per_layer=config.min_heads_per_layer, kv_head_of_q=kv_map, gqa=config.gqa,
+                       neuron_scores=neuron_scores, num_neurons=num_neurons,
+                       prune_ffn=config.prune_ffn if ffn else None,
+                       min_neurons_per_layer=config.min_neurons_per_layer, provenance=provenance)
 
 
 def _choose_for_speed(model, calib_batches, config: ShrinkConfig, num_heads, num_neurons, kv_map, provenance,

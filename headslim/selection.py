@@ -84,3 +84,45 @@ def select_neurons(scores: torch.Tensor, widths: list[int], *, prune: float | in
     for _, layer, i in rest[: total - n_prune - sum(len(k) for k in kept.values())]:
         kept[layer].add(i)
     return [sorted(kept[layer]) for layer in range(len(widths))]
+
+
+def select_plan(scores: torch.Tensor | None, num_heads: list[int], *, prune: float | int, min_per_layer: int = 1,
+                kv_head_of_q: list[list[int]] | None = None, gqa: str = "uniform",
+                neuron_scores: torch.Tensor | None = None, num_neurons: list[int] | None = None,
+                prune_ffn: float | int | None = None, min_neurons_per_layer: int = 0,
+                provenance: dict | None = None) -> PrunePlan:
+    """The plan for one target from scores already computed: the selection ``shrink`` and ``sweep`` share.
+
+    Heads: ``prune`` of them go (0 keeps every head; ``scores`` may then be None), chosen by
+    :func:`headslim.gqa.select_gqa` in mode ``gqa`` when ``kv_head_of_q`` is given (pass it for
+    grouped-query models only), else by :func:`select_heads`. FFN neurons: with ``prune_ffn`` (not
+    None), :func:`select_neurons` on ``neuron_scores`` over ``num_neurons``. Nothing is scored here,
+    so one scoring pass can serve many targets.
+
+    Args:
+        provenance: becomes the plan's provenance (``select_gqa`` adds ``gqa`` and, when a fraction
+            was rounded to a feasible count, ``heads_requested`` / ``heads_removed``); not modified.
+
+    Example:
+        >>> plan = select_plan(torch.rand(2, 4), [4, 4], prune=2, neuron_scores=torch.rand(2, 8),
+        ...                    num_neurons=[8, 8], prune_ffn=0.25)
+        >>> sum(plan.heads_after), sum(plan.neurons_after)
+        (6, 12)
+    """
+    provenance = provenance if provenance is not None else {}
+    if prune != 0 and kv_head_of_q is not None:
+        from headslim.gqa import select_gqa  # headslim.gqa imports this module
+
+        plan = select_gqa(scores, kv_head_of_q, prune=prune, mode=gqa, min_per_layer=min_per_layer,
+                          provenance=provenance)
+    elif prune != 0:
+        plan = select_heads(scores, num_heads, prune=prune, min_per_layer=min_per_layer, provenance=provenance)
+    else:
+        plan = PrunePlan(num_heads, [list(range(n)) for n in num_heads], provenance, kv_head_of_q=kv_head_of_q)
+    if prune_ffn is None:
+        return plan
+    if neuron_scores is None or num_neurons is None:
+        raise HeadslimError("pruning FFN neurons needs their scores and the FFN width of every layer")
+    kept = select_neurons(neuron_scores, num_neurons, prune=prune_ffn, min_per_layer=min_neurons_per_layer)
+    return PrunePlan(plan.num_heads, plan.kept_heads, plan.provenance, plan.kv_head_of_q, plan.kept_kv_heads,
+                     num_neurons, kept)

@@ -1,9 +1,19 @@
 """``headslim sweep``: prune at several ratios from one scoring pass; quality and latency at each.
 
-The dense model is scored once (``fisher`` by default, as ``shrink``; its scores are an elimination path,
-so one pass serves every ratio); every ratio is a :func:`headslim.selection.select_heads` of the same scores,
-applied by :func:`headslim.surgery.prune_heads` to a fresh copy of the dense model, then repaired
-with :func:`headslim.repair.repair` unless ``--no-repair``. Quality is measured against the dense
+Every ratio gets the plan ``shrink`` would choose with the same settings: the dense model is scored
+once with ``shrink``'s scorers (``fisher`` by default; its scores are an elimination path, so one pass
+serves every ratio), and every ratio is a :func:`headslim.selection.select_plan` of the same scores,
+the selection ``shrink`` makes: grouped-query decoders by :func:`headslim.gqa.select_gqa` in the
+``--gqa`` mode (``uniform`` by default), other models by :func:`headslim.selection.select_heads`, and
+with ``--prune-ffn`` the FFN neurons by :func:`headslim.selection.select_neurons` (one fraction or
+count for every ratio, or one per ratio). Scorers whose scores depend on the target are run once
+per ratio instead, as ``shrink`` runs them at that ratio: ``learned`` (trained to an exact head count)
+and, on grouped-query models with ``--gqa uniform`` or ``kv-groups``, ``iterative`` (its path to the
+largest ratio answers a smaller ratio's top-k selection exactly, so it runs once for other models
+and for ``--gqa ragged``, but the group-constrained selections read the order of the heads still
+kept, which depends on where the path stopped). Each plan is applied by
+:func:`headslim.surgery.prune_heads` to a fresh copy of the dense model, then repaired with
+:func:`headslim.repair.repair` unless ``--no-repair``. Quality is measured against the dense
 model with :mod:`headslim.evaluate`; latency with one :mod:`headslim.bench` backend, dense and
 pruned interleaved per ratio. Output: ``sweep.json``, ``sweep.md`` (the accuracy-vs-latency table)
 and ``pareto.png`` (quality against latency, Pareto front marked).
@@ -37,14 +47,22 @@ def _ratio(text: str) -> float | int:
     return _prune_arg(text)
 
 
-def _ratio_list(text: str) -> tuple:
+def _numbers(text: str, empty: str) -> tuple:
     try:
         values = tuple(_ratio(v) for v in text.split(",") if v.strip())
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if not values:
-        raise argparse.ArgumentTypeError("give at least one ratio")
+        raise argparse.ArgumentTypeError(empty)
     return values
+
+
+def _ratio_list(text: str) -> tuple:
+    return _numbers(text, "give at least one ratio")
+
+
+def _ffn_list(text: str) -> tuple:
+    return _numbers(text, "give a fraction or neuron count, or one per ratio")
 
 
 @dataclass
@@ -53,10 +71,19 @@ class SweepConfig:
 
     Args:
         ratios: fractions of all heads to remove (floats in (0, 1)) or head counts (ints).
-        method, objective: scorer and objective (``headslim.scoring``), run once.
+        method, objective: scorer and objective (``headslim.scoring``; ``iterative:<base>`` too), run once
+            (per ratio for the scorers whose scores depend on the target: see the module docstring).
         calib, calib_samples, calib_max_length: calibration data for the scoring pass (tokens per text:
             default 128, or the model's position limit when that is lower).
         min_heads_per_layer: heads every layer keeps.
+        gqa: grouped-query decoders: ``uniform`` (default), ``kv-groups`` or ``ragged``, as ``shrink --gqa``;
+            a fraction is rounded to the nearest head count the mode can remove (two ratios that round
+            to the same count are refused).
+        step: ``iterative``: share of all heads removed per round, as ``shrink --step``.
+        prune_ffn: also remove FFN neurons: one fraction in [0, 1) or neuron count for every ratio,
+            or a sequence with one per ratio; None (default) leaves the FFNs alone.
+        ffn_method, min_neurons_per_layer: the FFN neurons' scorer (default: ``method`` when it scores
+            neurons, else ``fisher``; scored once) and the neurons every layer keeps, as ``shrink``.
         eval: quality settings (:class:`headslim.evaluate.EvalConfig`).
         backend: one :mod:`headslim.bench` backend for latency, or ``none``.
         batch, seq: the latency shape.
@@ -72,6 +99,11 @@ class SweepConfig:
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
     calib_max_length: int | None = None
     min_heads_per_layer: int = 1
+    gqa: str = "uniform"
+    step: float = 0.1
+    prune_ffn: object = None
+    ffn_method: str | None = None
+    min_neurons_per_layer: int = 0
     seed: int = 0
     eval: object = None
     backend: str = "torch-sdpa-cpu"
@@ -90,7 +122,7 @@ class SweepConfig:
     def __post_init__(self):
         from headslim.bench import BACKENDS
         from headslim.evaluate import EvalConfig
-        from headslim.scoring import OBJECTIVES, SCORERS
+        from headslim.scoring import OBJECTIVES
 
         self.eval = self.eval or EvalConfig()
         self.ratios = tuple(self.ratios)
@@ -103,10 +135,16 @@ class SweepConfig:
         twice = next((r for i, r in enumerate(self.ratios) if r in self.ratios[:i]), None)
         if twice is not None:  # one pruned model per ratio: a repeat would only collide at the end
             raise HeadslimError(f"--prune lists {twice!r} twice; give every ratio once")
-        if self.method not in SCORERS:
-            raise HeadslimError(f"unknown scoring method {self.method!r}; available: {', '.join(sorted(SCORERS))}")
         if self.objective not in OBJECTIVES:
             raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
+        if self.prune_ffn is not None:
+            values = tuple(self.prune_ffn) if isinstance(self.prune_ffn, (list, tuple)) else (self.prune_ffn,)
+            if len(values) == 1:
+                values = values * len(self.ratios)
+            if len(values) != len(self.ratios):
+                raise HeadslimError(f"--prune-ffn lists {len(values)} values for {len(self.ratios)} --prune ratios; "
+                                    "give one value for every ratio or one per ratio")
+            self.prune_ffn = values
         if self.backend != "none" and self.backend not in BACKENDS:
             raise HeadslimError(f"unknown backend {self.backend!r} for sweep (one of: none, {', '.join(BACKENDS)})")
         for name in ("batch", "seq", "min_runs", "calib_max_length"):
@@ -114,6 +152,24 @@ class SweepConfig:
                 raise HeadslimError(f"--{name.replace('_', '-')} must be >= 1")
         if self.repair and importlib.util.find_spec("headslim.repair") is None:
             raise HeadslimError("repair needs headslim.repair, which is not part of this install; pass --no-repair")
+        # method, --gqa, --step and the FFN settings are checked (and the FFN scorer defaulted) by the very
+        # config shrink runs with, one per ratio: sweep accepts what shrink accepts
+        self.ffn_method = self.shrink_config(self.ratios[0]).ffn_method
+        for ratio in self.ratios[1:]:
+            self.shrink_config(ratio)
+
+    def shrink_config(self, ratio):
+        """The :class:`headslim.pipeline.ShrinkConfig` of ``shrink`` at ``ratio`` with this sweep's settings
+        (the ones that choose the plan: scoring, selection, calibration)."""
+        from headslim.pipeline import ShrinkConfig
+
+        prune_ffn = None if self.prune_ffn is None else self.prune_ffn[self.ratios.index(ratio)]
+        return ShrinkConfig(prune=ratio, prune_ffn=prune_ffn, method=self.method, ffn_method=self.ffn_method,
+                            min_neurons_per_layer=self.min_neurons_per_layer, objective=self.objective,
+                            calib=self.calib, calib_samples=self.calib_samples, max_length=self.calib_max_length,
+                            batch_size=self.eval.batch_size, min_heads_per_layer=self.min_heads_per_layer,
+                            seed=self.seed, progress=self.progress, repair=self.repair, step=self.step,
+                            gqa=self.gqa)
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[bool]:
@@ -192,42 +248,141 @@ def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool 
     config = _check_against_model(config, load_config(src))
     dense = load_model(src)
     tokenizer = load_tokenizer(src)
+    if tokenizer.pad_token is None:  # as shrink: decoder tokenizers often have none; padding is masked anyway
+        if tokenizer.eos_token is None:
+            raise HeadslimError(f"the tokenizer of {src} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
     with fixed_threads(config.threads) as threads:
         result = _sweep(src, out, dense, tokenizer, threads, config, overwrite, log)
     log(f"wrote {out}")
     return result
 
 
+def _scored_per_ratio(method: str, kv_map) -> bool:
+    """Whether ``method``'s scores depend on the target in a way the selection sees, so that each ratio
+    needs the pass ``shrink`` runs at that ratio (see the module docstring); ``kv_map``: the selection's
+    grouped-query map, None for :func:`headslim.selection.select_heads` (or ``--gqa ragged``)."""
+    name = method.partition(":")[0]
+    return name == "learned" or (name == "iterative" and kv_map is not None)
+
+
+def _check_targets(config: SweepConfig, num_heads: list[int], kv_map, num_neurons) -> None:
+    """Refuse, before the scoring pass, every target the selection would refuse after it: a head count
+    ``--gqa`` cannot remove exactly, a fraction it rounds to no head or two to the same count, an FFN
+    target the model's widths or ``min_neurons_per_layer`` forbid. The selection itself runs, on zero
+    scores (the feasible counts and the rounding do not depend on the scores)."""
+    import torch
+
+    from headslim.selection import select_neurons, select_plan
+
+    total, seen = sum(num_heads), {}
+    zeros = torch.zeros(len(num_heads), max(num_heads))
+    for ratio in config.ratios:
+        plan = select_plan(zeros, num_heads, prune=ratio, min_per_layer=config.min_heads_per_layer,
+                           kv_head_of_q=kv_map, gqa=config.gqa)
+        n = total - sum(plan.heads_after)
+        if n == 0:
+            raise HeadslimError(f"--prune {ratio!r} removes no head with --gqa {config.gqa}: the nearest head count "
+                                "it can remove is 0; give a larger fraction")
+        if n in seen:
+            raise HeadslimError(f"--prune {seen[n]!r} and {ratio!r} both remove {n} of the model's {total} heads "
+                                f"with --gqa {config.gqa} (a fraction is rounded to a head count it can remove); "
+                                "give ratios further apart")
+        seen[n] = ratio
+    if config.prune_ffn is not None:
+        zeros = torch.zeros(len(num_neurons), max(num_neurons))
+        for value in dict.fromkeys(config.prune_ffn):
+            select_neurons(zeros, num_neurons, prune=value, min_per_layer=config.min_neurons_per_layer)
+
+
 def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwrite: bool, log) -> dict:
+    import torch
+    import transformers
+
     from headslim import flops, report
+    from headslim._version import __version__
     from headslim.adapters import get_adapter
     from headslim.bench import BACKENDS, machine_info
     from headslim.data import batches, load_texts, sample
-    from headslim.evaluate import evaluate_model, prepare_reference, primary_metric
+    from headslim.decoders import kv_maps
+    from headslim.evaluate import detect_task, evaluate_model, prepare_reference, primary_metric
     from headslim.io import atomic_output_dir, save_pruned
-    from headslim.pipeline import check_finite_scores, warn
+    from headslim.pipeline import _jsonable_scores, _NextTokenBatches, check_finite_scores, warn
     from headslim.quality import count_parameters
     from headslim.scoring import score_heads
-    from headslim.selection import select_heads
+    from headslim.scoring.neurons import score_structures
+    from headslim.selection import heads_to_prune, select_plan
     from headslim.surgery import prune_heads
 
-    num_heads = get_adapter(dense).num_heads(dense)
+    adapter = get_adapter(dense)
+    num_heads = adapter.num_heads(dense)
+    ffn = config.prune_ffn is not None
+    num_neurons = adapter.num_neurons(dense) if ffn else None
+    kv_map = kv_maps(dense)
+    grouped = any(m != list(range(len(m))) for m in kv_map)  # GQA: selection must respect KV groups (as shrink)
+    kv_map = kv_map if grouped else None
+    _check_targets(config, num_heads, kv_map, num_neurons)
 
     calib = sample(load_texts(config.calib, text_column=config.eval.text_column,
                               label_column=config.eval.label_column, require_labels=config.objective == "task"),
                    config.calib_samples, config.seed)
-    calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
-    log(f"scoring {sum(num_heads)} heads once ({config.method}, {len(calib)} calibration texts)")
-    scores = score_heads(dense, calib_batches, method=config.method, objective=config.objective, seed=config.seed,
-                         progress=config.progress, prune=max(config.ratios),
-                         min_per_layer=config.min_heads_per_layer)
-    check_finite_scores(scores, num_heads, config.method)
+    repair_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
+    calib_batches = repair_batches
+    if detect_task(dense) == "causal-lm" and config.objective == "task":
+        calib_batches = _NextTokenBatches(repair_batches)  # as shrink: the task of a causal LM is the next token
+    # the scoring shrink does (pipeline.choose_plan): heads and neurons in the same passes when one fisher /
+    # gradient method scores both, else heads by score_heads and neurons by score_structures
+    together = ffn and config.method == config.ffn_method and config.method in ("fisher", "gradient")
+    common = dict(objective=config.objective, seed=config.seed, progress=config.progress)
+    per_ratio = not together and _scored_per_ratio(config.method, None if config.gqa == "ragged" else kv_map)
+
+    def head_scores(prune):
+        scores = score_heads(dense, calib_batches, method=config.method, prune=prune,
+                             min_per_layer=config.min_heads_per_layer, step=config.step, **common)
+        check_finite_scores(scores, num_heads, config.method)
+        return scores
+
+    what = f"{sum(num_heads)} heads" + (f" and {sum(num_neurons)} FFN neurons" if ffn else "")
+    scores = neuron_scores = None
+    if together:
+        log(f"scoring {what} once, together ({config.method}, {len(calib)} calibration texts)")
+        both = score_structures(dense, calib_batches, method=config.method, heads=True,
+                                min_per_layer=config.min_neurons_per_layer,
+                                min_heads_per_layer=config.min_heads_per_layer, **common)
+        scores, neuron_scores = both["attention"], both["mlp"]
+        check_finite_scores(scores, num_heads, config.method)
+    elif per_ratio:
+        log(f"scoring {sum(num_heads)} heads at each ratio ({config.method}: its scores depend on the target), "
+            + (f"FFN neurons once ({config.ffn_method}), " if ffn else "") + f"{len(calib)} calibration texts")
+    else:
+        total = sum(num_heads)  # an elimination path must reach the ratio that removes the most heads
+        deepest = max(config.ratios, key=lambda r: heads_to_prune(r, total))
+        log(f"scoring {what} once ({config.method}" + (f", FFN {config.ffn_method}" if ffn else "")
+            + f", {len(calib)} calibration texts)")
+        scores = head_scores(deepest)
+    if ffn and neuron_scores is None:
+        neuron_scores = score_structures(dense, calib_batches, method=config.ffn_method,
+                                         min_per_layer=config.min_neurons_per_layer, **common)["mlp"]
+    if ffn:
+        check_finite_scores(neuron_scores, num_neurons, config.ffn_method)
+    provenance = {
+        "headslim_version": __version__, "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_model": str(src),
+        "calibration": {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
+                        "max_length": config.calib_max_length},
+        "seed": config.seed,
+    }
     ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
     dense_shape = flops.LayerShape.from_model(dense)
     dense_metrics = evaluate_model(dense, ref)
     metric_name, dense_quality, higher = primary_metric(ref.task, dense_metrics)
     rows = [{"prune": 0, "heads": sum(num_heads), "heads_per_layer": num_heads, "params": count_parameters(dense),
              "quality": dense_quality, "metrics": dense_metrics, "ideal_speedup": 1.0, "latency": None}]
+    if kv_map is not None:
+        rows[0]["kv_heads_per_layer"] = [len(set(m)) for m in kv_map]
+    if ffn:
+        rows[0].update(prune_ffn=0, neurons=sum(num_neurons), neurons_per_layer=num_neurons)
     notes = []
     backend = BACKENDS[config.backend]() if config.backend != "none" else None
     with atomic_output_dir(out, overwrite=overwrite,
@@ -236,16 +391,31 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
         models_dir = (tmp if config.save_models else Path(scratch)) / "models"
         dense_exports: dict = {}
         for ratio in config.ratios:
-            plan = select_heads(scores, num_heads, prune=ratio, min_per_layer=config.min_heads_per_layer,
-                                provenance={"method": config.method, "objective": config.objective,
-                                            "prune": ratio, "source_model": str(src),
-                                            "calibration": {"source": calib.source, "sha256": calib.sha256,
-                                                            "n_samples": len(calib)}})
+            at_ratio = config.shrink_config(ratio)  # the settings shrink would choose this ratio's plan with
+            ratio_scores = head_scores(ratio) if per_ratio else scores
+            prov = {**copy.deepcopy(provenance), "method": at_ratio.method, "objective": at_ratio.objective,
+                    "prune": ratio, "min_heads_per_layer": at_ratio.min_heads_per_layer,
+                    "scores": _jsonable_scores(ratio_scores)}
+            if kv_map is not None:
+                prov["gqa"] = at_ratio.gqa
+            if ffn:
+                prov.update(ffn_method=at_ratio.ffn_method, prune_ffn=at_ratio.prune_ffn,
+                            min_neurons_per_layer=at_ratio.min_neurons_per_layer, scored_together=together)
+            plan = select_plan(ratio_scores, num_heads, prune=at_ratio.prune,
+                               min_per_layer=at_ratio.min_heads_per_layer, kv_head_of_q=kv_map, gqa=at_ratio.gqa,
+                               neuron_scores=neuron_scores,
+                               num_neurons=num_neurons, prune_ffn=at_ratio.prune_ffn,
+                               min_neurons_per_layer=at_ratio.min_neurons_per_layer, provenance=prov)
             pruned = prune_heads(copy.deepcopy(dense), plan)  # every ratio starts from the dense weights
             row = {"prune": ratio, "heads": sum(plan.heads_after), "heads_per_layer": plan.heads_after,
                    "params": count_parameters(pruned)}
+            if kv_map is not None:
+                row["kv_heads_per_layer"] = [len(k) for k in plan.kv_heads_after]
+            if ffn:
+                row.update(prune_ffn=at_ratio.prune_ffn, neurons=sum(plan.neurons_after),
+                           neurons_per_layer=plan.neurons_after)
             if config.repair:
-                row["repair"] = _apply_repair(pruned, dense, plan, calib_batches, config.progress)
+                row["repair"] = _apply_repair(pruned, dense, plan, repair_batches, config.progress)
                 if row["repair"].get("warning") and not any(r.get("repair", {}).get("warning") for r in rows):
                     warn(row["repair"]["warning"])  # the calibration data is the same for every ratio: once
             metrics = evaluate_model(pruned, ref)
@@ -261,7 +431,8 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
                                           Path(scratch), notes)
             rows.append(row)
             lat = row["latency"]
-            log(f"prune {ratio:g}: {row['heads']} heads, {metric_name} {row['quality']:.4f}"
+            log(f"prune {ratio:g}: {row['heads']} heads, " + (f"{row['neurons']} FFN neurons, " if ffn else "")
+                + f"{metric_name} {row['quality']:.4f}"
                 + (f", p50 {lat['pruned_p50_ms']:.2f} ms vs dense {lat['dense_p50_ms']:.2f} ms (x{lat['speedup_p50']:.2f})"
                    if lat else ""))
         measured = [r for r in rows[1:] if r["latency"]]
@@ -336,7 +507,21 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
     opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
                      help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES})")
-    opt.add_argument("--method", default="fisher", help="scoring method (default fisher, as shrink)")
+    opt.add_argument("--method", default="fisher",
+                     help="scoring method, as shrink's (default fisher; iterative:<method> too)")
+    opt.add_argument("--step", type=float, default=0.1,
+                     help="iterative: share of all heads removed per round (default 0.1)")
+    opt.add_argument("--gqa", default="uniform", choices=["uniform", "kv-groups", "ragged"],
+                     help="grouped-query decoders, as shrink: uniform (default; equal query heads per kept KV "
+                          "head, standard kernels apply), kv-groups (whole KV heads) or ragged (any query heads)")
+    opt.add_argument("--prune-ffn", type=_ffn_list, default=None,
+                     help="also remove FFN neurons: one fraction in [0, 1) or neuron count for every ratio, or a "
+                          "comma-separated list with one per --prune ratio (default: the FFNs are left alone)")
+    opt.add_argument("--ffn-method", default=None,
+                     help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
+                          "(default: --method when it is one of them, else fisher)")
+    opt.add_argument("--min-neurons-per-layer", type=int, default=0,
+                     help="FFN neurons every layer keeps (default 0)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])
     opt.add_argument("--min-heads-per-layer", type=int, default=1)
     opt.add_argument("--no-repair", dest="repair", action="store_false",
@@ -361,7 +546,9 @@ def _run(args) -> int:
 
     config = SweepConfig(ratios=args.prune, method=args.method, objective=args.objective, calib=args.calib,
                          calib_samples=args.calib_samples, calib_max_length=args.max_length,
-                         min_heads_per_layer=args.min_heads_per_layer, seed=args.seed,
+                         min_heads_per_layer=args.min_heads_per_layer, gqa=args.gqa, step=args.step,
+                         prune_ffn=args.prune_ffn, ffn_method=args.ffn_method,
+                         min_neurons_per_layer=args.min_neurons_per_layer, seed=args.seed,
                          eval=eval_config_from_args(args), backend=args.backend, batch=args.batch, seq=args.seq,
                          warmup=args.warmup, min_runs=args.runs, min_seconds=args.min_time, max_runs=args.max_runs,
                          threads=args.threads, onnx_dense=args.onnx_dense, repair=args.repair,

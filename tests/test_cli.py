@@ -235,3 +235,20 @@ def test_shrink_a_gqa_decoder(tmp_path, tiny_llama_dir, capsys, gqa, method):
     if gqa == "kv-groups":  # whole KV heads go with their query heads
         assert all(len(kv) in (0, 1, 2) for kv in plan.kept_kv_heads)
         assert all(len(q) == 2 * len(kv) for q, kv in zip(plan.kept_heads, plan.kept_kv_heads))
+
+
+def test_shrink_a_gqa_decoder_with_ffn_neurons(tmp_path, tiny_llama_dir, capsys):
+    """Heads (uniform GQA) and FFN neurons of a decoder in one shrink: the plan keeps standard GQA
+    shapes, records the FFN settings beside the GQA mode, the down projections are repaired too and
+    the result generates after reload."""
+    rc = main(["shrink", str(tiny_llama_dir), "--prune", "4", "--prune-ffn", "0.4", "--calib",
+               str(tmp_path / "texts.txt"), "--out", str(tmp_path / "slim"), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    plan = PrunePlan.load(tmp_path / "slim")
+    prov = plan.provenance
+    assert prov["gqa"] == "uniform" and prov["ffn_method"] == "fisher" and prov["prune_ffn"] == 0.4
+    assert sum(plan.neurons_after) == round(0.6 * 2 * 37) and sum(plan.heads_after) == 4
+    assert {e["kind"] for e in prov["repair"]["layers"]} <= {"attention", "mlp"}
+    assert any(e["kind"] == "mlp" for e in prov["repair"]["layers"])
+    model = headslim.load_pruned(tmp_path / "slim")
+    assert model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=3, do_sample=False).shape == (1, 8)

@@ -4,14 +4,18 @@ import json
 
 import pytest
 
+import headslim
 import headslim.scoring
+from headslim.adapters import get_adapter
 from headslim.cli import main
 from headslim.errors import HeadslimError
 from headslim.evaluate import EvalConfig, evaluate
+from headslim.pipeline import ShrinkConfig, shrink
+from headslim.plan import PrunePlan
 from headslim.selection import select_heads
 from headslim.sweep import SweepConfig, pareto_front, sweep
-from tests.conftest import HEADS, LAYERS
-from tests.test_bench import save_pair
+from tests.conftest import DEC_HEADS, DEC_KV, HEADS, LAYERS, tiny_decoder
+from tests.test_bench import save_pair, tiny_tokenizer
 from tests.test_evaluate import write_labelled
 
 FAST = dict(warmup=0, min_runs=2, min_seconds=0.0, batch=2, seq=8, threads=1, progress=False, repair=False)
@@ -111,3 +115,163 @@ def test_sweep_cli(dense_and_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(dense_dir), "--prune", "0.5", "--calib", str(data), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+# ---- the plan shrink would choose: GQA selection, iterative scorers, FFN neurons -----------------
+
+@pytest.fixture
+def llama_and_data(tmp_path):
+    """A tiny GQA Llama (3 layers of 8 query heads over 2 KV heads) with a tokenizer, and texts."""
+    model_dir = tmp_path / "llama"
+    tiny_decoder("llama", "LlamaForCausalLM").save_pretrained(str(model_dir))
+    tiny_tokenizer(tmp_path).save_pretrained(str(model_dir))
+    return model_dir, write_labelled(tmp_path / "texts.csv")
+
+
+def counting_scorer(monkeypatch):
+    """Replace ``headslim.scoring.score_heads`` by a wrapper that records every call's target and scores."""
+    calls, real = [], headslim.scoring.score_heads
+
+    def counting(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        calls.append((kwargs.get("prune"), scores))
+        return scores
+
+    monkeypatch.setattr(headslim.scoring, "score_heads", counting)
+    return calls
+
+
+def assert_standard_gqa(kept_heads):
+    """Every layer keeps the same number of query heads in each KV group it keeps (plain GQA kernels)."""
+    group = DEC_HEADS // DEC_KV
+    for kept in kept_heads:
+        per_kv = [sum(1 for h in kept if h // group == kv) for kv in range(DEC_KV)]
+        assert len({n for n in per_kv if n}) <= 1, kept_heads
+
+
+def test_sweep_of_a_gqa_decoder_selects_as_shrink(llama_and_data, tmp_path):
+    model_dir, data = llama_and_data
+    config = SweepConfig(ratios=(0.25, 0.5), calib=str(data), calib_samples=12, backend="none",
+                         eval=EvalConfig(data=str(data)), save_models=True, **FAST)
+    result = sweep(model_dir, tmp_path / "o", config, log=None)
+    rows = result["rows"]
+    assert result["task"] == "causal-lm" and [r["heads"] for r in rows] == [24, 18, 12]
+    for row in rows[1:]:  # default --gqa uniform: standard GQA at every ratio, as shrink's default
+        assert_standard_gqa(row["kept_heads"])
+    for row in rows[1:]:
+        plan = PrunePlan.load(tmp_path / "o" / "models" / f"prune-{row['prune']:g}")
+        assert plan.provenance["gqa"] == "uniform" and plan.kv_head_of_q is not None
+        assert row["kv_heads_per_layer"] == [len(k) for k in plan.kv_heads_after]
+    slim = shrink(model_dir, tmp_path / "slim", ShrinkConfig(prune=0.5, calib=str(data), calib_samples=12,
+                                                             eval_data=str(data), batch_size=EvalConfig().batch_size,
+                                                             repair=False, progress=False))
+    assert slim.plan["attention"]["kept_heads"] == rows[2]["kept_heads"]
+
+
+@pytest.mark.parametrize("gqa,passes", [("uniform", 2), ("ragged", 1)])
+def test_sweep_iterative_on_a_gqa_decoder(llama_and_data, tmp_path, monkeypatch, gqa, passes):
+    # iterative's path to the largest ratio answers a smaller ratio's top-k (ragged) selection exactly, but the
+    # uniform selection reads the order of the heads still kept, which depends on where the path stopped:
+    # one pass per ratio there, with that ratio as the target (as shrink runs it)
+    model_dir, data = llama_and_data
+    calls = counting_scorer(monkeypatch)
+    config = SweepConfig(ratios=(0.25, 0.5), method="iterative:magnitude", gqa=gqa, step=0.25, calib=str(data),
+                         calib_samples=8, backend="none", eval=EvalConfig(data=str(data)), **FAST)
+    rows = sweep(model_dir, tmp_path / "o", config, log=None)["rows"]
+    assert [r["heads"] for r in rows] == [24, 18, 12]
+    assert [prune for prune, _ in calls] == ([0.25, 0.5] if passes == 2 else [0.5])
+    if gqa == "uniform":
+        for row in rows[1:]:
+            assert_standard_gqa(row["kept_heads"])
+
+
+def test_sweep_iterative_fisher(dense_and_data, tmp_path, monkeypatch):
+    dense_dir, data = dense_and_data
+    calls = counting_scorer(monkeypatch)
+    code = main(["sweep", str(dense_dir), "--prune", "0.25,6", "--method", "iterative:fisher",
+                 "--calib", str(data), "--calib-samples", "8", "--data", str(data), "--k", "3", "--backend", "none",
+                 "--no-progress", "--no-repair", "--save-models", "--json", "--out", str(tmp_path / "o")])
+    assert code == 0
+    rows = json.loads((tmp_path / "o" / "sweep.json").read_text())["rows"]
+    assert [r["heads"] for r in rows] == [12, 9, 6]
+    assert [prune for prune, _ in calls] == [6]  # one path, to the ratio that removes the most heads
+    assert PrunePlan.load(tmp_path / "o" / "models" / "prune-6").provenance["method"] == "iterative:fisher"
+    # ... and answers the smaller ratio exactly: shrink there runs its own path, stopped at 3 heads
+    slim = shrink(dense_dir, tmp_path / "slim", ShrinkConfig(prune=0.25, method="iterative:fisher",
+                                                             calib=str(data), calib_samples=8, eval_data=str(data),
+                                                             batch_size=EvalConfig().batch_size, repair=False,
+                                                             progress=False))
+    assert calls[-1][0] == 0.25 and slim.plan["attention"]["kept_heads"] == rows[1]["kept_heads"]
+
+
+def test_sweep_prunes_ffn_neurons(dense_and_data, tmp_path):
+    dense_dir, data = dense_and_data
+    out = tmp_path / "o"
+    config = SweepConfig(ratios=(0.25, 0.5), prune_ffn=(0.25, 0.5), calib=str(data), calib_samples=12,
+                         backend="none", eval=EvalConfig(data=str(data), k=3), save_models=True,
+                         **{**FAST, "repair": True})
+    rows = sweep(dense_dir, out, config, log=None)["rows"]
+    width = [37] * LAYERS  # tests/conftest.py: intermediate_size 37
+    assert [r["heads"] for r in rows] == [12, 9, 6]
+    assert [r["neurons"] for r in rows] == [111, 111 - 28, 111 - 56] and rows[0]["neurons_per_layer"] == width
+    assert [r["prune_ffn"] for r in rows] == [0, 0.25, 0.5]
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+    for row in rows[1:]:
+        plan = PrunePlan.load(out / "models" / f"prune-{row['prune']:g}")
+        assert plan.neurons_after == row["neurons_per_layer"] and plan.num_neurons == width
+        assert plan.provenance["ffn_method"] == "fisher" and plan.provenance["scored_together"] is True
+        model = headslim.load_pruned(out / "models" / f"prune-{row['prune']:g}")  # reloads at its FFN widths
+        assert get_adapter(model).num_neurons(model) == plan.neurons_after
+        assert "applied" in row["repair"]
+    again = evaluate(out / "models" / "prune-0.5", dense_dir, EvalConfig(data=str(data), k=3))["metrics"]
+    assert again["cosine"]["mean"] == pytest.approx(rows[2]["metrics"]["cosine"]["mean"], abs=1e-6)
+    # the plan shrink chooses with the same settings (heads and neurons scored in the same passes)
+    slim = shrink(dense_dir, tmp_path / "slim", ShrinkConfig(prune=0.5, prune_ffn=0.5, calib=str(data),
+                                                             calib_samples=12, eval_data=str(data),
+                                                             batch_size=EvalConfig().batch_size, repair=False,
+                                                             progress=False))
+    assert slim.plan["attention"]["kept_heads"] == rows[2]["kept_heads"]
+    assert slim.plan["mlp"]["kept_neurons"] == plan.kept_neurons
+
+
+def test_sweep_cli_one_ffn_target_for_every_ratio(dense_and_data, tmp_path, monkeypatch):
+    dense_dir, data = dense_and_data
+    calls = counting_scorer(monkeypatch)
+    code = main(["sweep", str(dense_dir), "--prune", "0.25,0.5", "--prune-ffn", "0.5", "--ffn-method", "magnitude",
+                 "--calib", str(data), "--calib-samples", "8", "--data", str(data), "--k", "3", "--backend", "none",
+                 "--no-progress", "--no-repair", "--out", str(tmp_path / "o")])
+    assert code == 0
+    rows = json.loads((tmp_path / "o" / "sweep.json").read_text())["rows"]
+    assert [r["heads"] for r in rows] == [12, 9, 6] and [r["neurons"] for r in rows] == [111, 55, 55]
+    assert len(calls) == 1  # heads (fisher) once; neurons (magnitude) once, apart
+
+
+def test_sweep_bad_targets(llama_and_data, tmp_path, monkeypatch):
+    with pytest.raises(HeadslimError, match="--prune-ffn lists 3 values for 2"):
+        SweepConfig(ratios=(0.25, 0.5), prune_ffn=(0.1, 0.2, 0.3))
+    with pytest.raises(HeadslimError, match="--prune-ffn 1.5"):
+        SweepConfig(prune_ffn=1.5)
+    with pytest.raises(HeadslimError, match="--ffn-method must be one of"):
+        SweepConfig(prune_ffn=0.2, ffn_method="entropy")
+    with pytest.raises(HeadslimError, match="--gqa must be one of"):
+        SweepConfig(gqa="diagonal")
+    with pytest.raises(HeadslimError, match="iterative needs a one-shot base scorer"):
+        SweepConfig(method="iterative:learned")
+    with pytest.raises(HeadslimError, match="--step must be in"):
+        SweepConfig(method="iterative", step=0)
+    model_dir, data = llama_and_data
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("refused only after the scoring pass")
+
+    monkeypatch.setattr(headslim.scoring, "score_heads", no_scoring)
+    base = dict(calib=str(data), calib_samples=8, backend="none", eval=EvalConfig(data=str(data)), **FAST)
+    # 3 layers of 2 KV groups of 4: --gqa uniform removes 0, 2, 4, 5, 6 or 7 heads a layer
+    for ratios, message in [((3,), "--gqa uniform cannot remove exactly 3 of 24 heads"),
+                            ((2, 0.125), "--prune 2 and 0.125 both remove 2 of the model's 24 heads"),
+                            ((0.04,), "--prune 0.04 removes no head with --gqa uniform")]:
+        with pytest.raises(HeadslimError, match=message):
+            sweep(model_dir, tmp_path / "o", SweepConfig(ratios=ratios, **base), log=None)
+    with pytest.raises(HeadslimError, match="--prune-ffn 1000: the model has 111 FFN neurons"):
+        sweep(model_dir, tmp_path / "o", SweepConfig(ratios=(0.5,), prune_ffn=1000, **base), log=None)
+    assert not (tmp_path / "o").exists()
