@@ -74,7 +74,7 @@ class _Scaled:
         return self.scale * self.table.ffn(n)
 
 
-def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables: list, target: float, *,
+def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables: list, target, *,
           rest_ms: list[float] | None = None, scale: list[float] | None = None, min_heads_per_layer: int = 1, min_neurons_per_layer: int = 0,
           kinds: tuple = ("attention", "mlp")) -> Budget:
     """Choose which heads and neurons to remove so the estimated speed-up reaches ``target`` at every
@@ -85,7 +85,7 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
             ``[(index, marginal cost), ...]`` (``score_structures(...)["sequences"]``).
         num_heads, num_neurons: current counts per layer.
         tables: one latency table per shape (``headslim.latency.LatencyTable``).
-        target: the speed-up to reach (> 1).
+        target: the speed-up to reach (> 1), or one per table.
         rest_ms: per table, the time of what pruning leaves alone; None: 0.
         scale: per table, what its block times are multiplied by in the whole model; None: 1.
         min_heads_per_layer, min_neurons_per_layer: floors.
@@ -94,7 +94,8 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
     Returns: a :class:`Budget`. A target the tables say cannot be reached is a one-line error naming
     the largest estimated speed-up.
     """
-    if not target > 1.0:
+    targets = list(target) if isinstance(target, (list, tuple)) else [target] * len(tables)
+    if len(targets) != len(tables) or not all(t > 1.0 for t in targets):
         raise HeadslimError(f"--target-speedup must be above 1, not {target}")
     rest_ms = rest_ms or [0.0] * len(tables)
     tables = [_Scaled(t, a) for t, a in zip(tables, scale or [1.0] * len(tables))]
@@ -142,13 +143,13 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
                 heapq.heappush(heap, (entry[0], kind, layer, entry[1], entry[2]))
 
     def reached() -> bool:
-        return all(d / c >= target for d, c in zip(dense, current))
+        return all(d / c >= t for d, c, t in zip(dense, current, targets))
 
     total_cost, steps = 0.0, 0
     while not reached():
         if not heap:
             best = min(d / c for d, c in zip(dense, current))
-            raise HeadslimError(f"--target-speedup {target} cannot be reached: removing every structure allowed "
+            raise HeadslimError(f"--target-speedup {max(targets):.3g} cannot be reached: removing every structure allowed "
                                 f"gives an estimated {best:.2f}x (floors: {min_heads_per_layer} heads, "
                                 f"{min_neurons_per_layer} neurons per layer)")
         priority, kind, layer, removals, saving = heapq.heappop(heap)

@@ -108,6 +108,7 @@ class SpeedTarget:
         check_runtime(runtime)
         self.src, self.target, self.runtime, self.shapes = Path(src), target, runtime, tuple(shapes)
         self.threads, self.measure_seconds, self.max_length = threads, measure_seconds, max_length
+        self.tokenizer, self._measured = tokenizer, 0
         shape = LayerShape.from_model(model)
         self.tables = [measure_table(shape, runtime=runtime, batch=b, seq=s, threads=threads, min_time=min_time,
                                      progress=progress) for b, s in self.shapes]
@@ -138,9 +139,35 @@ class SpeedTarget:
 
     def measure(self, pruned_dir) -> list[dict]:
         """Dense vs the written pruned checkpoint on the runtime, interleaved, at every shape."""
-        onnx_pruned = export_for(self.runtime, Path(pruned_dir), Path(self._tmp.name) / "onnx-pruned", self.max_length)
-        return time_pair(self.src, pruned_dir, self.runtime, self.shapes, threads=self.threads,
-                         min_seconds=self.measure_seconds, onnx_dense=self.onnx_dense, onnx_pruned=onnx_pruned)
+        self._measured += 1  # one export dir per measurement: a sweep measures many
+        onnx_pruned = export_for(self.runtime, Path(pruned_dir), Path(self._tmp.name) / f"onnx-pruned-{self._measured}",
+                                 self.max_length)
+        try:
+            return time_pair(self.src, pruned_dir, self.runtime, self.shapes, threads=self.threads,
+                             min_seconds=self.measure_seconds, onnx_dense=self.onnx_dense, onnx_pruned=onnx_pruned)
+        finally:
+            if onnx_pruned is not None:
+                import shutil
+
+                shutil.rmtree(onnx_pruned, ignore_errors=True)
+
+    def trial(self, model, plan) -> list[dict]:
+        """Apply ``plan`` to a copy of ``model``, write it to scratch and time it against the dense model.
+
+        Repair changes weight values, not shapes, so a plan is timed before it is repaired.
+        """
+        import copy
+        import shutil
+
+        from headslim.io import save_pruned
+        from headslim.surgery import prune_heads
+
+        out = Path(self._tmp.name) / f"trial-{self._measured + 1}"
+        save_pruned(prune_heads(copy.deepcopy(model), plan), out, plan, tokenizer=self.tokenizer, source=self.src)
+        try:
+            return self.measure(out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
     def describe(self) -> dict:
         return {"target": self.target, "runtime": self.runtime, "shapes": [list(s) for s in self.shapes],

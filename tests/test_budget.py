@@ -159,3 +159,29 @@ def test_target_speedup_bad_input(tmp_path, minilm_dir, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_speed_target_measures_many_results(tmp_path, monkeypatch):
+    """Each measurement exports the pruned model to its own scratch dir and removes it after (a bench
+    sweep measures many results with one calibration)."""
+    import headslim.speedup
+
+    target = headslim.speedup.SpeedTarget.__new__(headslim.speedup.SpeedTarget)
+    target.src, target.runtime, target.shapes, target.threads = tmp_path, "ort-cpu", ((1, 8),), 1
+    target.measure_seconds, target.max_length, target.onnx_dense, target._measured = 0.1, 8, None, 0
+
+    class Tmp:
+        name = str(tmp_path)
+
+    target._tmp = Tmp()
+    made = []
+
+    def fake_export(runtime, model_dir, out, max_length):
+        out.mkdir()  # the real exporter refuses an existing dir
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(headslim.speedup, "export_for", fake_export)
+    monkeypatch.setattr(headslim.speedup, "time_pair", lambda *a, **k: [{"speedup": 1.0}])
+    assert target.measure(tmp_path / "a") == [{"speedup": 1.0}] and target.measure(tmp_path / "b")
+    assert len(set(made)) == 2 and not any(p.exists() for p in made)
