@@ -43,7 +43,7 @@ def _add_shrink(sub) -> None:
                           "(default: the FFNs are left alone)")
     opt.add_argument("--ffn-method", default=None,
                      help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
-                          "(default: --method when it is one of them, else fisher)")
+                          "(default magnitude: activation x down-projection column norm)")
     opt.add_argument("--min-neurons-per-layer", type=int, default=0,
                      help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
     opt.add_argument("--target-speedup", type=float, default=None,

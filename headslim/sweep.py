@@ -82,8 +82,8 @@ class SweepConfig:
         step: ``iterative``: share of all heads removed per round, as ``shrink --step``.
         prune_ffn: also remove FFN neurons: one fraction in [0, 1) or neuron count for every ratio,
             or a sequence with one per ratio; None (default) leaves the FFNs alone.
-        ffn_method, min_neurons_per_layer: the FFN neurons' scorer (default: ``method`` when it scores
-            neurons, else ``fisher``; scored once) and the neurons every layer keeps, as ``shrink``.
+        ffn_method, min_neurons_per_layer: the FFN neurons' scorer (default ``magnitude``, as ``shrink``;
+            scored once) and the neurons every layer keeps, as ``shrink``.
         eval: quality settings (:class:`headslim.evaluate.EvalConfig`).
         backend: one :mod:`headslim.bench` backend for latency, or ``none``.
         batch, seq: the latency shape.
@@ -519,7 +519,7 @@ def add_parser(subparsers) -> None:
                           "comma-separated list with one per --prune ratio (default: the FFNs are left alone)")
     opt.add_argument("--ffn-method", default=None,
                      help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
-                          "(default: --method when it is one of them, else fisher)")
+                          "(default magnitude, as shrink)")
     opt.add_argument("--min-neurons-per-layer", type=int, default=0,
                      help="FFN neurons every layer keeps (default 0)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])

@@ -246,7 +246,7 @@ def test_shrink_a_gqa_decoder_with_ffn_neurons(tmp_path, tiny_llama_dir, capsys)
     assert rc == 0, capsys.readouterr().err
     plan = PrunePlan.load(tmp_path / "slim")
     prov = plan.provenance
-    assert prov["gqa"] == "uniform" and prov["ffn_method"] == "fisher" and prov["prune_ffn"] == 0.4
+    assert prov["gqa"] == "uniform" and prov["ffn_method"] == "magnitude" and prov["prune_ffn"] == 0.4
     assert sum(plan.neurons_after) == round(0.6 * 2 * 37) and sum(plan.heads_after) == 4
     assert {e["kind"] for e in prov["repair"]["layers"]} <= {"attention", "mlp"}
     assert any(e["kind"] == "mlp" for e in prov["repair"]["layers"])

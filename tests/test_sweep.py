@@ -207,8 +207,8 @@ def test_sweep_iterative_fisher(dense_and_data, tmp_path, monkeypatch):
 def test_sweep_prunes_ffn_neurons(dense_and_data, tmp_path):
     dense_dir, data = dense_and_data
     out = tmp_path / "o"
-    config = SweepConfig(ratios=(0.25, 0.5), prune_ffn=(0.25, 0.5), calib=str(data), calib_samples=12,
-                         backend="none", eval=EvalConfig(data=str(data), k=3), save_models=True,
+    config = SweepConfig(ratios=(0.25, 0.5), prune_ffn=(0.25, 0.5), ffn_method="fisher", calib=str(data),
+                         calib_samples=12, backend="none", eval=EvalConfig(data=str(data), k=3), save_models=True,
                          **{**FAST, "repair": True})
     rows = sweep(dense_dir, out, config, log=None)["rows"]
     width = [37] * LAYERS  # tests/conftest.py: intermediate_size 37
@@ -226,7 +226,7 @@ def test_sweep_prunes_ffn_neurons(dense_and_data, tmp_path):
     again = evaluate(out / "models" / "prune-0.5", dense_dir, EvalConfig(data=str(data), k=3))["metrics"]
     assert again["cosine"]["mean"] == pytest.approx(rows[2]["metrics"]["cosine"]["mean"], abs=1e-6)
     # the plan shrink chooses with the same settings (heads and neurons scored in the same passes)
-    slim = shrink(dense_dir, tmp_path / "slim", ShrinkConfig(prune=0.5, prune_ffn=0.5, calib=str(data),
+    slim = shrink(dense_dir, tmp_path / "slim", ShrinkConfig(prune=0.5, prune_ffn=0.5, ffn_method="fisher", calib=str(data),
                                                              calib_samples=12, eval_data=str(data),
                                                              batch_size=EvalConfig().batch_size, repair=False,
                                                              progress=False))
