@@ -281,30 +281,10 @@ class PrunePlan:
             given = [_index(n, "num_heads", "head count") for n in _rows(data["num_heads"], "'num_heads'")]
             if given != list(num_heads):
                 raise HeadslimError(f"plan is for heads per layer {given}, the model has {num_heads}")
-        kept = data["kept_heads"]
-        if isinstance(kept, dict):
-            rows = [list(range(n)) for n in num_heads]
-            for key, heads in kept.items():
-                try:
-                    layer = int(key)
-                except ValueError:
-                    raise HeadslimError(f"plan: layer {key!r} is not a layer number") from None
-                if not 0 <= layer < len(num_heads):
-                    raise HeadslimError(f"plan: layer {layer} does not exist (the model has {len(num_heads)} layers)")
-                rows[layer] = heads
-            kept = rows
+        kept = _per_layer(data["kept_heads"], [list(range(n)) for n in num_heads])
         kept_kv = data.get("kept_kv_heads")
-        if isinstance(kept_kv, dict) and kv_head_of_q is not None:
-            rows = [sorted(set(m)) for m in kv_head_of_q]
-            for key, heads in kept_kv.items():
-                try:
-                    layer = int(key)
-                except ValueError:
-                    layer = -1
-                if not 0 <= layer < len(rows):
-                    raise HeadslimError(f"plan: kept_kv_heads layer {key!r} does not exist")
-                rows[layer] = heads
-            kept_kv = rows
+        if kv_head_of_q is not None:
+            kept_kv = _per_layer(kept_kv, [sorted(set(m)) for m in kv_head_of_q], "kept_kv_heads ")
         kept_neurons = None
         if "kept_neurons" in data:
             if num_neurons is None:
@@ -313,7 +293,7 @@ class PrunePlan:
                 given = [_index(n, "num_neurons", "neuron count") for n in _rows(data["num_neurons"], "'num_neurons'")]
                 if given != list(num_neurons):
                     raise HeadslimError(f"plan is for FFN widths {given}, the model has {num_neurons}")
-            kept_neurons = _per_layer(data["kept_neurons"], [list(range(n)) for n in num_neurons], "kept_neurons")
+            kept_neurons = _per_layer(data["kept_neurons"], [list(range(n)) for n in num_neurons], "kept_neurons ")
         return cls(list(num_heads), kept, data.get("provenance", {"method": "hand-written"}),
                    kv_head_of_q, kept_kv, list(num_neurons) if kept_neurons is not None else None, kept_neurons)
 
@@ -342,8 +322,9 @@ def _sections(data) -> dict:
     return flat
 
 
-def _per_layer(value, rows: list, what: str) -> list:
-    """A per-layer list, or a ``{layer: [...]}`` mapping applied over ``rows`` (layers not named keep ``rows``)."""
+def _per_layer(value, rows: list, what: str = "") -> list:
+    """A per-layer list, or a ``{layer: [...]}`` mapping applied over ``rows`` (layers not named keep
+    ``rows``); ``what`` names the entry in errors (``"kept_neurons "``; heads: empty)."""
     if not isinstance(value, dict):
         return value
     rows = list(rows)
@@ -351,9 +332,9 @@ def _per_layer(value, rows: list, what: str) -> list:
         try:
             layer = int(key)
         except ValueError:
-            raise HeadslimError(f"plan: {what} layer {key!r} is not a layer number") from None
+            raise HeadslimError(f"plan: {what}layer {key!r} is not a layer number") from None
         if not 0 <= layer < len(rows):
-            raise HeadslimError(f"plan: {what} layer {layer} does not exist (the model has {len(rows)} layers)")
+            raise HeadslimError(f"plan: {what}layer {layer} does not exist (the model has {len(rows)} layers)")
         rows[layer] = item
     return rows
 
