@@ -61,18 +61,20 @@ def time_pair(dense_dir, pruned_dir, runtime: str, shapes, *, threads: int | Non
 
     backend = check_runtime(runtime)
     result = {}
-    for batch, seq in shapes:  # bench runs a grid; the shapes asked for need not be one
-        config = BenchConfig(backends=backend, batches=(batch,), seqs=(seq,), threads=threads, warmup=5,
+    for seq in dict.fromkeys(s for _, s in shapes):  # one run (models and sessions loaded once) per length
+        batches = tuple(b for b, s in shapes if s == seq)
+        config = BenchConfig(backends=backend, batches=batches, seqs=(seq,), threads=threads, warmup=5,
                              min_runs=10, min_seconds=min_seconds, onnx_dense=onnx_dense, onnx_pruned=onnx_pruned)
         run = bench(pruned_dir, dense_dir, config, log=None)
         entry = run["backends"][0]
         if entry["status"] != "ok":
             raise HeadslimError(f"cannot time the models on {runtime}: {entry['reason']}")
-        point = run["points"][0]
-        if point.get("status") != "ok":
-            raise HeadslimError(f"timing on {runtime} at batch {batch} x seq {seq} failed: {point.get('reason')}")
-        result[(batch, seq)] = {"batch": batch, "seq": seq, "dense_ms": point["dense"]["p50_ms"],
-                                "pruned_ms": point["pruned"]["p50_ms"], "speedup": point["speedup_p50"]}
+        for point in run["points"]:
+            batch = point["batch"]
+            if point.get("status") != "ok":
+                raise HeadslimError(f"timing on {runtime} at batch {batch} x seq {seq} failed: {point.get('reason')}")
+            result[(batch, seq)] = {"batch": batch, "seq": seq, "dense_ms": point["dense"]["p50_ms"],
+                                    "pruned_ms": point["pruned"]["p50_ms"], "speedup": point["speedup_p50"]}
     return [result[s] for s in shapes]
 
 

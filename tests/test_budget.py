@@ -4,6 +4,7 @@ import pytest
 
 from headslim.budget import effective_times, spend
 from headslim.errors import HeadslimError
+from headslim.plan import PrunePlan
 
 
 class Table:
@@ -102,7 +103,6 @@ def test_shrink_to_a_target_speedup_wires_tables_budget_and_timing(tmp_path, min
     import headslim.latency
     import headslim.speedup
     from headslim.cli import main
-    from headslim.plan import PrunePlan
 
     class Linear(Table):
         layer = {}
@@ -185,3 +185,19 @@ def test_a_speed_target_measures_many_results(tmp_path, monkeypatch):
     monkeypatch.setattr(headslim.speedup, "time_pair", lambda *a, **k: [{"speedup": 1.0}])
     assert target.measure(tmp_path / "a") == [{"speedup": 1.0}] and target.measure(tmp_path / "b")
     assert len(set(made)) == 2 and not any(p.exists() for p in made)
+
+
+def test_time_pair_covers_every_shape_in_order(tmp_path):
+    """Shapes sharing a length are timed in one bench run; every shape comes back, in the order asked."""
+    from headslim.io import save_pruned
+    from headslim.speedup import time_pair
+    from headslim.surgery import prune_heads
+    from tests.conftest import HEADS, LAYERS, tiny_model
+
+    tiny_model("bert", "BertModel").save_pretrained(tmp_path / "dense")
+    plan = PrunePlan([HEADS] * LAYERS, [[0], [1], [2]])
+    save_pruned(prune_heads(tiny_model("bert", "BertModel"), plan), tmp_path / "slim", plan)
+    shapes = ((2, 8), (1, 8), (1, 16))
+    got = time_pair(tmp_path / "dense", tmp_path / "slim", "torch-cpu", shapes, threads=1, min_seconds=0.0)
+    assert [(g["batch"], g["seq"]) for g in got] == list(shapes)
+    assert all(g["dense_ms"] > 0 and g["pruned_ms"] > 0 for g in got)
