@@ -104,7 +104,8 @@ def spend(sequences: dict, num_heads: list[int], num_neurons: list[int], tables:
     floor = {"attention": min_heads_per_layer, "mlp": min_neurons_per_layer}
     dense = [sum(table.attention(h) + table.ffn(n) for h, n in zip(num_heads, num_neurons)) + rest_ms[t]
              for t, table in enumerate(tables)]
-    eff = {(k, layer): effective_times(tables, k, width[k][layer], dense) for k in kinds for layer in range(layers)}
+    by_width = {(k, w): effective_times(tables, k, w, dense) for k in kinds for w in set(width[k])}  # once a width
+    eff = {(k, layer): by_width[(k, width[k][layer])] for k in kinds for layer in range(layers)}
     count = {k: list(width[k]) for k in ("attention", "mlp")}
 
     def time_of(t: int, kind: str, layer: int, c: int) -> float:
