@@ -28,6 +28,17 @@ def _prune_arg(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor a head count") from None
 
 
+def add_ffn_arguments(opt, prune_type, prune_help: str) -> None:
+    """``--prune-ffn`` (its type and help differ: one target for shrink, one per ratio for sweep),
+    ``--ffn-method`` and ``--min-neurons-per-layer``, as shrink and sweep both take them."""
+    opt.add_argument("--prune-ffn", type=prune_type, default=None, help=prune_help)
+    opt.add_argument("--ffn-method", default=None,
+                     help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
+                          "(default magnitude: activation x down-projection column norm)")
+    opt.add_argument("--min-neurons-per-layer", type=int, default=0,
+                     help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
+
+
 def _add_shrink(sub) -> None:
     p = sub.add_parser("shrink", help="score heads, remove the least important, save a smaller checkpoint",
                        epilog=SHRINK_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,14 +49,8 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--prune", "--prune-heads", dest="prune", type=_prune_arg, default=None,
                      help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5; "
                           "0 with --prune-ffn: FFN neurons only)")
-    opt.add_argument("--prune-ffn", type=_prune_arg, default=None,
-                     help="fraction of all FFN neurons to remove, in [0, 1), or a whole neuron count "
-                          "(default: the FFNs are left alone)")
-    opt.add_argument("--ffn-method", default=None,
-                     help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
-                          "(default magnitude: activation x down-projection column norm)")
-    opt.add_argument("--min-neurons-per-layer", type=int, default=0,
-                     help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
+    add_ffn_arguments(opt, _prune_arg, "fraction of all FFN neurons to remove, in [0, 1), or a whole neuron count "
+                                       "(default: the FFNs are left alone)")
     opt.add_argument("--target-speedup", type=float, default=None,
                      help="plan for this speed-up on --runtime instead of --prune/--prune-ffn: heads and FFN "
                           "neurons ranked together by Fisher cost per unit of latency saved (per-layer latency "

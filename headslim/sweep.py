@@ -492,6 +492,7 @@ def _latency(backend, dense_dir, pruned_dir: Path, dense, config: SweepConfig, t
 
 def add_parser(subparsers) -> None:
     from headslim.bench import add_timing_arguments
+    from headslim.cli import add_ffn_arguments
     from headslim.evaluate import add_data_arguments
 
     p = subparsers.add_parser("sweep", help="prune at several ratios from one scoring pass; quality vs latency",
@@ -514,14 +515,9 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--gqa", default="uniform", choices=["uniform", "kv-groups", "ragged"],
                      help="grouped-query decoders, as shrink: uniform (default; equal query heads per kept KV "
                           "head, standard kernels apply), kv-groups (whole KV heads) or ragged (any query heads)")
-    opt.add_argument("--prune-ffn", type=_ffn_list, default=None,
-                     help="also remove FFN neurons: one fraction in [0, 1) or neuron count for every ratio, or a "
-                          "comma-separated list with one per --prune ratio (default: the FFNs are left alone)")
-    opt.add_argument("--ffn-method", default=None,
-                     help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
-                          "(default magnitude, as shrink)")
-    opt.add_argument("--min-neurons-per-layer", type=int, default=0,
-                     help="FFN neurons every layer keeps (default 0)")
+    add_ffn_arguments(opt, _ffn_list, "also remove FFN neurons: one fraction in [0, 1) or neuron count for every "
+                                      "ratio, or a comma-separated list with one per --prune ratio (default: the "
+                                      "FFNs are left alone)")
     opt.add_argument("--objective", default="dense", choices=["dense", "task"])
     opt.add_argument("--min-heads-per-layer", type=int, default=1)
     opt.add_argument("--no-repair", dest="repair", action="store_false",
