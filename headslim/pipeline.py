@@ -264,23 +264,20 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
-def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
-            kv_map: list[list[int]] | None, provenance: dict, speed=None):
-    """Score the structures ``config`` prunes on ``calib_batches`` and select the plan.
+def score_for(model, calib_batches, config: ShrinkConfig, *, heads: bool = True):
+    """The scores ``config`` asks for: ``(head scores or None, neuron scores or None, together)``.
 
-    Heads and FFN neurons are chosen with separate budgets (``prune``, ``prune_ffn``); when both are
-    scored by the same ``fisher`` / ``gradient`` method, one set of backward passes scores both.
+    Heads (with ``heads``; ``config.prune`` is the target of target-dependent methods) by
+    ``config.method``, FFN neurons (with ``config.prune_ffn``) by ``config.ffn_method``; in the same
+    backward passes (``together``) when one ``fisher`` / ``gradient`` method scores both.
     """
     from headslim.scoring import score_heads
     from headslim.scoring.neurons import score_structures
-    from headslim.selection import select_plan
 
-    if speed is not None:
-        return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed)
-    heads, ffn = config.prune != 0, config.prune_ffn is not None
+    ffn = config.prune_ffn is not None
     together = heads and ffn and config.method == config.ffn_method and config.method in ("fisher", "gradient")
     common = dict(objective=config.objective, seed=config.seed, progress=config.progress)
-    neuron_scores = None
+    scores = neuron_scores = None
     if together:
         both = score_structures(model, calib_batches, method=config.method, heads=True,
                                 min_per_layer=config.min_neurons_per_layer,
@@ -292,6 +289,22 @@ def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int]
     if ffn and neuron_scores is None:
         neuron_scores = score_structures(model, calib_batches, method=config.ffn_method,
                                          min_per_layer=config.min_neurons_per_layer, **common)["mlp"]
+    return scores, neuron_scores, together
+
+
+def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
+            kv_map: list[list[int]] | None, provenance: dict, speed=None):
+    """Score the structures ``config`` prunes on ``calib_batches`` and select the plan.
+
+    Heads and FFN neurons are chosen with separate budgets (``prune``, ``prune_ffn``); when both are
+    scored by the same ``fisher`` / ``gradient`` method, one set of backward passes scores both.
+    """
+    from headslim.selection import select_plan
+
+    if speed is not None:
+        return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed)
+    heads, ffn = config.prune != 0, config.prune_ffn is not None
+    scores, neuron_scores, together = score_for(model, calib_batches, config, heads=heads)
     if heads:
         check_finite_scores(scores, num_heads, config.method)
         provenance.update(method=config.method, objective=config.objective, prune=config.prune,

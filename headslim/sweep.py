@@ -307,10 +307,9 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     from headslim.decoders import kv_maps
     from headslim.evaluate import detect_task, evaluate_model, prepare_reference, primary_metric
     from headslim.io import atomic_output_dir, save_pruned
-    from headslim.pipeline import _jsonable_scores, _NextTokenBatches, check_finite_scores, warn
+    from headslim.pipeline import _jsonable_scores, _NextTokenBatches, check_finite_scores, score_for, warn
     from headslim.quality import count_parameters
     from headslim.scoring import score_heads
-    from headslim.scoring.neurons import score_structures
     from headslim.selection import heads_to_prune, select_plan
     from headslim.surgery import prune_heads
 
@@ -330,39 +329,30 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     calib_batches = repair_batches
     if detect_task(dense) == "causal-lm" and config.objective == "task":
         calib_batches = _NextTokenBatches(repair_batches)  # as shrink: the task of a causal LM is the next token
-    # the scoring shrink does (pipeline.choose_plan): heads and neurons in the same passes when one fisher /
-    # gradient method scores both, else heads by score_heads and neurons by score_structures
-    together = ffn and config.method == config.ffn_method and config.method in ("fisher", "gradient")
-    common = dict(objective=config.objective, seed=config.seed, progress=config.progress)
-    per_ratio = not together and _scored_per_ratio(config.method, None if config.gqa == "ragged" else kv_map)
+    # the scoring shrink does (pipeline.score_for); a method whose scores depend on the target (never one
+    # that scores heads and neurons together) scores its heads again at each ratio
+    per_ratio = _scored_per_ratio(config.method, None if config.gqa == "ragged" else kv_map)
 
     def head_scores(prune):
         scores = score_heads(dense, calib_batches, method=config.method, prune=prune,
-                             min_per_layer=config.min_heads_per_layer, step=config.step, **common)
+                             min_per_layer=config.min_heads_per_layer, step=config.step,
+                             objective=config.objective, seed=config.seed, progress=config.progress)
         check_finite_scores(scores, num_heads, config.method)
         return scores
 
     what = f"{sum(num_heads)} heads" + (f" and {sum(num_neurons)} FFN neurons" if ffn else "")
-    scores = neuron_scores = None
-    if together:
-        log(f"scoring {what} once, together ({config.method}, {len(calib)} calibration texts)")
-        both = score_structures(dense, calib_batches, method=config.method, heads=True,
-                                min_per_layer=config.min_neurons_per_layer,
-                                min_heads_per_layer=config.min_heads_per_layer, **common)
-        scores, neuron_scores = both["attention"], both["mlp"]
-        check_finite_scores(scores, num_heads, config.method)
-    elif per_ratio:
+    total = sum(num_heads)  # an elimination path must reach the ratio that removes the most heads
+    deepest = max(config.ratios, key=lambda r: heads_to_prune(r, total))
+    if per_ratio:
         log(f"scoring {sum(num_heads)} heads at each ratio ({config.method}: its scores depend on the target), "
             + (f"FFN neurons once ({config.ffn_method}), " if ffn else "") + f"{len(calib)} calibration texts")
     else:
-        total = sum(num_heads)  # an elimination path must reach the ratio that removes the most heads
-        deepest = max(config.ratios, key=lambda r: heads_to_prune(r, total))
         log(f"scoring {what} once ({config.method}" + (f", FFN {config.ffn_method}" if ffn else "")
             + f", {len(calib)} calibration texts)")
-        scores = head_scores(deepest)
-    if ffn and neuron_scores is None:
-        neuron_scores = score_structures(dense, calib_batches, method=config.ffn_method,
-                                         min_per_layer=config.min_neurons_per_layer, **common)["mlp"]
+    scores, neuron_scores, together = score_for(dense, calib_batches, config.shrink_config(deepest),
+                                                heads=not per_ratio)
+    if scores is not None:
+        check_finite_scores(scores, num_heads, config.method)
     if ffn:
         check_finite_scores(neuron_scores, num_neurons, config.ffn_method)
     provenance = {
