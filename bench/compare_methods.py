@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 DEFAULT_METHODS = ["obs", "fisher", "ablation", "random", "gradient", "magnitude", "entropy", "confidence",
@@ -84,29 +85,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     previous = _previous_rows(args) if args.append else []
 
-    import torch
-    import transformers
-    from transformers import AutoTokenizer
-
-    from headslim.adapters import get_adapter
+    from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import load_model, resolve_model_path
-    from headslim.repair import repair
-    from headslim.scoring import parse_method, score_heads
-    from headslim.selection import select_heads
-    from headslim.surgery import prune_heads
+    from headslim.pipeline import PruneConfig, prune_model, shared_scores
+    from headslim.quality import embeddings
 
     src = resolve_model_path(args.model)
     dense = load_model(src)
-    tok = AutoTokenizer.from_pretrained(str(src))
-    heads = get_adapter(dense).num_heads(dense)
+    tok = load_tokenizer(src)
     data = {"calib": sample(load_texts("bbc-news:train"), args.calib_samples, args.seed),
             "train": sample(load_texts("bbc-news:train"), args.knn_train, 1),
             "test": sample(load_texts("bbc-news:test"), args.test_samples, 0)}
     mk = lambda d, bs=args.batch_size: list(batches(d, tok, batch_size=bs, max_length=args.max_length))  # noqa: E731
     calib, train_b, test_b = mk(data["calib"]), mk(data["train"], 64), mk(data["test"], 64)
-
-    from headslim.quality import embeddings
 
     t0 = time.perf_counter()
     dense_test = embeddings(dense, test_b)
@@ -115,31 +107,28 @@ def main(argv=None) -> int:
     rows += [r for r in previous if r["method"] not in args.methods and r["method"] != "dense"]
     print(f"dense: 5-NN accuracy {base['knn5_acc']:.4f} ({time.perf_counter() - t0:.0f} s to embed)", flush=True)
     for method in args.methods:
-        name, _ = parse_method(method)
-        cached, cached_s = None, 0.0
+        config = PruneConfig(method=method, seed=args.seed, progress=args.progress, repair=False)
+        t = time.perf_counter()
+        # one pass serves every target (a path method runs to the largest); learned trains per target in prune_model
+        scores = shared_scores(dense, calib, config, args.ratios)
+        shared_s = time.perf_counter() - t
         for ratio in args.ratios:
-            if name == "learned" or cached is None:
-                t = time.perf_counter()
-                # a path method runs once to the largest target; its path answers the smaller ones
-                target = ratio if name == "learned" else max(args.ratios)
-                scores = score_heads(dense, calib, method=method, seed=args.seed, progress=args.progress,
-                                     prune=target, min_per_layer=1)
-                cached, cached_s = scores, time.perf_counter() - t
-            plan = select_heads(cached, heads, prune=ratio, min_per_layer=1)
-            model = prune_heads(copy.deepcopy(dense), plan)
-            row = {"method": method, "ratio": ratio, "heads_after": plan.heads_after, "score_s": round(cached_s, 1)}
-            rows.append({**row, "repair": False, **evaluate(model, test_b, train_b, dense_test, data),
+            off = prune_model(copy.deepcopy(dense), calib, replace(config, prune=ratio), scores=scores)
+            row = {"method": method, "ratio": ratio, "heads_after": off.plan.heads_after,
+                   "score_s": round(shared_s + off.seconds["score"], 1)}
+            rows.append({**row, "repair": False, **evaluate(off.model, test_b, train_b, dense_test, data),
                          "repair_s": 0.0})
-            t = time.perf_counter()
-            report = repair(model, dense, plan, calib, inputs=args.repair_inputs, progress=args.progress)
-            rep_s = time.perf_counter() - t
-            rows.append({**row, "repair": True, "repair_applied": report.applied,
-                         **evaluate(model, test_b, train_b, dense_test, data), "repair_s": round(rep_s, 1)})
+            on = prune_model(copy.deepcopy(dense), calib, replace(config, prune=ratio, repair=True,
+                                                                  repair_inputs=args.repair_inputs),
+                             plan=copy.deepcopy(off.plan), dense=dense)
+            rows.append({**row, "repair": True, "repair_applied": on.repair["applied"],
+                         **evaluate(on.model, test_b, train_b, dense_test, data),
+                         "repair_s": round(on.seconds["repair"], 1)})
             for r in rows[-2:]:
                 print(f"{method:>18} {ratio:.1f} repair={'on ' if r['repair'] else 'off'} "
                       f"cos {r['mean_cosine']:.4f} min {r['min_cosine']:.4f} 5-NN {r['knn5_acc']:.4f} "
                       f"score {r['score_s']:.0f} s repair {r['repair_s']:.0f} s", flush=True)
-            del model
+            del off, on
         write(rows, args, src, data, partial=method != args.methods[-1])
     return 0
 

@@ -2,7 +2,8 @@
 
 Builds a Llama-shaped model and GPT-2 small's shape (12 layers, 12 heads, 768 hidden) from configs
 with random weights (no download), scores heads with seeded random scores, and prunes the same
-fraction of query heads in each ``--gqa`` mode. Parameter counts do not depend on the scores'
+fraction of query heads in each ``--gqa`` mode with ``headslim.pipeline.prune_model`` (as ``shrink``:
+GPT-2 has no KV groups, so its three rows are the same plain selection). Parameter counts do not depend on the scores'
 values, only on how many query and KV heads each mode keeps, which this prints as well.
 
 Examples:
@@ -27,9 +28,9 @@ import time
 import torch
 import transformers
 
-from headslim.decoders import kv_maps
-from headslim.gqa import GQA_MODES, select_gqa
-from headslim.surgery import prune_heads
+from headslim.arch import kv_maps
+from headslim.gqa import GQA_MODES
+from headslim.pipeline import PruneConfig, Scores, prune_model
 
 
 def llama_config(args) -> transformers.LlamaConfig:
@@ -95,8 +96,10 @@ def run_family(name: str, config, args) -> dict:
                       "query_heads": sum(len(m) for m in maps), "kv_heads": kv_heads(dense)}}
     models = {"dense": dense}
     for mode in GQA_MODES:
-        plan = select_gqa(scores, maps, prune=args.prune, mode=mode, min_per_layer=args.min_heads_per_layer)
-        pruned = prune_heads(copy.deepcopy(dense), plan)
+        config = PruneConfig(prune=args.prune, method="random", gqa=mode, min_heads_per_layer=args.min_heads_per_layer,
+                             repair=False, progress=False)
+        done = prune_model(copy.deepcopy(dense), None, config, scores=Scores(heads=scores))
+        plan, pruned = done.plan, done.model
         rows[mode] = {"params": params(pruned), "attention_params": attention_params(pruned),
                       "query_heads": sum(plan.heads_after), "kv_heads": kv_heads(pruned),
                       "heads_per_layer": plan.heads_after}

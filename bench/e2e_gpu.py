@@ -4,14 +4,14 @@ Variants, timed interleaved in one loop so machine drift cancels (CUDA events, w
 
 * ``dense sdpa``      - the stock model, ``attn_implementation="sdpa"``;
 * ``dense headslim``  - the stock model with ``headslim.kernels.enable`` (uniform GQA on the kernels);
-* ``pruned stock``    - pruned with ragged groups by ``headslim.surgery.prune_heads`` (issue 6): its
+* ``pruned stock``    - pruned with ragged groups by ``headslim.pipeline.prune_model`` (issue 6): its
   ragged layers gather K/V with ``index_select`` and run SDPA;
 * ``pruned headslim`` - the same pruned model with ``headslim.kernels.enable(model, "triton")``: ragged
   layers run the ragged prefill/decode kernels on the compact K/V.
 
 Per variant and batch size it reports prefill latency (prompt of ``--prompt`` tokens, p50/p90 ms)
 and decode latency per token (``--new`` steps against the cache, p50 ms/token) and tokens/s. The
-pruned variants need the decoder support of issue 6 (``headslim.decoders``, ``headslim.gqa``); without
+pruned variants need the decoder support of issue 6 (``headslim.arch``, ``headslim.gqa``); without
 it the script says so and measures the dense variants only.
 
 Usage (on a GPU machine, from the repository root)::
@@ -76,16 +76,17 @@ def build_dense(shape: str, dtype, device):
 def prune_ragged(dense, prune: float):
     """A ragged plan from random head scores (speed does not depend on which heads go), or None."""
     try:
-        from headslim.decoders import kv_maps
-        from headslim.gqa import select_gqa
-        from headslim.surgery import prune_heads
+        from headslim.arch import kv_maps
+        from headslim.pipeline import PruneConfig, Scores, prune_model
     except ImportError as exc:
         print(f"e2e_gpu: pruned variants skipped, decoder pruning (issue 6) not available: {exc}", file=sys.stderr)
         return None
     maps = kv_maps(dense)
     scores = torch.rand(len(maps), len(maps[0]), generator=torch.Generator().manual_seed(0))
-    plan = select_gqa(scores, maps, prune=prune, mode="ragged", min_per_layer=1)
-    return prune_heads(copy.deepcopy(dense), plan), plan
+    config = PruneConfig(prune=prune, method="random", gqa="ragged", min_heads_per_layer=1, repair=False,
+                         progress=False)
+    done = prune_model(copy.deepcopy(dense), None, config, scores=Scores(heads=scores))
+    return done.model, done.plan
 
 
 def sync(device):

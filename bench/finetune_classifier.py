@@ -17,6 +17,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -82,20 +83,15 @@ def main(argv=None) -> int:
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    from headslim.adapters import get_adapter
+    from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import load_model, resolve_model_path
-    from headslim.repair import repair
-    from headslim.scoring import score_heads
-    from headslim.selection import select_heads
-    from headslim.surgery import prune_heads
+    from headslim.pipeline import PruneConfig, prune_model, shared_scores
 
     out = Path(args.out)
     model_dir = out / "model"
     src = resolve_model_path(args.model)
-    tok = AutoTokenizer.from_pretrained(str(src))
+    tok = load_tokenizer(src)
     train, test = load_texts("bbc-news:train"), load_texts("bbc-news:test")
     if args.retrain or not (model_dir / "model.safetensors").is_file():
         t = time.perf_counter()
@@ -104,30 +100,29 @@ def main(argv=None) -> int:
                  max_length=args.max_length, seed=args.seed)
         print(f"fine-tuned in {time.perf_counter() - t:.0f} s -> {model_dir}", flush=True)
     dense = load_model(model_dir)
-    heads = get_adapter(dense).num_heads(dense)
     test_b = list(batches(test, tok, batch_size=64, max_length=args.max_length))
     calib = list(batches(sample(train, args.calib_samples, args.seed), tok, batch_size=args.batch_size,
                          max_length=args.max_length))
     rows = [{"method": "dense", "ratio": 0.0, "repair": False, "accuracy": accuracy(dense, test_b)}]
     print(f"dense test accuracy {rows[0]['accuracy']:.4f}", flush=True)
     for method in args.methods:
-        cached, score_s = None, 0.0
+        config = PruneConfig(method=method, objective=args.objective, seed=args.seed, progress=False, repair=False)
+        t = time.perf_counter()
+        # one pass to the largest target answers the smaller ones; learned trains per target in prune_model
+        scores = shared_scores(dense, calib, config, args.ratios)
+        shared_s = time.perf_counter() - t
         for ratio in args.ratios:
-            if cached is None or method == "learned":
-                t = time.perf_counter()
-                # iterative runs once to the largest target: its path answers the smaller ones
-                cached = score_heads(dense, calib, method=method, objective=args.objective, seed=args.seed,
-                                     progress=False, prune=ratio if method == "learned" else max(args.ratios))
-                score_s = time.perf_counter() - t
-            plan = select_heads(cached, heads, prune=ratio)
-            model = prune_heads(copy.deepcopy(dense), plan)
-            acc_off = accuracy(model, test_b)
-            report = repair(model, dense, plan, calib, progress=False)
-            acc_on = accuracy(model, test_b)
+            off = prune_model(copy.deepcopy(dense), calib, replace(config, prune=ratio), scores=scores)
+            acc_off = accuracy(off.model, test_b)
+            on = prune_model(copy.deepcopy(dense), calib, replace(config, prune=ratio, repair=True),
+                             plan=copy.deepcopy(off.plan), dense=dense)
+            acc_on = accuracy(on.model, test_b)
             for rep, acc in ((False, acc_off), (True, acc_on)):
                 rows.append({"method": method, "ratio": ratio, "repair": rep, "accuracy": acc,
-                             "repair_applied": report.applied if rep else False, "score_s": round(score_s, 1)})
+                             "repair_applied": on.repair["applied"] if rep else False,
+                             "score_s": round(shared_s + off.seconds["score"], 1)})
             print(f"{method:>12} {ratio:.1f}: accuracy {acc_off:.4f} -> {acc_on:.4f} with repair", flush=True)
+            del off, on
     out.mkdir(parents=True, exist_ok=True)
     (out / "classifier.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     md = ["| method | removed | repair | test accuracy |", "|---|---|---|---|"]

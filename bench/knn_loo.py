@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,16 +83,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
 
-    from headslim.adapters import get_adapter
+    from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import load_model, resolve_model_path
+    from headslim.pipeline import PruneConfig, Scores, prune_model, shared_scores
     from headslim.quality import embedding_cosine, embeddings
-    from headslim.repair import repair
-    from headslim.scoring import score_heads
-    from headslim.selection import select_heads
-    from headslim.surgery import prune_heads
 
     if args.target != "tokens":
         pooled_target()
@@ -99,8 +96,7 @@ def main(argv=None) -> int:
     (out / "scores").mkdir(parents=True, exist_ok=True)
     src = resolve_model_path(args.model)
     dense = load_model(src)
-    tok = AutoTokenizer.from_pretrained(str(src))
-    heads = get_adapter(dense).num_heads(dense)
+    tok = load_tokenizer(src)
     train, test, every = (load_texts(f"bbc-news:{s}") for s in ("train", "test", "all"))
     labels = torch.as_tensor(every.labels)
     pos = {t: i for i, t in enumerate(every.texts)}
@@ -125,19 +121,20 @@ def main(argv=None) -> int:
             if args.target == "pooled-cov":
                 covariance_probes(torch.nn.functional.normalize(embeddings(dense, calib), dim=-1))
             cache = out / "scores" / f"{method}-{args.target}-n{args.calib_samples}-s{seed}.safetensors"
+            config = PruneConfig(method=method, seed=seed, progress=False, repair=args.repair == "on",
+                                 repair_inputs=args.repair_inputs, repair_ridge=args.ridge)
             t = time.perf_counter()
             if cache.exists():
-                scores = load_file(str(cache))["scores"]
+                scores = Scores(heads=load_file(str(cache))["scores"])
             else:
-                scores = score_heads(dense, calib, method=method, seed=seed, progress=False,
-                                     prune=max(args.ratios), min_per_layer=1)
-                save_file({"scores": scores.contiguous()}, str(cache))
+                scores = shared_scores(dense, calib, config, args.ratios)
+                if scores.heads is not None:  # learned's depend on the ratio: prune_model trains them at each
+                    save_file({"scores": scores.heads.contiguous()}, str(cache))
             score_s = time.perf_counter() - t
             for ratio in args.ratios:
-                plan = select_heads(scores, heads, prune=ratio, min_per_layer=1)
-                model = prune_heads(copy.deepcopy(dense), plan)
-                if args.repair == "on":
-                    repair(model, dense, plan, calib, inputs=args.repair_inputs, ridge=args.ridge, progress=False)
+                done = prune_model(copy.deepcopy(dense), calib, replace(config, prune=ratio), scores=scores,
+                                   dense=dense)
+                model, plan = done.model, done.plan
                 if args.repair_ffn:
                     from ffn_refit import refit_ffn
 
@@ -153,7 +150,7 @@ def main(argv=None) -> int:
                        **paired(dense_ok, pruned_ok),
                        "mean_cosine": embedding_cosine(dense_all[held], emb[held])["mean_cosine"],
                        "test_knn5": std_knn(emb), "dense_test_knn5": std_knn(dense_all),
-                       "score_s": round(score_s, 1)}
+                       "score_s": round(score_s + done.seconds["score"], 1)}
                 rows.append(row)
                 print(f"{method:>8} seed {seed} {ratio:.1f}: cos {row['mean_cosine']:.4f} LOO 5-NN "
                       f"{100 * row['loo5']:.2f} vs dense {100 * row['dense_loo5']:.2f} "

@@ -10,7 +10,9 @@ articles and 5-NN topic accuracy with the *full* ``bbc-news:train`` index (1703 
     python bench/method_seeds.py --methods fisher obs --seeds 0 1 2 --out bench/results/method_seeds
 
 Each (method, seed) is scored once, to the largest ratio (the scorers return elimination paths, so
-the smaller ratios are prefixes). Writes ``method_seeds.json`` / ``.md`` after every run.
+the smaller ratios are prefixes; ``learned`` trains once per ratio, as ``shrink`` would), and every
+ratio is pruned and repaired by ``headslim.pipeline.prune_model``, the path ``shrink`` takes. Writes
+``method_seeds.json`` / ``.md`` after every run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,21 +40,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results/method_seeds")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    from headslim.adapters import get_adapter
+    from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import load_model, resolve_model_path
+    from headslim.pipeline import PruneConfig, prune_model, shared_scores
     from headslim.quality import embedding_cosine, embeddings
-    from headslim.repair import repair
-    from headslim.scoring import score_heads
-    from headslim.selection import select_heads
-    from headslim.surgery import prune_heads
 
     src = resolve_model_path(args.model)
     dense = load_model(src)
-    tok = AutoTokenizer.from_pretrained(str(src))
-    heads = get_adapter(dense).num_heads(dense)
+    tok = load_tokenizer(src)
     train, test = load_texts("bbc-news:train"), load_texts("bbc-news:test")
     mk = lambda d, bs=16: list(batches(d, tok, batch_size=bs, max_length=128))  # noqa: E731
     train_b, test_b = mk(train, 64), mk(test, 64)
@@ -62,19 +59,18 @@ def main(argv=None) -> int:
     for method in args.methods:
         for seed in args.seeds:
             calib = mk(sample(train, args.calib_samples, seed))
+            config = PruneConfig(method=method, seed=seed, progress=False)  # repair on, as shrink
             t = time.perf_counter()
-            scores = score_heads(dense, calib, method=method, seed=seed, progress=False,
-                                 prune=max(args.ratios), min_per_layer=1)
+            scores = shared_scores(dense, calib, config, args.ratios)
             score_s = time.perf_counter() - t
             for ratio in args.ratios:
-                plan = select_heads(scores, heads, prune=ratio, min_per_layer=1)
-                model = prune_heads(copy.deepcopy(dense), plan)
-                repair(model, dense, plan, calib, progress=False)
+                done = prune_model(copy.deepcopy(dense), calib, replace(config, prune=ratio), scores=scores, dense=dense)
+                model, plan = done.model, done.plan
                 test_emb = embeddings(model, test_b)
                 knn = knn_accuracy(embeddings(model, train_b), train.labels, test_emb, test.labels)
                 rows.append({"method": method, "seed": seed, "ratio": ratio, "heads_after": plan.heads_after,
                              **embedding_cosine(dense_test, test_emb), "knn5_acc": knn,
-                             "score_s": round(score_s, 1)})
+                             "score_s": round(score_s + done.seconds["score"], 1)})
                 print(f"{method:>8} seed {seed} {ratio:.1f}: cos {rows[-1]['mean_cosine']:.4f} "
                       f"5-NN {100 * knn:.2f} heads {plan.heads_after}", flush=True)
             write(rows, dense_knn, args)

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from compare_methods import evaluate
-    from headslim.adapters import get_adapter
+    from headslim.arch import get_adapter
     from headslim.bench import machine_info
     from headslim.budget import spend
     from headslim.data import batches, load_texts, sample

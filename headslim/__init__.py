@@ -19,7 +19,7 @@ _LAZY = {
     "PrunePlan": "headslim.plan",
     "prune_heads": "headslim.surgery",
     "gated": "headslim.gates",
-    "get_adapter": "headslim.adapters",
+    "get_adapter": "headslim.arch",
     "score_heads": "headslim.scoring",
     "select_heads": "headslim.selection",
     "select_gqa": "headslim.gqa",

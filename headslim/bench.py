@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from headslim.args import config_from_args
+from headslim.checkpoints import default_baseline, has_tokenizer, load_pair
 from headslim.errors import HeadslimError
 
 BENCH_EXAMPLE = """example:
@@ -379,9 +381,7 @@ def main_output(out):
 
 def _tokenizer_inputs(model_dir) -> list[str]:
     """Inputs the checkpoint's tokenizer produces; every feedable input when it has no tokenizer."""
-    from headslim.evaluate import TOKENIZER_FILES
-
-    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(model_dir):
         return list(FEEDABLE_INPUTS)  # tiny test checkpoints and bare exports have no tokenizer files
     try:
         from transformers import AutoTokenizer
@@ -516,46 +516,6 @@ def max_sequence(config) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compatibility of the two checkpoints.
-
-
-def check_compatible(dense, pruned, dense_dir="baseline", pruned_dir="pruned") -> None:
-    """Refuse a baseline that is not the pruned model's dense original (architecture, width, depth, heads)."""
-    from headslim.adapters import get_adapter
-    from headslim.io import resolve_model_path
-    from headslim.plan import PLAN_FILE, PrunePlan
-
-    cd, cp = dense.config, pruned.config
-    for attr in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
-        a, b = getattr(cd, attr, None), getattr(cp, attr, None)
-        if a != b:
-            raise HeadslimError(f"baseline {dense_dir} and {pruned_dir} differ in {attr} ({a} vs {b}): "
-                                "not a dense model and its pruned copy")
-    if type(dense).__name__ != type(pruned).__name__:
-        raise HeadslimError(f"baseline {dense_dir} is a {type(dense).__name__}, {pruned_dir} a "
-                            f"{type(pruned).__name__}: compare models with the same head")
-    plan_file = resolve_model_path(pruned_dir) / PLAN_FILE if isinstance(pruned_dir, (str, Path)) else None
-    if plan_file is not None and plan_file.is_file():
-        heads = get_adapter(dense).num_heads(dense)
-        plan = PrunePlan.load(plan_file)
-        if plan.num_heads != heads:
-            raise HeadslimError(f"{pruned_dir} was pruned from a model with heads {plan.num_heads}; "
-                                f"baseline {dense_dir} has {heads}")
-
-
-def default_baseline(pruned_dir) -> Path:
-    """The dense checkpoint a pruned one was made from (its plan's provenance), if it still exists."""
-    from headslim.io import resolve_model_path
-    from headslim.plan import PLAN_FILE, PrunePlan
-
-    plan_file = resolve_model_path(pruned_dir) / PLAN_FILE
-    source = PrunePlan.load(plan_file).provenance.get("source_model") if plan_file.is_file() else None
-    if not source or not Path(source).is_dir():
-        raise HeadslimError(f"no --baseline given and {pruned_dir} does not name an existing dense original")
-    return Path(source)
-
-
-# ----------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -648,15 +608,6 @@ def machine_info() -> dict:
             "platform": platform.platform(), "hostname": platform.node(), "versions": versions}
 
 
-def _load_pair(dense_dir, pruned_dir):
-    from headslim.io import load_model, resolve_model_path
-
-    dense_dir, pruned_dir = resolve_model_path(dense_dir), resolve_model_path(pruned_dir)
-    dense, pruned = load_model(dense_dir), load_model(pruned_dir)
-    check_compatible(dense, pruned, dense_dir, pruned_dir)
-    return dense_dir, pruned_dir, dense, pruned
-
-
 def bench(pruned_dir, baseline_dir=None, config: BenchConfig | None = None, *, out=None, overwrite: bool = False,
           log=print) -> dict:
     """Benchmark a pruned checkpoint against its dense original on every backend and shape.
@@ -686,7 +637,7 @@ def bench(pruned_dir, baseline_dir=None, config: BenchConfig | None = None, *, o
     model_config = load_config(baseline_dir)
     for seq in config.seqs:  # from config.json: refused before the weights load
         check_length(model_config, seq, "--seq")
-    dense_dir, pruned_dir, dense, pruned = _load_pair(baseline_dir, pruned_dir)
+    dense_dir, pruned_dir, dense, pruned = load_pair(baseline_dir, pruned_dir)
     with fixed_threads(config.threads) as threads:
         result = _bench_all(config, dense_dir, pruned_dir, dense, pruned, threads, log)
     if out is not None:
@@ -840,10 +791,8 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     from headslim import report
 
-    config = BenchConfig(backends=args.backend, batches=args.batch, seqs=args.seq, warmup=args.warmup,
-                         min_runs=args.runs, min_seconds=args.min_time, max_runs=args.max_runs, threads=args.threads,
-                         onnx_dense=args.onnx_dense, onnx_pruned=args.onnx_pruned, seed=args.seed,
-                         dtype=args.dtype)
+    config = config_from_args(BenchConfig, args, backends=args.backend, batches=args.batch, seqs=args.seq,
+                              min_runs=args.runs, min_seconds=args.min_time)
     result = bench(args.model, args.baseline, config, out=args.out, overwrite=args.overwrite,
                    log=None if args.json else print)
     if args.json:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 from headslim._version import __version__
+from headslim.args import add_ffn_arguments, config_from_args, prune_arg
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
@@ -19,26 +19,6 @@ SHRINK_EXAMPLE = """example:
 """
 
 
-def _prune_arg(text: str) -> float | int:
-    if re.fullmatch(r"\d+", text.strip()):
-        return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor a head count") from None
-
-
-def add_ffn_arguments(opt, prune_type, prune_help: str) -> None:
-    """``--prune-ffn`` (its type and help differ: one target for shrink, one per ratio for sweep),
-    ``--ffn-method`` and ``--min-neurons-per-layer``, as shrink and sweep both take them."""
-    opt.add_argument("--prune-ffn", type=prune_type, default=None, help=prune_help)
-    opt.add_argument("--ffn-method", default=None,
-                     help="scorer of the FFN neurons: fisher, gradient, magnitude or random "
-                          "(default magnitude: activation x down-projection column norm)")
-    opt.add_argument("--min-neurons-per-layer", type=int, default=0,
-                     help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
-
-
 def _add_shrink(sub) -> None:
     p = sub.add_parser("shrink", help="score heads, remove the least important, save a smaller checkpoint",
                        epilog=SHRINK_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,10 +26,10 @@ def _add_shrink(sub) -> None:
     req.add_argument("model", help="dense checkpoint dir (safetensors), or 'all-MiniLM-L6-v2' for the bundled one")
     req.add_argument("--out", required=True, help="output checkpoint dir (must not exist unless --overwrite)")
     opt = p.add_argument_group("optional")
-    opt.add_argument("--prune", "--prune-heads", dest="prune", type=_prune_arg, default=None,
+    opt.add_argument("--prune", "--prune-heads", dest="prune", type=prune_arg, default=None,
                      help="fraction of all heads to remove, in (0, 1), or a whole head count (default 0.5; "
                           "0 with --prune-ffn: FFN neurons only)")
-    add_ffn_arguments(opt, _prune_arg, "fraction of all FFN neurons to remove, in [0, 1), or a whole neuron count "
+    add_ffn_arguments(opt, prune_arg, "fraction of all FFN neurons to remove, in [0, 1), or a whole neuron count "
                                        "(default: the FFNs are left alone)")
     opt.add_argument("--target-speedup", type=float, default=None,
                      help="plan for this speed-up on --runtime instead of --prune/--prune-ffn: heads and FFN "
@@ -73,7 +53,7 @@ def _add_shrink(sub) -> None:
                           "random, or iterative:<method>")
     opt.add_argument("--step", type=float, default=0.1,
                      help="iterative: share of all heads removed per round (default 0.1)")
-    opt.add_argument("--no-repair", action="store_true",
+    opt.add_argument("--no-repair", dest="repair", action="store_false",
                      help="skip the least-squares re-fit of pruned layers' output projections")
     opt.add_argument("--repair-inputs", default="pruned", choices=["pruned", "dense"],
                      help="repair fits layer by layer on the repaired pruned model's own activations "
@@ -98,7 +78,7 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--allow-pickle", action="store_true",
                      help="allow pytorch_model.bin weights (loaded with torch.load(weights_only=True))")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
-    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    opt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     opt.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run_shrink)
 
@@ -160,17 +140,7 @@ def _run_shrink(args) -> int:
         raise HeadslimError("--target-speedup decides what to remove: leave out --prune/--prune-heads and --prune-ffn")
     if args.prune is None:
         args.prune = 0 if args.target_speedup is not None else 0.5
-    config = ShrinkConfig(
-        prune=args.prune, method=args.method, objective=args.objective, calib=args.calib,
-        calib_samples=args.calib_samples, eval_data=args.eval_data, eval_samples=args.eval_samples,
-        max_length=args.max_length, batch_size=args.batch_size, min_heads_per_layer=args.min_heads_per_layer,
-        seed=args.seed, text_column=args.text_column, label_column=args.label_column, plan=args.plan,
-        prune_ffn=args.prune_ffn, ffn_method=args.ffn_method, min_neurons_per_layer=args.min_neurons_per_layer,
-        target_speedup=args.target_speedup, target_structures=args.target_structures, runtime=args.runtime,
-        shapes=args.shapes, threads=args.threads,
-        allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.no_progress,
-        repair=not args.no_repair, repair_inputs=args.repair_inputs, step=args.step, gqa=args.gqa,
-    )
+    config = config_from_args(ShrinkConfig, args)
     result = shrink(args.model, args.out, config)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -186,7 +156,7 @@ def _add_inspect(sub) -> None:
 
 
 def _run_inspect(args) -> int:
-    from headslim.adapters import get_adapter
+    from headslim.arch import get_adapter
     from headslim.io import load_model
     from headslim.plan import PLAN_FILE, PrunePlan
     from headslim.quality import count_parameters

@@ -20,6 +20,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from headslim.args import config_from_args
+from headslim.checkpoints import default_baseline, load_pair, load_tokenizer
 from headslim.errors import HeadslimError
 
 EVAL_EXAMPLE = """example:
@@ -351,30 +353,6 @@ def primary_metric(task: str, metrics: dict) -> tuple[str, float, bool]:
     return "mean embedding cosine", metrics["cosine"]["mean"], True
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "sentencepiece.bpe.model", "tokenizer.model")
-
-
-def load_tokenizer(*dirs):
-    """The tokenizer of the first dir that has tokenizer files.
-
-    The files are checked first: transformers 5.x builds an empty-vocabulary tokenizer (every word
-    ``[UNK]``) from a dir that only has ``config.json``, without an error.
-    """
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    for d in dirs:
-        if not any((Path(d) / name).is_file() for name in TOKENIZER_FILES):
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(str(d))
-        except Exception:  # transformers raises OSError/ValueError/... for a missing tokenizer: try the next dir
-            continue
-    raise HeadslimError("no tokenizer found in " + " or ".join(str(d) for d in dirs))
-
-
 def evaluate(pruned_dir, baseline_dir=None, config: EvalConfig | None = None, *, out=None,
              overwrite: bool = False) -> dict:
     """Quality of a pruned checkpoint against its dense original.
@@ -390,7 +368,6 @@ def evaluate(pruned_dir, baseline_dir=None, config: EvalConfig | None = None, *,
         >>> r["metrics"]["cosine"]["mean"], r["metrics"]["knn_accuracy"]["pruned"]     # doctest: +SKIP
     """
     from headslim import report
-    from headslim.bench import _load_pair, default_baseline
     from headslim.io import atomic_output_dir, check_length, check_output_dir, load_config
 
     config = config or EvalConfig()
@@ -398,7 +375,7 @@ def evaluate(pruned_dir, baseline_dir=None, config: EvalConfig | None = None, *,
         check_output_dir(out, overwrite=overwrite, inputs=(pruned_dir, baseline_dir, config.data, config.train_data))
     baseline_dir = baseline_dir or default_baseline(pruned_dir)
     check_length(load_config(baseline_dir), config.max_length)  # from config.json, before the weights load
-    dense_dir, pruned_dir, dense, pruned = _load_pair(baseline_dir, pruned_dir)
+    dense_dir, pruned_dir, dense, pruned = load_pair(baseline_dir, pruned_dir)
     tokenizer = load_tokenizer(pruned_dir, dense_dir)
     ref = prepare_reference(dense, tokenizer, config, model_dir=dense_dir)
     result = {"kind": "headslim-eval", "task": ref.task, "pruned": str(pruned_dir), "baseline": str(dense_dir),
@@ -443,9 +420,8 @@ def add_data_arguments(opt, data_default: str = "bbc-news") -> None:
 
 
 def eval_config_from_args(args) -> EvalConfig:
-    return EvalConfig(task=args.task, data=args.data, train_data=args.train_data, eval_samples=args.eval_samples,
-                      train_samples=args.train_samples, k=args.k, max_length=args.max_length,
-                      batch_size=args.batch_size, text_column=args.text_column, label_column=args.label_column)
+    """The :class:`EvalConfig` of the options :func:`add_data_arguments` declares."""
+    return config_from_args(EvalConfig, args)
 
 
 def _run(args) -> int:

@@ -18,9 +18,11 @@ How the graph is built, and why:
   in TorchScript graphs (dynamo graphs keep every MatMul/Softmax even with the attention below),
   and it takes a fraction of a second instead of several. ``exporter="dynamo"`` is the way out
   when the deprecated exporter goes.
-* Each attention block is exported through :class:`headslim.onnx_utils.ExportSelfAttention`: the
-  classic BERT attention with the layer's own head count written into the reshape, and one
-  additive padding mask built from the 2D ``attention_mask``. transformers 5 reshapes with ``-1``
+* Each attention block is exported through :class:`headslim.onnx_utils.ExportSelfAttention` (the
+  family's adapter swaps it in: ``Adapter.prepare_export``): the classic BERT attention with the
+  layer's own head count written into the reshape, and one additive padding mask built from the 2D
+  ``attention_mask``. The graph inputs, the position offset and ORT's optimizer model type come
+  from the adapter's export spec (``headslim.arch``). transformers 5 reshapes with ``-1``
   heads and builds masks ORT cannot match, so without this nothing fuses there; with it, the
   optimizer reads every layer's (uneven) head count from the graph.
 * A layer with no heads becomes ``LayerNorm(x + b_O)``: no Q/K/V, no softmax, no zero-sized tensor.
@@ -76,23 +78,29 @@ TASKS = {
     "question-answering": TaskSpec("ForQuestionAnswering", ("start_logits", "end_logits"), True),
 }
 
-# Graph inputs per architecture, as optimum names them: its BERT and ELECTRA configs take
-# token_type_ids, its RoBERTa / XLM-RoBERTa configs do not (their tokenizers never produce them).
-# Every model type in headslim.adapters.ADAPTERS must be here (tests/test_export.py guards that).
-EXPORT_INPUTS = {
-    "bert": ("input_ids", "attention_mask", "token_type_ids"),
-    "electra": ("input_ids", "attention_mask", "token_type_ids"),
-    "roberta": ("input_ids", "attention_mask"),
-    "xlm-roberta": ("input_ids", "attention_mask"),
-}
-# Model types the adapters prune but this command does not export, and why. A model type must be
-# in one of the two tables (the coverage guard in tests/test_export.py).
-_DECODER_REASON = "decoder LLM export (KV cache, generation) is not supported yet"
-# What a user can do instead. Stock exporters rebuild a model from config.json, which cannot describe
-# a pruned decoder's smaller (possibly uneven) attention, so they are named for dense decoders only.
-_DECODER_INSTEAD = {False: "optimum-cli export onnx (or onnxruntime-genai) exports the dense model",
-                    True: "run the pruned model in PyTorch with headslim.load_pruned"}
-NOT_EXPORTED = {t: _DECODER_REASON for t in ("llama", "mistral", "qwen2", "qwen3", "gpt2")}
+
+
+def _export_table(exportable: bool) -> dict:
+    """Per registered model type: the graph inputs (``exportable``) or why it is not exported."""
+    from headslim.arch import adapters
+
+    table = {}
+    for adapter in adapters():
+        for model_type in adapter.model_types:
+            spec = adapter.export_spec(model_type)
+            if spec.exportable == exportable:
+                table[model_type] = spec.inputs if exportable else spec.reason
+    return table
+
+
+def __getattr__(name: str):
+    # Views of the adapters' export specs (``headslim.arch``), built on first use: ``EXPORT_INPUTS``
+    # maps every exported model type to its graph inputs, ``NOT_EXPORTED`` every other one to why.
+    if name == "EXPORT_INPUTS":
+        return _export_table(True)
+    if name == "NOT_EXPORTED":
+        return _export_table(False)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -321,11 +329,12 @@ def _calibration(tokenizer, config, input_names: list[str], cfg: ExportConfig) -
 
 
 def _max_positions(config) -> int:
-    """Longest sequence the position embeddings cover (RoBERTa's positions start after the pad id)."""
+    """Longest sequence the position embeddings cover (less the adapter's position offset: RoBERTa's
+    positions start after the pad id)."""
+    from headslim.arch import get_adapter
+
     limit = int(getattr(config, "max_position_embeddings", 512))
-    if config.model_type in ("roberta", "xlm-roberta"):
-        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return limit
+    return limit - get_adapter(config).position_offset(config)
 
 
 def _reference_outputs(module, probes: list[dict], output_names: list[str]) -> list[dict]:
@@ -365,18 +374,17 @@ def _versions() -> dict:
 # the API
 
 
-def _check_exportable(model_config, source: Path) -> str:
-    """The model type of ``source``, refused from its config.json alone when this command cannot
-    export it: at once instead of after loading every weight."""
+def _export_spec(model_config, source: Path):
+    """The adapter's export spec for ``source``, refused from its config.json alone when this command
+    cannot export it: at once instead of after loading every weight."""
+    from headslim.arch import get_adapter
     from headslim.plan import PLAN_FILE
 
     model_type = model_config.model_type
-    if model_type not in EXPORT_INPUTS:
-        why = NOT_EXPORTED.get(model_type, "it has no entry in headslim.export.EXPORT_INPUTS")
-        if why == _DECODER_REASON:
-            why = f"{why}; {_DECODER_INSTEAD[(source / PLAN_FILE).is_file()]}"
-        raise HeadslimError(f"cannot export a {model_type} model: {why}")
-    return model_type
+    spec = get_adapter(model_config).export_spec(model_type)
+    if not spec.exportable:
+        raise HeadslimError(f"cannot export a {model_type} model: {spec.refusal((source / PLAN_FILE).is_file())}")
+    return spec
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | None = None,
@@ -408,7 +416,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
     started = time.perf_counter()
     config.check_opset()
 
-    from headslim.adapters import get_adapter
+    from headslim.arch import get_adapter
     from headslim.io import atomic_output_dir, check_output_dir, copy_sentence_transformers_files, load_model
     from headslim.io import check_length, load_config, resolve_model_path
     from headslim.plan import PLAN_FILE
@@ -416,13 +424,17 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
     source = resolve_model_path(model_dir)
     check_output_dir(out, overwrite=config.overwrite, inputs=(source, config.calib))  # refuse before the slow part
     model_config = load_config(source)
-    model_type = _check_exportable(model_config, source)
+    model_type = model_config.model_type
+    spec = _export_spec(model_config, source)
+    if config.optimize and spec.optimizer_model_type is None:
+        raise HeadslimError(f"--optimize: onnxruntime's transformer optimizer does not apply to {model_type} "
+                            "graphs; export without it")
     config = replace(config, max_length=check_length(model_config, config.max_length))
     model = load_model(source, allow_pickle=config.allow_pickle).float().eval()
     heads = get_adapter(model).num_heads(model)
     task_name, module = _resolve_task(model, config.task)
     task = TASKS[task_name]
-    input_names = list(EXPORT_INPUTS[model_type])
+    input_names = list(spec.inputs)
     output_names = list(task.outputs)
     tokenizer = _tokenizer(source)
     probes, calibration = _calibration(tokenizer, model.config, input_names, config)
@@ -450,7 +462,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
         default = {"graph": "fp32-unfused", "reason": "no --optimize: the plain export"}
         if config.optimize:
             fused = tmp / OPTIMIZED_FILE
-            ox.optimize(raw, fused)
+            ox.optimize(raw, fused, spec.optimizer_model_type)
             ox.ensure_inputs(fused, input_names, template="input_ids")
             ox.check_graph(fused)
             fusion = ox.fusion_summary(fused, heads)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from headslim.arch import get_adapter
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -25,7 +27,7 @@ class LayerShape:
         intermediate: feed-forward width.
         heads: query heads per layer (after pruning, possibly 0).
         kv_heads: key/value heads per layer (grouped-query attention); ``None`` = ``heads``.
-        mlp_matrices: 2 for ``W_out(act(W_in x))``, 3 for gated feed-forward blocks (Llama family).
+        mlp_matrices: 2 for ``W_out(act(W_in x))``, 3 for gated feed-forward blocks (``Adapter.gated_mlp``).
     """
 
     hidden: int
@@ -42,19 +44,13 @@ class LayerShape:
     @classmethod
     def from_model(cls, model) -> "LayerShape":
         """Read the shape of a (dense or pruned) model through its adapter."""
-        from headslim.adapters import get_adapter
-
         adapter = get_adapter(model)
         cfg = model.config
         heads = tuple(adapter.num_heads(model))
-        kv = None
-        if hasattr(adapter, "kv_maps"):  # decoders: the KV heads the kept query heads still read
-            kv = tuple(len(set(m)) for m in adapter.kv_maps(model))
-        hidden = int(cfg.hidden_size)
-        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-        gated = getattr(adapter, "name", "") == "llama-family"
-        return cls(hidden=hidden, head_dim=int(adapter.head_dim(model)), intermediate=int(intermediate),
-                   heads=heads, kv_heads=None if kv == heads else kv, mlp_matrices=3 if gated else 2)
+        kv = tuple(len(set(m)) for m in adapter.kv_maps(model))  # the KV heads the kept query heads still read
+        return cls(hidden=int(cfg.hidden_size), head_dim=int(adapter.head_dim(model)),
+                   intermediate=adapter.intermediate_size(cfg), heads=heads, kv_heads=None if kv == heads else kv,
+                   mlp_matrices=3 if adapter.gated_mlp else 2)
 
 
 def encoder_params(shape: LayerShape) -> dict:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 
 

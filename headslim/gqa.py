@@ -13,7 +13,7 @@ modes decide which sets of query heads a layer may keep:
 ``ragged``
     Any subset of query heads; each KV head keeps its own number; KV heads left with no query head
     are removed. Best quality per removed head; needs the ragged attention path
-    (``headslim.ragged``, or the Triton kernels on GPU).
+    (``headslim.arch.ragged``, or the Triton kernels on GPU).
 
 For multi-head attention (GPT-2, BERT: one query head per KV head) the three modes coincide.
 
@@ -88,7 +88,7 @@ def select_gqa(scores: torch.Tensor, kv_head_of_q: list[list[int]], *, prune: fl
     Args:
         scores: ``(layers, max_heads)``, higher = more important (``score_heads`` output).
         kv_head_of_q: per layer, the KV head of each current query head (non-decreasing), e.g.
-            ``headslim.decoders.kv_maps(model)``; its lengths are the heads per layer.
+            ``headslim.arch.kv_maps(model)``; its lengths are the heads per layer.
         prune: fraction (float in (0, 1)) or number (int) of query heads to remove. A count the mode
             cannot meet exactly is an error naming the nearest feasible counts; a fraction is
             rounded to the nearest feasible count (recorded in the plan's provenance).

@@ -16,7 +16,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from headslim.adapters import get_adapter
+from headslim.arch import ADAPTERS, get_adapter
 from headslim.errors import HeadslimError
 from headslim.plan import PLAN_FILE, PrunePlan
 
@@ -120,15 +120,13 @@ def load_config(path: str | Path):
 
 def position_limit(config) -> int | None:
     """Longest input, in tokens, the position embeddings allow: ``max_position_embeddings`` (GPT-2's
-    ``n_positions``), less RoBERTa's padding offset (its positions start after the pad id); None
-    when the config names no limit."""
+    ``n_positions``), less the adapter's position offset (RoBERTa's positions start after the pad
+    id); None when the config names no limit."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is None:
         return None
-    limit = int(limit)
-    if config.model_type in ("roberta", "xlm-roberta"):
-        limit -= int(getattr(config, "pad_token_id", 1) or 0) + 1
-    return limit
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    return int(limit) - (adapter.position_offset(config) if adapter is not None else 0)
 
 
 def check_length(config, value: int | None, flag: str = "--max-length", default: int = 128) -> int:

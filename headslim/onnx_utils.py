@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headslim.arch.stubs import hidden_states_of
 from headslim.errors import HeadslimError
 
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
@@ -43,23 +44,34 @@ class MaskSlot:
 
 
 class ExportSelfAttention(nn.Module):
-    """BERT self-attention as ORT's optimizer expects it, with this layer's head count written in.
+    """Self-attention as ORT's optimizer expects it (the classic BERT pattern), with this layer's
+    head count written into the reshape.
 
     Same weights and maths as the module it replaces (eval mode, absolute positions); the ONNX
-    graph is checked against the untouched PyTorch model after export.
+    graph is checked against the untouched PyTorch model after export. Families put it in place
+    through their adapter's ``prepare_export``.
+
+    Args:
+        query, key, value: the Q/K/V projections ``d -> heads * head_dim``.
+        heads, head_dim: this layer's head count and head width.
+        slot: where :class:`ExportWrapper` leaves the additive padding mask.
+        out: the output projection, when the replaced module applies it itself (DistilBERT);
+            None returns the context vectors (BERT's ``self``, whose output block follows).
     """
 
-    def __init__(self, attn: nn.Module, slot: MaskSlot):
+    def __init__(self, query: nn.Module, key: nn.Module, value: nn.Module, heads: int, head_dim: int,
+                 slot: MaskSlot, out: nn.Module | None = None):
         super().__init__()
-        self.query, self.key, self.value = attn.query, attn.key, attn.value
-        self.num_heads = int(attn.num_attention_heads)
-        self.head_dim = int(attn.attention_head_size)
+        self.query, self.key, self.value, self.out = query, key, value, out
+        self.num_heads = int(heads)
+        self.head_dim = int(head_dim)
         self.slot = slot
 
     def _heads(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         return x.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        hidden_states = hidden_states_of(args, kwargs)  # (B, T, d)
         batch = hidden_states.shape[0]
         q = self._heads(self.query(hidden_states), batch)  # (B, h, T, D)
         k = self._heads(self.key(hidden_states), batch)  # (B, h, T, D)
@@ -67,7 +79,8 @@ class ExportSelfAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (B, h, T, T)
         probs = torch.softmax(scores + self.slot.mask, dim=-1)  # (B, h, T, T)
         context = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()  # (B, T, h, D)
-        return context.view(context.shape[:-2] + (self.num_heads * self.head_dim,)), None  # (B, T, hD)
+        context = context.view(context.shape[:-2] + (self.num_heads * self.head_dim,))  # (B, T, hD)
+        return (context if self.out is None else self.out(context)), None
 
 
 class BiasResidualNorm(nn.Module):
@@ -83,7 +96,7 @@ class BiasResidualNorm(nn.Module):
 
 
 class ExportWrapper(nn.Module):
-    """The graph's inputs (``EXPORT_INPUTS`` order) -> the task's outputs, as a tuple."""
+    """The graph's inputs (the adapter's ``ExportSpec.inputs`` order) -> the task's outputs, as a tuple."""
 
     def __init__(self, model: nn.Module, input_names: list[str], output_names: list[str], slot: MaskSlot):
         super().__init__()
@@ -103,24 +116,12 @@ class ExportWrapper(nn.Module):
 
 
 def prepare_for_export(model: nn.Module, input_names: list[str], output_names: list[str]) -> ExportWrapper:
-    """Swap in the export attention and zero-head blocks, in place (the model was loaded for this)."""
-    from headslim.adapters import get_adapter
-    from headslim.modules import BiasOnly, NoHeadsSelfAttention
+    """Swap in the export attention and zero-head blocks, in place (the model was loaded for this):
+    the model's adapter does the swap (``Adapter.prepare_export``)."""
+    from headslim.arch import get_adapter
 
-    config = model.config
-    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
-        raise HeadslimError(f"export supports absolute position embeddings only, not "
-                            f"{config.position_embedding_type!r}")
-    if getattr(config, "is_decoder", False):
-        raise HeadslimError("export supports encoders only; this config has is_decoder=True")
     slot = MaskSlot()
-    for block in get_adapter(model).attention_blocks(model):
-        if isinstance(block.self, NoHeadsSelfAttention):
-            if not isinstance(block.output.dense, BiasOnly):
-                raise HeadslimError("a layer with no heads has no bias-only output projection")
-            block.output = BiasResidualNorm(block.output.dense.bias, block.output.LayerNorm)
-        else:
-            block.self = ExportSelfAttention(block.self, slot)
+    get_adapter(model).prepare_export(model, slot)
     return ExportWrapper(model, input_names, output_names, slot).eval()
 
 
@@ -296,13 +297,18 @@ def _quiet_ort_logs():
         logging.disable(previous)
 
 
-def optimize(src: Path, dst: Path) -> None:
-    """ORT's transformer optimizer for BERT-like graphs; ``num_heads=0`` makes it read each layer's heads."""
+def optimize(src: Path, dst: Path, model_type: str) -> None:
+    """ORT's transformer optimizer; ``num_heads=0`` makes it read each layer's heads.
+
+    Args:
+        model_type: the optimizer's model type, from the adapter's export spec
+            (``ExportSpec.optimizer_model_type``).
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
     with _quiet_ort_logs():
         try:
-            model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, use_gpu=False)
+            model = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, use_gpu=False)
             model.save_model_to_file(str(dst))
         except Exception as e:
             raise HeadslimError(f"onnxruntime transformer optimizer failed: {_first_line(e)}") from None

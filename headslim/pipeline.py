@@ -1,4 +1,9 @@
-"""``shrink``: score heads on calibration text, remove the chosen ones, check and save the result."""
+"""Pruning in one path: :func:`prune_model` chooses a plan (scoring, selection, or a speed-up target),
+applies it and repairs, in memory; ``shrink`` is load + ``prune_model`` + quality check + save.
+
+``sweep`` and the scripts in ``bench/`` call :func:`prune_model` for every target too (with
+:func:`shared_scores` when one scoring pass serves them all), so no caller chains the steps by hand.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,27 @@ import copy
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from headslim._version import __version__
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
+
+if TYPE_CHECKING:
+    import torch
+
+    from headslim.plan import PrunePlan
 
 
 DEFAULT_FFN_METHOD = "magnitude"
 
 
 @dataclass
-class ShrinkConfig:
-    """Settings of one ``shrink`` run; validated on construction.
+class PruneConfig:
+    """What :func:`prune_model` removes, how it chooses and whether it repairs; validated on construction.
 
     Args:
         prune: fraction of all heads to remove (float in (0, 1)) or a head count (int); 0 keeps
@@ -31,83 +42,64 @@ class ShrinkConfig:
         ffn_method: scorer of the FFN neurons (``headslim.scoring.neurons.NEURON_METHODS``); default
             ``magnitude`` (measured best with repair). With ``method`` equal to it and ``fisher`` or
             ``gradient``, heads and neurons are scored in the same backward passes.
+        min_heads_per_layer: heads every layer keeps (default 1; 0 allows removing a whole attention block).
         min_neurons_per_layer: FFN neurons every layer keeps (default 0: a layer may lose its FFN).
-        target_speedup: plan for this speed-up measured on ``runtime`` instead of ``prune`` /
-            ``prune_ffn`` (which are then ignored): heads and FFN neurons compete in one ranking,
-            Fisher cost per unit of saved latency, priced by per-layer latency tables measured on
-            ``runtime`` at ``shapes`` (``headslim.budget``); the result is timed against the dense model.
+        objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
+        seed: seed of the scorers that draw (``random``, ``learned``, ...).
+        step: share of all heads removed per round by ``iterative`` (Michel et al.: 0.1).
+        gqa: grouped-query models only: ``uniform`` (default; every kept KV head keeps the same
+            number of query heads, so standard kernels apply), ``kv-groups`` or ``ragged``
+            (see ``headslim.gqa``).
+        target_speedup: plan for this speed-up (measured by the ``speed`` given to :func:`prune_model`)
+            instead of ``prune`` / ``prune_ffn`` (which are then ignored): heads and FFN neurons compete
+            in one ranking, Fisher cost per unit of saved latency, priced by per-layer latency tables
+            (``headslim.budget``); the result is timed against the dense model.
         target_structures: what the target may remove: ``both`` (default), ``heads`` or ``ffn``.
-        runtime: ``ort-cpu`` (default), ``ort-int8-cpu``, ``torch-cpu`` or ``cuda``.
-        shapes: ``(batch, seq)`` pairs the target must be met at (default 1x128 and 32x128).
-        threads: CPU threads for the latency tables and the timings (default: torch's).
         speed_corrections: when the plan, timed on the runtime, misses the target at a shape, re-spend
             with that shape's target raised by the measured shortfall, up to this many times (ZipLM
             also corrects its tables by measurement).
-        objective: ``dense`` (label-free, keep the dense model's representations) or ``task``.
-        calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
-        calib_samples: at most this many calibration samples (a seeded random subset).
-        eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
-            otherwise the last fifth of the calibration file (not used for scoring).
-        max_length: tokens per sample; default 128, or the model's position limit when that is lower
-            (a larger value than the limit is refused before any work).
-        plan: a hand-written plan JSON to apply instead of scoring.
         repair: after surgery, re-fit each pruned layer's output projection by ridge least squares
             (``headslim.repair``); it is kept only where it lowers the error on held-out calibration
             batches and raises the held-out embedding cosine, so "on" means "on when it helps".
         repair_inputs: ``pruned`` (sequential, default) or ``dense`` (fit on the dense model's activations).
         repair_ridge: ridge strength of the repair solve, relative to the mean feature energy.
-        step: share of all heads removed per round by ``iterative`` (Michel et al.: 0.1).
-        gqa: grouped-query models only: ``uniform`` (default; every kept KV head keeps the same
-            number of query heads, so standard kernels apply), ``kv-groups`` or ``ragged``
-            (see ``headslim.gqa``).
+        progress: progress bars while scoring and repairing.
     """
 
     prune: float | int = 0.5
     prune_ffn: float | int | None = None
     method: str = "fisher"
     ffn_method: str | None = None
+    min_heads_per_layer: int = 1
     min_neurons_per_layer: int = 0
+    objective: str = "dense"
+    seed: int = 0
+    step: float = 0.1
+    gqa: str = "uniform"
     target_speedup: float | None = None
     target_structures: str = "both"
-    runtime: str = "ort-cpu"
-    shapes: tuple = ((1, 128), (32, 128))
-    threads: int | None = None
-    latency_min_time: float = 0.2
-    measure_seconds: float = 3.0
     speed_corrections: int = 2
-    objective: str = "dense"
-    calib: str = "bbc-news"
-    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
-    eval_data: str | None = None
-    eval_samples: int | None = 256
-    max_length: int | None = None
-    batch_size: int = 16
-    min_heads_per_layer: int = 1
-    seed: int = 0
-    text_column: str | None = None
-    label_column: str | None = None
-    plan: str | None = None
-    allow_pickle: bool = False
-    overwrite: bool = False
-    progress: bool = True
     repair: bool = True
     repair_inputs: str = "pruned"
     repair_ridge: float = 1e-2
-    step: float = 0.1
-    gqa: str = "uniform"
+    progress: bool = True
+
+    @property
+    def _scores(self) -> bool:
+        """Whether the plan is chosen by scoring (``ShrinkConfig``: not when a hand-written plan is given)."""
+        return True
 
     def __post_init__(self):
+        from headslim.gqa import GQA_MODES
         from headslim.repair import INPUTS
         from headslim.scoring import OBJECTIVES, parse_method
 
-        if self.plan is None:
+        if self._scores:
             parse_method(self.method)
         if self.repair_inputs not in INPUTS:
             raise HeadslimError(f"--repair-inputs must be one of {', '.join(INPUTS)}, not {self.repair_inputs!r}")
         if self.repair_ridge < 0:
             raise HeadslimError(f"--repair-ridge must be >= 0, not {self.repair_ridge}")
-        from headslim.gqa import GQA_MODES
-
         if self.gqa not in GQA_MODES:
             raise HeadslimError(f"--gqa must be one of {', '.join(GQA_MODES)}, not {self.gqa!r}")
         if not 0.0 < self.step <= 1.0:
@@ -115,23 +107,15 @@ class ShrinkConfig:
         if self.objective not in OBJECTIVES:
             raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
         if self.target_speedup is not None:
-            from headslim.speedup import check_runtime, parse_shapes
-
             if isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float)) \
                     or not self.target_speedup > 1.0:
                 raise HeadslimError(f"--target-speedup must be a number above 1, not {self.target_speedup!r}")
-            if self.plan is not None:
-                raise HeadslimError("--target-speedup and --plan exclude each other")
             if self.method not in ("fisher", "gradient"):
                 raise HeadslimError(f"--target-speedup prices structures by fisher or gradient costs, not --method "
                                     f"{self.method}")
             if self.target_structures not in ("both", "heads", "ffn"):
                 raise HeadslimError(f"--target-structures must be both, heads or ffn, not {self.target_structures!r}")
-            check_runtime(self.runtime)
-            self.shapes = parse_shapes(self.shapes)
             self.prune, self.prune_ffn = 0, None  # the target decides
-            if self.threads is not None and self.threads < 1:
-                raise HeadslimError(f"--threads must be >= 1, not {self.threads}")
         ffn = self.prune_ffn is not None
         if ffn:
             from headslim.scoring.neurons import NEURON_METHODS
@@ -147,13 +131,67 @@ class ShrinkConfig:
                 raise HeadslimError(f"--ffn-method must be one of {', '.join(NEURON_METHODS)}, not {self.ffn_method!r}")
             if self.min_neurons_per_layer < 0:
                 raise HeadslimError("--min-neurons-per-layer must be >= 0")
-        if self.prune == 0 and (ffn or self.target_speedup is not None) and self.plan is None:
+        if self.prune == 0 and (ffn or self.target_speedup is not None) and self._scores:
             pass  # FFN neurons only, or the target decides
         elif isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
             raise HeadslimError(f"--prune {self.prune} is outside (0, 1); give a fraction or a whole head count")
         elif isinstance(self.prune, int) and self.prune < 1:
             raise HeadslimError(f"--prune {self.prune}: give a fraction in (0, 1) or a head count >= 1 "
                                 "(0 only with --prune-ffn)")
+
+
+@dataclass
+class ShrinkConfig(PruneConfig):
+    """Settings of one ``shrink`` run: a :class:`PruneConfig` (what to remove, how) and the data, the
+    quality check and the output around it; validated on construction.
+
+    Args:
+        runtime: where ``target_speedup`` is met: ``ort-cpu`` (default), ``ort-int8-cpu``, ``torch-cpu`` or ``cuda``.
+        shapes: ``(batch, seq)`` pairs the target must be met at (default 1x128 and 32x128).
+        threads: CPU threads for the latency tables and the timings (default: torch's).
+        latency_min_time, measure_seconds: seconds per block for the latency tables, per model and
+            shape for the whole-model timings of ``target_speedup``.
+        calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
+        calib_samples: at most this many calibration samples (a seeded random subset).
+        eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
+            otherwise the last fifth of the calibration file (not used for scoring).
+        max_length: tokens per sample; default 128, or the model's position limit when that is lower
+            (a larger value than the limit is refused before any work).
+        plan: a hand-written plan JSON to apply instead of scoring.
+    """
+
+    runtime: str = "ort-cpu"
+    shapes: tuple = ((1, 128), (32, 128))
+    threads: int | None = None
+    latency_min_time: float = 0.2
+    measure_seconds: float = 3.0
+    calib: str = "bbc-news"
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
+    eval_data: str | None = None
+    eval_samples: int | None = 256
+    max_length: int | None = None
+    batch_size: int = 16
+    text_column: str | None = None
+    label_column: str | None = None
+    plan: str | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+    @property
+    def _scores(self) -> bool:
+        return self.plan is None
+
+    def __post_init__(self):
+        if self.target_speedup is not None:
+            from headslim.speedup import check_runtime, parse_shapes
+
+            if self.plan is not None:
+                raise HeadslimError("--target-speedup and --plan exclude each other")
+            check_runtime(self.runtime)
+            self.shapes = parse_shapes(self.shapes)
+            if self.threads is not None and self.threads < 1:
+                raise HeadslimError(f"--threads must be >= 1, not {self.threads}")
+        super().__post_init__()
         for name in ("calib_samples", "eval_samples", "max_length", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -204,7 +242,7 @@ class _NextTokenBatches:
         return len(self.base)
 
     def __iter__(self):
-        from headslim.decoders import causal_lm_batches
+        from headslim.arch import causal_lm_batches
 
         return causal_lm_batches(self.base)
 
@@ -264,17 +302,60 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
-def score_for(model, calib_batches, config: ShrinkConfig, *, heads: bool = True):
-    """The scores ``config`` asks for: ``(head scores or None, neuron scores or None, together)``.
+class Scores(NamedTuple):
+    """The scores of one pass; each None where it was not scored.
+
+    ``heads``: ``(layers, max_heads)``, ``neurons``: ``(layers, max_ffn_width)`` (higher = more
+    important); ``together``: one set of ``fisher`` / ``gradient`` backward passes scored both.
+    """
+
+    heads: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    together: bool = False
+
+
+def model_structure(model) -> tuple[list[int], list[int], list[list[int]] | None]:
+    """``(heads per layer, FFN neurons per layer, kv map)`` of ``model``; the map (the KV head of every
+    query head, per layer) only for grouped-query models, where selection must respect the groups, else None."""
+    from headslim.arch import get_adapter, kv_maps
+
+    adapter = get_adapter(model)
+    kv_map = kv_maps(model)
+    grouped = any(m != list(range(len(m))) for m in kv_map)
+    return adapter.num_heads(model), adapter.num_neurons(model), kv_map if grouped else None
+
+
+def base_provenance(seed: int, **context) -> dict:
+    """The start of every plan's provenance: versions, time, ``context`` (source model, calibration), seed."""
+    import torch
+    import transformers
+
+    return {"headslim_version": __version__, "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **context, "seed": seed}
+
+
+def _for_objective(model, calib_batches, objective: str):
+    """The batches scorers see: a causal LM's ``task`` is its next token, so its batches get those labels."""
+    from headslim.evaluate import detect_task
+
+    if calib_batches is not None and objective == "task" and detect_task(model) == "causal-lm":
+        return _NextTokenBatches(calib_batches)
+    return calib_batches
+
+
+def score_for(model, calib_batches, config: PruneConfig, *, heads: bool = True, neurons: bool = True) -> Scores:
+    """The scores ``config`` asks for, as :class:`Scores`.
 
     Heads (with ``heads``; ``config.prune`` is the target of target-dependent methods) by
-    ``config.method``, FFN neurons (with ``config.prune_ffn``) by ``config.ffn_method``; in the same
-    backward passes (``together``) when one ``fisher`` / ``gradient`` method scores both.
+    ``config.method``, FFN neurons (with ``neurons`` and ``config.prune_ffn``) by ``config.ffn_method``;
+    in the same backward passes (``together``) when one ``fisher`` / ``gradient`` method scores both.
+    ``calib_batches`` are used as given (:func:`prune_model` adds a causal LM's next-token labels).
     """
     from headslim.scoring import score_heads
     from headslim.scoring.neurons import score_structures
 
-    ffn = config.prune_ffn is not None
+    ffn = neurons and config.prune_ffn is not None
     together = heads and ffn and config.method == config.ffn_method and config.method in ("fisher", "gradient")
     common = dict(objective=config.objective, seed=config.seed, progress=config.progress)
     scores = neuron_scores = None
@@ -289,43 +370,84 @@ def score_for(model, calib_batches, config: ShrinkConfig, *, heads: bool = True)
     if ffn and neuron_scores is None:
         neuron_scores = score_structures(model, calib_batches, method=config.ffn_method,
                                          min_per_layer=config.min_neurons_per_layer, **common)["mlp"]
-    return scores, neuron_scores, together
+    return Scores(scores, neuron_scores, together)
 
 
-def choose_plan(model, calib_batches, config: ShrinkConfig, num_heads: list[int], num_neurons: list[int],
-            kv_map: list[list[int]] | None, provenance: dict, speed=None):
+def scored_per_target(method: str, kv_map) -> bool:
+    """Whether ``method``'s head scores depend on the target in a way the selection sees, so that a
+    pass at one target cannot serve another: ``learned`` (trained to an exact head count), and
+    ``iterative`` on a grouped-query selection (``kv_map`` given: its group-constrained selections read
+    the order of the heads still kept, which depends on where the path stopped). Other scores are an
+    elimination path or a fixed ranking: the pass to the largest target answers every smaller one."""
+    name = method.partition(":")[0]
+    return name == "learned" or (name == "iterative" and kv_map is not None)
+
+
+def shared_scores(model, calib_batches, config: PruneConfig, targets) -> Scores:
+    """One scoring pass that serves :func:`prune_model` at every head target in ``targets``
+    (``config.prune`` is ignored): head scores from the pass to the target that removes the most heads,
+    FFN neuron scores (one ranking serves every ``prune_ffn``). Methods whose scores depend on the
+    target (:func:`scored_per_target`) leave ``heads`` None: :func:`prune_model` scores them at each target.
+
+    Example:
+        >>> shared = shared_scores(model, calib, PruneConfig(), (0.3, 0.5))           # doctest: +SKIP
+        >>> results = [prune_model(copy.deepcopy(model), calib, PruneConfig(prune=r), scores=shared,
+        ...                        dense=model) for r in (0.3, 0.5)]                  # doctest: +SKIP
+    """
+    from headslim.selection import heads_to_prune
+
+    num_heads, num_neurons, kv_map = model_structure(model)
+    per_target = scored_per_target(config.method, None if config.gqa == "ragged" else kv_map)
+    deepest = max(targets, key=lambda t: heads_to_prune(t, sum(num_heads)))
+    scores = score_for(model, _for_objective(model, calib_batches, config.objective), replace(config, prune=deepest),
+                       heads=not per_target)
+    if scores.heads is not None:
+        check_finite_scores(scores.heads, num_heads, config.method)
+    if scores.neurons is not None:
+        check_finite_scores(scores.neurons, num_neurons, config.ffn_method)
+    return scores
+
+
+def choose_plan(model, calib_batches, config: PruneConfig, num_heads: list[int], num_neurons: list[int],
+                kv_map: list[list[int]] | None, provenance: dict, speed=None, scores: Scores | None = None):
     """Score the structures ``config`` prunes on ``calib_batches`` and select the plan.
 
     Heads and FFN neurons are chosen with separate budgets (``prune``, ``prune_ffn``); when both are
     scored by the same ``fisher`` / ``gradient`` method, one set of backward passes scores both.
+    ``scores``: already computed (:func:`shared_scores`); only what they lack is scored here.
     """
     from headslim.selection import select_plan
 
     if speed is not None:
         return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed)
     heads, ffn = config.prune != 0, config.prune_ffn is not None
-    scores, neuron_scores, together = score_for(model, calib_batches, config, heads=heads)
+    given = scores or Scores()
+    need_heads, need_ffn = heads and given.heads is None, ffn and given.neurons is None
+    fresh = score_for(model, calib_batches, config, heads=need_heads, neurons=need_ffn) \
+        if need_heads or need_ffn else Scores()
+    scores = Scores(fresh.heads if need_heads else given.heads, fresh.neurons if need_ffn else given.neurons,
+                    fresh.together or given.together)
     if heads:
-        check_finite_scores(scores, num_heads, config.method)
+        check_finite_scores(scores.heads, num_heads, config.method)
         provenance.update(method=config.method, objective=config.objective, prune=config.prune,
-                          min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores))
+                          min_heads_per_layer=config.min_heads_per_layer, scores=_jsonable_scores(scores.heads))
     else:
         provenance.update(method=None, objective=config.objective, prune=0)
     if heads and kv_map is not None:
         provenance.update(gqa=config.gqa)
     if ffn:
-        check_finite_scores(neuron_scores, num_neurons, config.ffn_method)
+        check_finite_scores(scores.neurons, num_neurons, config.ffn_method)
         provenance.update(ffn_method=config.ffn_method, prune_ffn=config.prune_ffn,
-                          min_neurons_per_layer=config.min_neurons_per_layer, scored_together=together)
+                          min_neurons_per_layer=config.min_neurons_per_layer, scored_together=scores.together)
     # the whole provenance first: select_gqa copies the dict it is given
-    return select_plan(scores if heads else None, num_heads, prune=config.prune if heads else 0,
+    return select_plan(scores.heads if heads else None, num_heads, prune=config.prune if heads else 0,
                        min_per_layer=config.min_heads_per_layer, kv_head_of_q=kv_map, gqa=config.gqa,
-                       neuron_scores=neuron_scores, num_neurons=num_neurons,
+                       neuron_scores=scores.neurons, num_neurons=num_neurons,
                        prune_ffn=config.prune_ffn if ffn else None,
                        min_neurons_per_layer=config.min_neurons_per_layer, provenance=provenance)
 
 
-def _choose_for_speed(model, calib_batches, config: ShrinkConfig, num_heads, num_neurons, kv_map, provenance,
+def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_neurons, kv_map, provenance,
                       speed):
     """Heads and neurons in one ranking, spent to the speed-up target (``headslim.budget``)."""
     from headslim.budget import spend
@@ -373,6 +495,77 @@ def _choose_for_speed(model, calib_batches, config: ShrinkConfig, num_heads, num
     return plan
 
 
+@dataclass
+class PruneResult:
+    """What :func:`prune_model` did.
+
+    ``model``: the pruned model (the one given, changed in place); ``plan``: the plan applied, its
+    provenance saying how it was chosen and, under ``repair``, what repair did; ``repair``: that
+    report (``requested``, ``applied``, per-layer errors, the held-out ``check``, ``warning``:
+    see :class:`headslim.repair.RepairReport`); ``seconds``: ``score`` (choosing the plan) and
+    ``repair`` (surgery and repair).
+    """
+
+    model: torch.nn.Module
+    plan: PrunePlan
+    repair: dict
+    seconds: dict = field(default_factory=dict)
+
+
+def prune_model(model, calib_batches, config: PruneConfig, *, plan=None, scores: Scores | None = None, speed=None,
+                repair_batches=None, dense=None, provenance: dict | None = None) -> PruneResult:
+    """Choose a plan, remove its heads and FFN neurons from ``model`` and repair it: in memory, no files.
+
+    The one pruning path: ``shrink`` is load + ``prune_model`` + quality check + save, and ``sweep``
+    and the scripts in ``bench/`` call it once per target.
+
+    Args:
+        model: the dense model; it is pruned in place.
+        calib_batches: tokenised calibration batches (:func:`headslim.data.batches`, re-iterable) for
+            scoring and repair (a causal LM scored on its ``task`` gets next-token labels here); None
+            when nothing needs them (a plan or every score given, no repair).
+        config: :class:`PruneConfig` (a :class:`ShrinkConfig` is one).
+        plan: apply this :class:`headslim.plan.PrunePlan` instead of choosing one (its provenance is kept).
+        scores: :class:`Scores` already computed (:func:`shared_scores`: one pass for many targets);
+            what ``config`` needs and they lack is scored here.
+        speed: a :class:`headslim.speedup.SpeedTarget` (latency tables and timings on a runtime);
+            required with ``config.target_speedup``.
+        repair_batches: the batches repair fits on (default: ``calib_batches``).
+        dense: an unpruned copy of ``model`` for repair to fit to (default: a deep copy made here
+            when ``config.repair``, so two models are in memory while repair runs).
+        provenance: where the plan's provenance starts (default :func:`base_provenance`); copied.
+
+    Example:
+        >>> calib = batches(load_texts("bbc-news:train"), tokenizer)                            # doctest: +SKIP
+        >>> result = prune_model(model, calib, PruneConfig(prune=0.5, prune_ffn=0.3))          # doctest: +SKIP
+        >>> result.plan.heads_after, result.repair["applied"]                                   # doctest: +SKIP
+    """
+    from headslim.repair import repair
+    from headslim.surgery import prune_heads
+
+    t0 = time.perf_counter()
+    if plan is None:
+        if config.target_speedup is not None and speed is None:
+            raise HeadslimError("--target-speedup needs the runtime's latency tables: pass speed=SpeedTarget(...)")
+        num_heads, num_neurons, kv_map = model_structure(model)
+        provenance = copy.deepcopy(provenance) if provenance is not None else base_provenance(config.seed)
+        plan = choose_plan(model, _for_objective(model, calib_batches, config.objective), config, num_heads,
+                           num_neurons, kv_map, provenance, speed if config.target_speedup is not None else None,
+                           scores=scores)
+    t_chosen = time.perf_counter()
+    if config.repair and dense is None:
+        dense = copy.deepcopy(model)  # repair fits to it: a second copy in memory
+    prune_heads(model, plan)
+    repair_info = {"applied": False, "requested": config.repair}
+    if config.repair:
+        report = repair(model, dense, plan, calib_batches if repair_batches is None else repair_batches,
+                        inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress)
+        repair_info.update(report.to_dict())
+    plan.provenance["repair"] = repair_info
+    return PruneResult(model, plan, repair_info,
+                       {"score": t_chosen - t0, "repair": time.perf_counter() - t_chosen})
+
+
 def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None = None) -> ShrinkResult:
     """Score heads, remove the least important, check quality on held-out text, write ``out``.
 
@@ -381,19 +574,12 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         >>> result.params_after < result.params_before                             # doctest: +SKIP
         True
     """
-    import torch
-    import transformers
-    from transformers import AutoTokenizer
-
-    from headslim.adapters import get_adapter
+    from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
+    from headslim.evaluate import detect_task, perplexity
     from headslim.io import check_length, check_output_dir, load_config, load_model, resolve_model_path, save_pruned
     from headslim.plan import PLAN_FILE, PrunePlan, read_json
     from headslim.quality import count_parameters, embedding_cosine, embeddings, pooling_mode
-    from headslim.decoders import kv_maps
-    from headslim.evaluate import detect_task, perplexity
-    from headslim.repair import repair
-    from headslim.surgery import prune_heads
 
     config = config or ShrinkConfig()
     t0 = time.perf_counter()
@@ -414,56 +600,31 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     calib = sample(calib, config.calib_samples, config.seed)
     held_out = sample(held_out, config.eval_samples, seed=0)  # same texts for every method and seed
     model = load_model(src, allow_pickle=config.allow_pickle)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
-    except Exception as e:
-        raise HeadslimError(f"cannot load the tokenizer of {src}: {str(e).splitlines()[0] if str(e) else e}") from None
-    adapter = get_adapter(model)
-    num_heads = adapter.num_heads(model)
-    num_neurons = adapter.num_neurons(model)
-    kv_map = kv_maps(model)
-    grouped = any(m != list(range(len(m))) for m in kv_map)  # GQA: selection must respect KV groups
+    tokenizer = load_tokenizer(src, pad=True)
+    num_heads, num_neurons, kv_map = model_structure(model)
     causal = detect_task(model) == "causal-lm"
-    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked anyway
-        if tokenizer.eos_token is None:
-            raise HeadslimError(f"the tokenizer of {src} has neither a pad nor an eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
     params_before = count_parameters(model)
 
     t_loaded = time.perf_counter()
 
-    provenance = {
-        "headslim_version": __version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(src),
-        "calibration": {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
-                        "max_length": max_length},
-        "seed": config.seed,
-    }
-    speed, t_tables = None, t_loaded
+    provenance = base_provenance(config.seed, source_model=str(src),
+                                 calibration={"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
+                                              "max_length": max_length})
+    plan = speed = None
     if config.plan is not None:
         data = read_json(config.plan, "plan file")
-        plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map if grouped else None, num_neurons=num_neurons)
+        plan = PrunePlan.from_user(data, num_heads, kv_head_of_q=kv_map, num_neurons=num_neurons)
         plan.provenance = {**provenance, "method": "hand-written", "plan_file": str(config.plan)}
-    else:
-        calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length)
-        if causal and config.objective == "task":
-            calib_batches = _NextTokenBatches(calib_batches)
-        if config.target_speedup is not None:
-            from headslim.speedup import SpeedTarget
+    elif config.target_speedup is not None:
+        from headslim.speedup import SpeedTarget
 
-            if grouped:
-                raise HeadslimError("--target-speedup does not plan grouped-query (GQA) models yet; use --prune "
-                                    "and --prune-ffn")
-            speed = SpeedTarget(src, model, tokenizer, config.target_speedup, runtime=config.runtime, shapes=config.shapes,
-                                threads=config.threads, max_length=max_length, min_time=config.latency_min_time,
-                                measure_seconds=config.measure_seconds, progress=config.progress)
-        t_tables = time.perf_counter()
-        plan = choose_plan(model, calib_batches, config, num_heads, num_neurons, kv_map if grouped else None, provenance,
-                       speed)
-    t_scored = time.perf_counter()
+        if kv_map is not None:
+            raise HeadslimError("--target-speedup does not plan grouped-query (GQA) models yet; use --prune "
+                                "and --prune-ffn")
+        speed = SpeedTarget(src, model, tokenizer, config.target_speedup, runtime=config.runtime, shapes=config.shapes,
+                            threads=config.threads, max_length=max_length, min_time=config.latency_min_time,
+                            measure_seconds=config.measure_seconds, progress=config.progress)
+    t_tables = time.perf_counter()
 
     pooling = pooling_mode(src)
     eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=max_length)
@@ -472,20 +633,15 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     else:
         dense_emb = embeddings(model, eval_batches, pooling=pooling)
     _check_finite_outputs(dense_ppl if causal else dense_emb, "dense")
-    t_repair = time.perf_counter()
-    dense = copy.deepcopy(model) if config.repair else None  # repair fits to it: a second copy in memory
-    prune_heads(model, plan)
-    repair_info = {"applied": False, "requested": config.repair}
-    if config.repair:
-        report = repair(model, dense, plan, batches(calib, tokenizer, batch_size=config.batch_size,
-                                                   max_length=max_length),
-                        inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress)
-        repair_info.update(report.to_dict())
-        if report.warning:
-            warn(report.warning)
-        del dense
-    plan.provenance["repair"] = repair_info
-    t_repaired = time.perf_counter()
+    try:
+        pruned = prune_model(model, batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length),
+                             config, plan=plan, speed=speed, provenance=provenance)
+    finally:
+        if speed is not None:
+            speed.close()
+    plan = pruned.plan
+    if pruned.repair.get("warning"):
+        warn(pruned.repair["warning"])
     if causal:
         pruned_ppl = perplexity(model, eval_batches)[0]
         _check_finite_outputs(pruned_ppl, "pruned")
@@ -499,16 +655,14 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     quality["source"] = held_out.source if held_out is not calib else f"{held_out.source} (in-sample)"
     plan.provenance["quality"] = quality
     speedup = plan.provenance.get("speed_target", {}) if speed is not None else {}
-    if speed is not None:
-        speed.close()
     save_pruned(model, out, plan, tokenizer=tokenizer, source=src, overwrite=config.overwrite)
     t_end = time.perf_counter()
     return ShrinkResult(
         out=str(out), plan=plan.to_dict(), heads_before=num_heads, heads_after=plan.heads_after,
         neurons_before=num_neurons if plan.num_neurons is not None else None, neurons_after=plan.neurons_after,
         params_before=params_before, params_after=count_parameters(model), quality=quality,
-        seconds={"load": round(t_loaded - t0, 2), "score": round(t_scored - t_loaded, 2),
-                 "repair": round(t_repaired - t_repair, 2), "total": round(t_end - t0, 2),
+        seconds={"load": round(t_loaded - t0, 2), "score": round(t_tables - t_loaded + pruned.seconds["score"], 2),
+                 "repair": round(pruned.seconds["repair"], 2), "total": round(t_end - t0, 2),
                  **({"latency": round(t_tables - t_loaded, 2)} if speed is not None else {})},
-        repair=repair_info, speedup=speedup,
+        repair=pruned.repair, speedup=speedup,
     )

@@ -38,8 +38,10 @@ such a repair was kept unchecked), so it is never kept without a check. A single
 leaves nothing to check on: repair is skipped. Either case sets ``RepairReport.warning``.
 
 Projections without a bias (Llama-family ``o_proj``) are fitted without one, so the checkpoint keeps
-its shapes; GPT-2's ``Conv1D`` is handled with its ``(in, out)`` weight layout. A decoder layer that
-lost every head is left as it is (it has no projection; BERT keeps a bias-only one, which is re-fitted).
+its shapes; a projection stored ``(in, out)`` (GPT-2's) is read and written through
+``headslim.arch.weight_out_in``. A layer that lost every head is left as it is when its family keeps
+no projection there (decoders); BERT and DistilBERT keep a bias-only one, which is re-fitted
+(``Adapter.keeps_bias_projection``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.errors import HeadslimError
 from headslim.plan import PrunePlan
 
@@ -86,11 +88,6 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer being repaired has run."""
 
 
-def _is_conv1d(module) -> bool:
-    """GPT-2's ``Conv1D``: a linear layer whose weight is stored ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def _has_bias(o_proj) -> bool:
     return getattr(o_proj, "bias", None) is not None
 
@@ -100,8 +97,7 @@ def _o_weight(o_proj) -> torch.Tensor:
     (``p = 0``: a bias-only projection)."""
     cols = []
     if getattr(o_proj, "in_features", None) != 0 and hasattr(o_proj, "weight"):
-        weight = o_proj.weight.detach().double()
-        cols.append(weight.T if _is_conv1d(o_proj) else weight)  # (d, p)
+        cols.append(weight_out_in(o_proj).detach().double())  # (d, p)
     if _has_bias(o_proj):
         cols.append(o_proj.bias.detach().double()[:, None])
     return torch.cat(cols, dim=1)
@@ -111,8 +107,7 @@ def _set_o_weight(o_proj, w: torch.Tensor) -> None:
     with torch.no_grad():
         bias = _has_bias(o_proj)
         if getattr(o_proj, "in_features", None) != 0 and hasattr(o_proj, "weight"):
-            weight = w[:, :-1] if bias else w  # (d, p)
-            o_proj.weight.copy_((weight.T if _is_conv1d(o_proj) else weight).to(o_proj.weight.dtype))
+            set_weight_out_in(o_proj, w[:, :-1] if bias else w)  # (d, p)
         if bias:
             o_proj.bias.copy_(w[:, -1].to(o_proj.bias.dtype))
 
@@ -295,7 +290,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     val_batches = [b for b, v in zip(batches, is_val) if v]
     report = RepairReport(applied=False, inputs=inputs, ridge=ridge, held_out=held_out)
     # a decoder layer that lost every head (or FFN neuron) has no output projection left (its bias stays)
-    bias_only_ok = adapter.name == "bert-family"
+    bias_only_ok = adapter.keeps_bias_projection
     sites = []
     for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
         if len(kept) < n and (kept or bias_only_ok):

@@ -100,7 +100,7 @@ class SpeedTarget:
         import copy
         import tempfile
 
-        from headslim.adapters import get_adapter
+        from headslim.arch import get_adapter
         from headslim.flops import LayerShape
         from headslim.io import save_pruned
         from headslim.latency import measure_table

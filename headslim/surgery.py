@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter, kv_maps
 from headslim.errors import HeadslimError
 from headslim.plan import PrunePlan
 
@@ -14,7 +14,7 @@ def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
 
     Exact: the result computes what the dense model computes with ``plan.mask()`` as its head gates
     and ``plan.neuron_mask()`` as its neuron gates. Layers that keep no head get a bias-only attention
-    block, layers that keep no neuron a bias-only FFN (see ``headslim.modules``).
+    block, layers that keep no neuron a bias-only FFN (see ``headslim.arch.stubs``).
 
     A model that is already pruned takes a plan over its current heads (``plan.num_heads`` equal to
     what it has now); the plans compose, and ``model.headslim_plan`` (what ``save_pruned`` writes)
@@ -31,8 +31,6 @@ def prune_heads(model: nn.Module, plan: PrunePlan) -> nn.Module:
             f"plan is for a model with heads per layer {plan.num_heads}, this model has {current}"
         )
     if plan.kv_head_of_q is not None:
-        from headslim.decoders import kv_maps
-
         maps = kv_maps(model)
         for layer, (want, have) in enumerate(zip(plan.kv_head_of_q, maps)):
             if want != have:

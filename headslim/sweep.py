@@ -11,9 +11,9 @@ per ratio instead, as ``shrink`` runs them at that ratio: ``learned`` (trained t
 and, on grouped-query models with ``--gqa uniform`` or ``kv-groups``, ``iterative`` (its path to the
 largest ratio answers a smaller ratio's top-k selection exactly, so it runs once for other models
 and for ``--gqa ragged``, but the group-constrained selections read the order of the heads still
-kept, which depends on where the path stopped). Each plan is applied by
-:func:`headslim.surgery.prune_heads` to a fresh copy of the dense model, then repaired with
-:func:`headslim.repair.repair` unless ``--no-repair``. Quality is measured against the dense
+kept, which depends on where the path stopped): :func:`headslim.pipeline.shared_scores` decides.
+Each ratio's plan is chosen, applied to a fresh copy of the dense model and repaired (unless
+``--no-repair``) by :func:`headslim.pipeline.prune_model`, the path ``shrink`` takes. Quality is measured against the dense
 model with :mod:`headslim.evaluate`; latency with one :mod:`headslim.bench` backend, dense and
 pruned interleaved per ratio. Output: ``sweep.json``, ``sweep.md`` (the accuracy-vs-latency table)
 and ``pareto.png`` (quality against latency, Pareto front marked).
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from headslim.args import add_ffn_arguments, config_from_args, prune_arg
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
@@ -41,15 +42,9 @@ SWEEP_EXAMPLE = """example:
 """
 
 
-def _ratio(text: str) -> float | int:
-    from headslim.cli import _prune_arg
-
-    return _prune_arg(text)
-
-
 def _numbers(text: str, empty: str) -> tuple:
     try:
-        values = tuple(_ratio(v) for v in text.split(",") if v.strip())
+        values = tuple(prune_arg(v) for v in text.split(",") if v.strip())
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if not values:
@@ -190,13 +185,6 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = Tru
     return out
 
 
-def _apply_repair(model, dense, plan, calib_batches, progress: bool) -> dict:
-    """Re-fit the pruned layers' output projections with :func:`headslim.repair.repair`, in place."""
-    repair = importlib.import_module("headslim.repair")
-    report = repair.repair(model, dense, plan, calib_batches, progress=progress)
-    return report.to_dict() if hasattr(report, "to_dict") else {}
-
-
 def _check_against_model(config: SweepConfig, model_config) -> SweepConfig:
     """``config`` with its lengths resolved, after the checks that need only the model's config.json:
     every ratio removes at least one head and no two the same number, and no length exceeds the
@@ -234,7 +222,7 @@ def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool 
         [0, 0.3, 0.5]
     """
     from headslim.bench import fixed_threads
-    from headslim.evaluate import load_tokenizer
+    from headslim.checkpoints import load_tokenizer
     from headslim.io import check_output_dir, load_config, load_model, resolve_model_path
     from headslim.plan import PLAN_FILE
 
@@ -247,23 +235,11 @@ def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool 
         raise HeadslimError(f"{src} is already pruned by headslim; sweep its dense original instead")
     config = _check_against_model(config, load_config(src))
     dense = load_model(src)
-    tokenizer = load_tokenizer(src)
-    if tokenizer.pad_token is None:  # as shrink: decoder tokenizers often have none; padding is masked anyway
-        if tokenizer.eos_token is None:
-            raise HeadslimError(f"the tokenizer of {src} has neither a pad nor an eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(src, pad=True)  # as shrink: decoder tokenizers often have no pad token
     with fixed_threads(config.threads) as threads:
         result = _sweep(src, out, dense, tokenizer, threads, config, overwrite, log)
     log(f"wrote {out}")
     return result
-
-
-def _scored_per_ratio(method: str, kv_map) -> bool:
-    """Whether ``method``'s scores depend on the target in a way the selection sees, so that each ratio
-    needs the pass ``shrink`` runs at that ratio (see the module docstring); ``kv_map``: the selection's
-    grouped-query map, None for :func:`headslim.selection.select_heads` (or ``--gqa ragged``)."""
-    name = method.partition(":")[0]
-    return name == "learned" or (name == "iterative" and kv_map is not None)
 
 
 def _check_targets(config: SweepConfig, num_heads: list[int], kv_map, num_neurons) -> None:
@@ -296,73 +272,35 @@ def _check_targets(config: SweepConfig, num_heads: list[int], kv_map, num_neuron
 
 
 def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwrite: bool, log) -> dict:
-    import torch
-    import transformers
-
     from headslim import flops, report
-    from headslim._version import __version__
-    from headslim.adapters import get_adapter
     from headslim.bench import BACKENDS, machine_info
     from headslim.data import batches, load_texts, sample
-    from headslim.decoders import kv_maps
-    from headslim.evaluate import detect_task, evaluate_model, prepare_reference, primary_metric
+    from headslim.evaluate import evaluate_model, prepare_reference, primary_metric
     from headslim.io import atomic_output_dir, save_pruned
-    from headslim.pipeline import _jsonable_scores, _NextTokenBatches, check_finite_scores, score_for, warn
+    from headslim.pipeline import base_provenance, model_structure, prune_model, scored_per_target, shared_scores, warn
     from headslim.quality import count_parameters
-    from headslim.scoring import score_heads
-    from headslim.selection import heads_to_prune, select_plan
-    from headslim.surgery import prune_heads
 
-    adapter = get_adapter(dense)
-    num_heads = adapter.num_heads(dense)
+    num_heads, num_neurons, kv_map = model_structure(dense)  # kv_map: grouped-query models only (as shrink)
     ffn = config.prune_ffn is not None
-    num_neurons = adapter.num_neurons(dense) if ffn else None
-    kv_map = kv_maps(dense)
-    grouped = any(m != list(range(len(m))) for m in kv_map)  # GQA: selection must respect KV groups (as shrink)
-    kv_map = kv_map if grouped else None
     _check_targets(config, num_heads, kv_map, num_neurons)
 
     calib = sample(load_texts(config.calib, text_column=config.eval.text_column,
                               label_column=config.eval.label_column, require_labels=config.objective == "task"),
                    config.calib_samples, config.seed)
-    repair_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
-    calib_batches = repair_batches
-    if detect_task(dense) == "causal-lm" and config.objective == "task":
-        calib_batches = _NextTokenBatches(repair_batches)  # as shrink: the task of a causal LM is the next token
-    # the scoring shrink does (pipeline.score_for); a method whose scores depend on the target (never one
-    # that scores heads and neurons together) scores its heads again at each ratio
-    per_ratio = _scored_per_ratio(config.method, None if config.gqa == "ragged" else kv_map)
-
-    def head_scores(prune):
-        scores = score_heads(dense, calib_batches, method=config.method, prune=prune,
-                             min_per_layer=config.min_heads_per_layer, step=config.step,
-                             objective=config.objective, seed=config.seed, progress=config.progress)
-        check_finite_scores(scores, num_heads, config.method)
-        return scores
-
-    what = f"{sum(num_heads)} heads" + (f" and {sum(num_neurons)} FFN neurons" if ffn else "")
-    total = sum(num_heads)  # an elimination path must reach the ratio that removes the most heads
-    deepest = max(config.ratios, key=lambda r: heads_to_prune(r, total))
-    if per_ratio:
+    calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
+    # the scoring shrink does; a method whose scores depend on the target (never one that scores heads and
+    # neurons together) leaves its heads to prune_model, which scores them at each ratio
+    if scored_per_target(config.method, None if config.gqa == "ragged" else kv_map):
         log(f"scoring {sum(num_heads)} heads at each ratio ({config.method}: its scores depend on the target), "
             + (f"FFN neurons once ({config.ffn_method}), " if ffn else "") + f"{len(calib)} calibration texts")
     else:
-        log(f"scoring {what} once ({config.method}" + (f", FFN {config.ffn_method}" if ffn else "")
+        log(f"scoring {sum(num_heads)} heads" + (f" and {sum(num_neurons)} FFN neurons" if ffn else "")
+            + f" once ({config.method}" + (f", FFN {config.ffn_method}" if ffn else "")
             + f", {len(calib)} calibration texts)")
-    scores, neuron_scores, together = score_for(dense, calib_batches, config.shrink_config(deepest),
-                                                heads=not per_ratio)
-    if scores is not None:
-        check_finite_scores(scores, num_heads, config.method)
-    if ffn:
-        check_finite_scores(neuron_scores, num_neurons, config.ffn_method)
-    provenance = {
-        "headslim_version": __version__, "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": str(src),
-        "calibration": {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
-                        "max_length": config.calib_max_length},
-        "seed": config.seed,
-    }
+    scores = shared_scores(dense, calib_batches, config.shrink_config(config.ratios[0]), config.ratios)
+    provenance = base_provenance(config.seed, source_model=str(src),
+                                 calibration={"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
+                                              "max_length": config.calib_max_length})
     ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
     dense_shape = flops.LayerShape.from_model(dense)
     dense_metrics = evaluate_model(dense, ref)
@@ -381,22 +319,11 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
         models_dir = (tmp if config.save_models else Path(scratch)) / "models"
         dense_exports: dict = {}
         for ratio in config.ratios:
-            at_ratio = config.shrink_config(ratio)  # the settings shrink would choose this ratio's plan with
-            ratio_scores = head_scores(ratio) if per_ratio else scores
-            prov = {**copy.deepcopy(provenance), "method": at_ratio.method, "objective": at_ratio.objective,
-                    "prune": ratio, "min_heads_per_layer": at_ratio.min_heads_per_layer,
-                    "scores": _jsonable_scores(ratio_scores)}
-            if kv_map is not None:
-                prov["gqa"] = at_ratio.gqa
-            if ffn:
-                prov.update(ffn_method=at_ratio.ffn_method, prune_ffn=at_ratio.prune_ffn,
-                            min_neurons_per_layer=at_ratio.min_neurons_per_layer, scored_together=together)
-            plan = select_plan(ratio_scores, num_heads, prune=at_ratio.prune,
-                               min_per_layer=at_ratio.min_heads_per_layer, kv_head_of_q=kv_map, gqa=at_ratio.gqa,
-                               neuron_scores=neuron_scores,
-                               num_neurons=num_neurons, prune_ffn=at_ratio.prune_ffn,
-                               min_neurons_per_layer=at_ratio.min_neurons_per_layer, provenance=prov)
-            pruned = prune_heads(copy.deepcopy(dense), plan)  # every ratio starts from the dense weights
+            # the plan shrink would choose at this ratio, applied to a fresh copy of the dense weights
+            at_ratio = config.shrink_config(ratio)
+            done = prune_model(copy.deepcopy(dense), calib_batches, at_ratio, scores=scores, dense=dense,
+                               provenance=provenance)
+            pruned, plan = done.model, done.plan
             row = {"prune": ratio, "heads": sum(plan.heads_after), "heads_per_layer": plan.heads_after,
                    "params": count_parameters(pruned)}
             if kv_map is not None:
@@ -405,7 +332,7 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
                 row.update(prune_ffn=at_ratio.prune_ffn, neurons=sum(plan.neurons_after),
                            neurons_per_layer=plan.neurons_after)
             if config.repair:
-                row["repair"] = _apply_repair(pruned, dense, plan, repair_batches, config.progress)
+                row["repair"] = done.repair
                 if row["repair"].get("warning") and not any(r.get("repair", {}).get("warning") for r in rows):
                     warn(row["repair"]["warning"])  # the calibration data is the same for every ratio: once
             metrics = evaluate_model(pruned, ref)
@@ -482,7 +409,6 @@ def _latency(backend, dense_dir, pruned_dir: Path, dense, config: SweepConfig, t
 
 def add_parser(subparsers) -> None:
     from headslim.bench import add_timing_arguments
-    from headslim.cli import add_ffn_arguments
     from headslim.evaluate import add_data_arguments
 
     p = subparsers.add_parser("sweep", help="prune at several ratios from one scoring pass; quality vs latency",
@@ -521,7 +447,7 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--save-models", action="store_true", help="keep every pruned checkpoint under OUT/models/")
     opt.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
-    opt.add_argument("--no-progress", action="store_true")
+    opt.add_argument("--no-progress", dest="progress", action="store_false")
     opt.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run)
 
@@ -530,15 +456,8 @@ def _run(args) -> int:
     from headslim import report
     from headslim.evaluate import eval_config_from_args
 
-    config = SweepConfig(ratios=args.prune, method=args.method, objective=args.objective, calib=args.calib,
-                         calib_samples=args.calib_samples, calib_max_length=args.max_length,
-                         min_heads_per_layer=args.min_heads_per_layer, gqa=args.gqa, step=args.step,
-                         prune_ffn=args.prune_ffn, ffn_method=args.ffn_method,
-                         min_neurons_per_layer=args.min_neurons_per_layer, seed=args.seed,
-                         eval=eval_config_from_args(args), backend=args.backend, batch=args.batch, seq=args.seq,
-                         warmup=args.warmup, min_runs=args.runs, min_seconds=args.min_time, max_runs=args.max_runs,
-                         threads=args.threads, onnx_dense=args.onnx_dense, repair=args.repair,
-                         save_models=args.save_models, progress=not args.no_progress)
+    config = config_from_args(SweepConfig, args, ratios=args.prune, calib_max_length=args.max_length,
+                              eval=eval_config_from_args(args), min_runs=args.runs, min_seconds=args.min_time)
     result = sweep(args.model, args.out, config, overwrite=args.overwrite, log=None if args.json else print)
     print(json.dumps(result, indent=2) if args.json else report.sweep_table(result))
     return 0

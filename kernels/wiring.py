@@ -69,8 +69,8 @@ def enable(model: nn.Module, backend: str = "auto") -> nn.Module:
                                 "hooks": _forward_hooks(model)})
         return model
 
-    from headslim.adapters import get_adapter
-    from headslim.modules import NoHeadsSelfAttention
+    from headslim.arch import get_adapter
+    from headslim.arch.stubs import NoHeadsSelfAttention
 
     swapped = []
     for block in get_adapter(model).attention_blocks(model):

@@ -1,4 +1,4 @@
-"""Tiny random-initialised models of every architecture the adapters support."""
+"""Tiny random-initialised models of every architecture the adapters support (their ``tiny_configs``)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,29 @@ import pytest
 import torch
 import transformers
 
+from headslim.arch import TINY, adapters
+
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 
-HIDDEN, HEADS, LAYERS, VOCAB = 32, 4, 3, 99
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-               intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
-               attention_probs_dropout_prob=0.0, num_labels=3)
+HIDDEN, HEADS, LAYERS, VOCAB = TINY.hidden, TINY.heads, TINY.layers, TINY.vocab
 
-# model_type -> (config class, extra config kwargs, model classes covering the task heads)
-TINY_MODELS = {
-    "bert": (transformers.BertConfig, {}, ["BertModel", "BertForSequenceClassification", "BertForMaskedLM",
-                                           "BertForTokenClassification"]),
-    "roberta": (transformers.RobertaConfig, {"pad_token_id": 1},
-                ["RobertaModel", "RobertaForSequenceClassification", "RobertaForMaskedLM"]),
-    "xlm-roberta": (transformers.XLMRobertaConfig, {"pad_token_id": 1},
-                    ["XLMRobertaModel", "XLMRobertaForSequenceClassification"]),
-    "electra": (transformers.ElectraConfig, {"embedding_size": 16},
-                ["ElectraModel", "ElectraForSequenceClassification", "ElectraForPreTraining"]),
-}
+
+def _tiny_table(decoders: bool) -> dict:
+    """model_type -> (config class, config kwargs, model classes covering the task heads), from the
+    tiny configs of every registered family (``Adapter.tiny_configs``)."""
+    return {tc.model_type: (getattr(transformers, tc.config_class), dict(tc.kwargs), list(tc.model_classes))
+            for adapter in adapters() if adapter.decoder == decoders for tc in adapter.tiny_configs()}
+
+
+# Encoders: HEADS heads of width HIDDEN / HEADS in LAYERS layers; the first class is the bare model.
+TINY_MODELS = _tiny_table(decoders=False)
 
 MODEL_CASES = [(t, cls) for t, (_, _, classes) in TINY_MODELS.items() for cls in classes]
 
 
 def tiny_model(model_type: str, class_name: str, seed: int = 0):
-    config_cls, extra, _ = TINY_MODELS[model_type]
-    config = config_cls(**_COMMON, **extra)
+    config_cls, kwargs, _ = TINY_MODELS[model_type]
+    config = config_cls(**kwargs)
     config.architectures = [class_name]
     torch.manual_seed(seed)
     return getattr(transformers, class_name)(config).eval()
@@ -71,25 +69,11 @@ def minilm_dir():
     return bundled_model_dir()
 
 
-# Decoder LLMs (headslim.decoders): model_type -> (config class, config kwargs, model classes).
-# GQA: 8 query heads of head_dim 8 over 2 KV heads; DECODER_CASES adds num_kv_heads = 1 and = 8,
-# Qwen3's explicit head_dim (q width 64 != hidden 32) and Mistral's sliding window.
-DEC_HEADS, DEC_KV = 8, 2
-_DEC_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=DEC_HEADS,
-                   num_key_value_heads=DEC_KV, intermediate_size=37, max_position_embeddings=64,
-                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-TINY_DECODERS = {
-    "llama": (transformers.LlamaConfig, {**_DEC_COMMON, "head_dim": 8, "attention_bias": True},
-              ["LlamaForCausalLM", "LlamaModel", "LlamaForSequenceClassification"]),
-    "mistral": (transformers.MistralConfig, {**_DEC_COMMON, "head_dim": 8, "sliding_window": 5},
-                ["MistralForCausalLM"]),
-    "qwen2": (transformers.Qwen2Config, {**_DEC_COMMON}, ["Qwen2ForCausalLM"]),
-    "qwen3": (transformers.Qwen3Config, {**_DEC_COMMON, "head_dim": 8}, ["Qwen3ForCausalLM"]),
-    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=DEC_HEADS,
-                                           n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           pad_token_id=0, bos_token_id=1, eos_token_id=2),
-             ["GPT2LMHeadModel", "GPT2Model"]),
-}
+# Decoder LLMs: GQA, 8 query heads of head_dim 8 over 2 KV heads (the families' tiny configs);
+# DECODER_CASES adds num_kv_heads = 1 and = 8, Qwen3's explicit head_dim (q width 64 != hidden 32)
+# and Mistral's sliding window come with their tiny configs. The first class is the causal LM.
+DEC_HEADS, DEC_KV = TINY.decoder_heads, TINY.kv_heads
+TINY_DECODERS = _tiny_table(decoders=True)
 # (model_type, class name, num_key_value_heads or None for the family default)
 DECODER_CASES = [(t, cls, None) for t, (_, _, classes) in TINY_DECODERS.items() for cls in classes] + [
     ("llama", "LlamaForCausalLM", 1),

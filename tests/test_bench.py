@@ -366,7 +366,7 @@ def test_analytic_flops_of_decoders(model_type, class_name, pruned):
     """Grouped-query attention (K/V read by the kept query heads) and gated feed-forward blocks."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from headslim.adapters import get_adapter
+    from headslim.arch import get_adapter
     from tests.conftest import tiny_decoder
 
     model = tiny_decoder(model_type, class_name)

@@ -128,9 +128,12 @@ def test_unknown_architecture(tmp_path, capsys):
     config = transformers.OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=16,
                                     word_embed_proj_dim=8, vocab_size=10)
     transformers.OPTModel(config).save_pretrained(tmp_path / "opt")
+    from headslim.arch import supported_model_types
+
+    supported = supported_model_types()  # every registered family, named in the message
+    assert {"bert", "electra", "gpt2", "llama", "mistral", "qwen2", "qwen3", "roberta", "xlm-roberta"} <= set(supported)
     _expect_error(["shrink", str(tmp_path / "opt"), "--out", str(tmp_path / "o"), *SMALL],
-                  "unsupported architecture 'opt'; supported model types: bert, electra, gpt2, llama, mistral, qwen2, "
-                  "qwen3, roberta, xlm-roberta",
+                  f"unsupported architecture 'opt'; supported model types: {', '.join(supported)}",
                   capsys, tmp_path / "o")
 
 
@@ -252,3 +255,27 @@ def test_shrink_a_gqa_decoder_with_ffn_neurons(tmp_path, tiny_llama_dir, capsys)
     assert any(e["kind"] == "mlp" for e in prov["repair"]["layers"])
     model = headslim.load_pruned(tmp_path / "slim")
     assert model.generate(torch.tensor([[5, 6, 7, 8, 9]]), max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def _options(command: str) -> set[str]:
+    """The ``dest`` of every option of a sub-command."""
+    from headslim.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return {a.dest for a in sub.choices[command]._actions} - {"help"}
+
+
+def test_every_shrink_option_reaches_its_config_field():
+    from dataclasses import fields
+
+    from headslim.args import config_from_args
+    from headslim.cli import build_parser
+    from headslim.pipeline import ShrinkConfig
+
+    # args -> config copies by name: an option without a field of its name would be dropped silently
+    assert _options("shrink") - {"model", "out", "json"} <= {f.name for f in fields(ShrinkConfig)}
+    args = build_parser().parse_args(["shrink", "m", "--out", "o", "--prune", "7", "--gqa", "ragged", "--no-repair",
+                                      "--no-progress", "--shapes", "1x64"])
+    config = config_from_args(ShrinkConfig, args)
+    assert (config.prune, config.gqa, config.repair, config.progress, config.shapes) == (7, "ragged", False, False,
+                                                                                        "1x64")

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import headslim
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.compat import cache_kwargs, output_cache
-from headslim.decoders import causal_lm_batches, kv_maps
+from headslim.arch import causal_lm_batches, kv_maps
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.gqa import GQA_MODES, feasible_counts, select_gqa
 from headslim.io import save_pruned
 from headslim.plan import PrunePlan
-from headslim.ragged import eager_reference, gather_kv, kv_offsets, ragged_attention_forward
+from headslim.arch.ragged import eager_reference, gather_kv, kv_offsets, ragged_attention_forward
 from headslim.scoring import score_heads
 from headslim.surgery import prune_heads
 from tests.conftest import DEC_HEADS, DECODER_CASES, LAYERS, TF_MAJOR, TINY_DECODERS, VOCAB, main_output, tiny_decoder
@@ -276,7 +276,7 @@ def test_ragged_attention_equals_reference_and_sdpa():
 
         def __init__(self, base):
             super().__init__()
-            from headslim.ragged import RaggedConfig
+            from headslim.arch.ragged import RaggedConfig
 
             self.config = RaggedConfig(type("C", (), {"_attn_implementation": base})())
             self.register_buffer("headslim_kv_head_of_q", kv_of_q)

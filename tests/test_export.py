@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from headslim.adapters import ADAPTERS
+from headslim.arch import ADAPTERS
 from headslim.cli import main
 from headslim.errors import HeadslimError
 from headslim.export import EXPORT_INPUTS, NOT_EXPORTED, REPORT_FILE, TASKS, ExportConfig, export_onnx
@@ -326,7 +326,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, bert_model_d
 def test_failure_half_way_leaves_nothing(tmp_path, capsys, monkeypatch, bert_model_dir):
     from headslim import onnx_utils
 
-    def broken(src, dst):
+    def broken(src, dst, model_type):
         raise HeadslimError("onnxruntime transformer optimizer failed: boom")
 
     monkeypatch.setattr(onnx_utils, "optimize", broken)
@@ -380,7 +380,7 @@ def test_config_rejects_bad_values():
 def test_ffn_pruned_encoder_exports_fused_and_int8_with_parity(tmp_path, model_type):
     """Per-layer FFN widths (one layer with no FFN left, one with a single neuron) beside uneven heads:
     the unfused and the fused graph match PyTorch, int8 is written and judged, the report says the widths."""
-    from headslim.adapters import get_adapter
+    from headslim.arch import get_adapter
 
     dense = tiny_model(model_type, TINY_MODELS[model_type][2][0])
     widths = get_adapter(dense).num_neurons(dense)

@@ -375,7 +375,14 @@ def _real_token_outputs(model, inputs):
     return hidden
 
 
-WIRING_CASES = [(t, classes[0]) for t, (_, _, classes) in TINY_MODELS.items()]
+# The 4.x module-swap route knows BERT-family self-attention (``block.self``) only: DistilBERT's
+# kernels are wired through transformers 5's attention registry, not yet on 4.x (strict: this fails
+# once kernels/wiring.py covers it, and the mark should go).
+_NO_SWAP_ROUTE = {"distilbert"}
+WIRING_CASES = [pytest.param(t, classes[0], marks=pytest.mark.xfail(
+    TF_MAJOR < 5 and t in _NO_SWAP_ROUTE, raises=AttributeError, strict=True,
+    reason="kernels/wiring.py's 4.x swap route handles BERT-family attention only"))
+    for t, (_, _, classes) in TINY_MODELS.items()]
 
 
 @pytest.mark.parametrize("model_type,class_name", WIRING_CASES)
@@ -511,11 +518,11 @@ def test_enable_decoder_through_registry(backend, request):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_enable_ragged_pruned_decoder(backend, request, monkeypatch):
-    """A decoder pruned to ragged groups (issue 6's headslim.decoders / headslim.ragged) runs its ragged
+    """A decoder pruned to ragged groups (issue 6; headslim.arch.llama / headslim.arch.ragged) runs its ragged
     layers on the ragged kernels with compact K/V: same logits at real tokens, prefill and decode."""
     try:
         from conftest import tiny_decoder
-        from headslim.decoders import kv_maps
+        from headslim.arch import kv_maps
         from headslim.plan import PrunePlan
         from headslim.surgery import prune_heads
     except ImportError as exc:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import headslim
-from headslim.adapters import ADAPTERS, get_adapter
-from headslim.decoders import kv_maps
+from headslim.arch import ADAPTERS, get_adapter, kv_maps
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.io import save_pruned

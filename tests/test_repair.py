@@ -7,8 +7,7 @@ import torch
 
 import headslim
 from headslim.errors import HeadslimError
-from headslim.adapters import get_adapter
-from headslim.decoders import kv_maps
+from headslim.arch import get_adapter, kv_maps
 from headslim.plan import PrunePlan
 from headslim.repair import _add, _solve, repair
 from headslim.surgery import prune_heads

@@ -250,7 +250,7 @@ def test_obs_removes_a_duplicated_head_first_where_fisher_does_not():
 @pytest.mark.parametrize("model_type,class_name", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
 def test_magnitude_reads_each_output_projection_layout(model_type, class_name):
     """GPT-2's Conv1D stores the projection transposed; the reference runs the projection itself."""
-    from headslim.adapters import get_adapter
+    from headslim.arch import get_adapter
     from tests.conftest import tiny_decoder
 
     model = tiny_decoder(model_type, class_name)

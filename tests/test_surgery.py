@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from headslim.adapters import ADAPTERS, get_adapter
+from headslim.arch import ADAPTERS, get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.plan import PrunePlan
@@ -102,7 +102,7 @@ def test_pruning_a_pruned_model_composes_and_the_checkpoint_reloads(tmp_path, mo
     inspect accept, and the model equals the dense one gated by the composed plan."""
     import headslim
     from headslim.cli import main
-    from headslim.decoders import kv_maps
+    from headslim.arch import kv_maps
     from headslim.io import save_pruned
     from tests.conftest import tiny_decoder
 

@@ -6,7 +6,7 @@ import pytest
 
 import headslim
 import headslim.scoring
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.cli import main
 from headslim.errors import HeadslimError
 from headslim.evaluate import EvalConfig, evaluate
@@ -275,3 +275,22 @@ def test_sweep_bad_targets(llama_and_data, tmp_path, monkeypatch):
     with pytest.raises(HeadslimError, match="--prune-ffn 1000: the model has 111 FFN neurons"):
         sweep(model_dir, tmp_path / "o", SweepConfig(ratios=(0.5,), prune_ffn=1000, **base), log=None)
     assert not (tmp_path / "o").exists()
+
+
+def test_every_sweep_option_reaches_its_config_field(monkeypatch, capsys):
+    from dataclasses import fields
+
+    import headslim.sweep
+    from tests.test_cli import _options
+
+    renamed = {"prune", "max_length", "runs", "min_time"}  # ratios, calib_max_length (and eval's), min_runs, min_seconds
+    known = {f.name for f in fields(SweepConfig)} | {f.name for f in fields(EvalConfig)} | renamed
+    # args -> config copies by name: an option without a field of its name would be dropped silently
+    assert _options("sweep") - {"model", "out", "json", "overwrite"} <= known
+    captured = []
+    monkeypatch.setattr(headslim.sweep, "sweep", lambda model, out, config, **kw: captured.append(config) or {})
+    assert main(["sweep", "m", "--prune", "0.2,3", "--max-length", "16", "--runs", "4", "--min-time", "0",
+                 "--no-repair", "--no-progress", "--k", "3", "--backend", "none", "--json"]) == 0
+    config = captured[0]
+    assert (config.ratios, config.calib_max_length, config.eval.max_length, config.min_runs, config.min_seconds,
+            config.repair, config.progress, config.eval.k) == ((0.2, 3), 16, 16, 4, 0.0, False, False, 3)

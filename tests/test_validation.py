@@ -363,7 +363,7 @@ def test_pruned_dir_without_its_plan_file(tmp_path, pair, capsys):
 
 
 def _decoder_dirs(tmp_path):
-    from headslim.decoders import kv_maps
+    from headslim.arch import kv_maps
 
     model = tiny_decoder("llama", "LlamaForCausalLM")
     model.save_pretrained(str(tmp_path / "dense-llama"))

@@ -6,7 +6,7 @@ minus the mean entropy of its attention distributions (peaked = important). The 
 
 transformers' SDPA / flash paths return no attention weights, so the weights are recomputed here
 from the queries and keys captured by forward hooks on the Q and K projections:
-``softmax(Q K^T / sqrt(D) + padding mask)`` (BERT-family absolute-position attention), the same
+``softmax(Q K^T / sqrt(D) + padding mask)`` (``Adapter.query_key``: bidirectional encoders), the same
 softmax the eager path computes (a test checks that parity).
 """
 
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.scoring.common import finish, run_hooked
 
@@ -32,10 +32,11 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, attention_mask: torch.Tens
 
 
 def _qk(adapter, block):
-    # Bidirectional BERT-family attention only: decoders need causal masks and rotary positions.
-    if getattr(adapter, "name", "") != "bert-family":
-        raise HeadslimError(f"entropy / confidence support the BERT family only, not {adapter.name!r}")
-    return block.self.query, block.self.key
+    # Bidirectional attention with absolute positions only: decoders need causal masks and rotary positions.
+    qk = adapter.query_key(block)
+    if qk is None:
+        raise HeadslimError(f"entropy / confidence support bidirectional encoders only, not {adapter.name!r}")
+    return qk
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 

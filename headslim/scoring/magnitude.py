@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter, weight_out_in
 from headslim.scoring.common import finish, run_hooked
 
 
 def o_weight(o_proj) -> torch.Tensor:
-    """The output projection's weight as ``(d_out, n * D)``: GPT-2's ``Conv1D`` stores it transposed."""
-    return o_proj.weight.T if type(o_proj).__name__ == "Conv1D" else o_proj.weight
+    """The output projection's weight as ``(d_out, n * D)``, whatever its layout (GPT-2 stores it transposed)."""
+    return weight_out_in(o_proj)
 
 
 @torch.no_grad()

@@ -10,6 +10,9 @@ Methods (``NEURON_METHODS``):
         ``n x n`` block per layer) and a greedy mask search, as for heads; the score is the position
         in the removal order. Layers wider than ``max_block`` neurons use the diagonal only.
     ``gradient``: the diagonal of that Fisher (the first-order removal cost).
+    ``obs``: repair-aware Optimal Brain Surgeon costs (``headslim.scoring.reconstruction``): each
+        removal priced after the ridge re-fit of the down projection that repair applies, weighted
+        by the objective's curvature at the layer output; with ``heads`` the heads in the same unit.
     ``magnitude``: function norm (Lin et al. 2020): RMS over tokens of ``||W_down[:, i]|| * |a_i|``,
         the norm of the neuron's contribution to the layer output; one forward pass, label-free.
     ``random``: the baseline.
@@ -23,13 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.scoring.common import (check_nonempty, finish, forward, frozen, model_device, probe, progress_bar,
                                      run_hooked, to_device)
 
-NEURON_METHODS = ("fisher", "gradient", "magnitude", "random")
+NEURON_METHODS = ("fisher", "gradient", "magnitude", "obs", "random")
 
 
 def neuron_counts(model) -> list[int]:
@@ -150,8 +153,14 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
     if method not in NEURON_METHODS:
         raise HeadslimError(f"FFN neurons can be scored by {', '.join(NEURON_METHODS)}, not {method!r}")
     widths = neuron_counts(model)
-    if heads and method not in ("fisher", "gradient"):
-        raise HeadslimError(f"scoring heads and neurons together needs fisher or gradient, not {method!r}")
+    if heads and method not in ("fisher", "gradient", "obs"):
+        raise HeadslimError(f"scoring heads and neurons together needs fisher, gradient or obs, not {method!r}")
+    if method == "obs":
+        from headslim.scoring.reconstruction import score_obs_structures
+
+        return score_obs_structures(model, batches, objective=objective, seed=seed, progress=progress,
+                                    probes=probes, heads=heads, min_per_layer=min_per_layer,
+                                    min_heads_per_layer=min_heads_per_layer, ridge=options.get("ridge", 1e-2))
     if method == "random":
         gen = torch.Generator().manual_seed(seed + 1)  # not the heads' draw: the two kinds are independent
         return {"mlp": finish(torch.rand(len(widths), max(widths), generator=gen), widths)}

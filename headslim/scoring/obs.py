@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from headslim.adapters import get_adapter
+from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.scoring.common import (check_nonempty, forward, frozen, head_counts, model_device, probe,
