@@ -13,7 +13,7 @@ Examples:
 
 Latency: dense and pruned models are timed interleaved in the same loop (warm-up apart,
 ``--runs`` timed forwards each, p50/p90 in ms); ``ragged`` runs the plain-PyTorch gather reference
-(``headslim.ragged``), not a fused kernel.
+(``headslim.arch.ragged``), not a fused kernel.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ warm-up, CUDA-graph free), the headslim Triton kernel and its PyTorch baselines 
 * encoder (uniform heads, no padding): SDPA on the same shapes, eager (matmul-softmax-matmul);
 * encoder, padded batch: SDPA with the boolean key-padding mask, eager;
 * ragged causal prefill: SDPA after ``index_select`` of K/V to one head per query head (what
-  ``headslim.ragged`` does on GPU without the kernels), eager on the same gathered K/V; on the
+  ``headslim.arch.ragged`` does on GPU without the kernels), eager on the same gathered K/V; on the
   uniform map also SDPA with ``enable_gqa`` / ``repeat_interleave``;
 * ragged decode (1 new token against a cache): ``index_select`` + SDPA, eager.
 

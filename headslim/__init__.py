@@ -29,6 +29,9 @@ _LAZY = {
     "load_texts": "headslim.data",
     "shrink": "headslim.pipeline",
     "ShrinkConfig": "headslim.pipeline",
+    "prune_model": "headslim.pipeline",
+    "PruneConfig": "headslim.pipeline",
+    "PruneResult": "headslim.pipeline",
 }
 
 __all__ = ["__version__", "HeadslimError", *_LAZY]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from headslim.args import config_from_args
 from headslim.checkpoints import default_baseline, has_tokenizer, load_pair
-from headslim.errors import HeadslimError
+from headslim.errors import HeadslimError, first_line
 
 BENCH_EXAMPLE = """example:
   headslim bench slim/ --baseline all-MiniLM-L6-v2 --backend torch,ort --batch 1,8,32 --seq 128,512 --out bench-out/
@@ -126,7 +126,7 @@ class OrtSession(Session):
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:
-            raise HeadslimError(f"ONNX Runtime cannot load {path}: {_first_line(e)}") from None
+            raise HeadslimError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
         self.path, self.device = Path(path), device
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
 
@@ -146,11 +146,6 @@ class OrtSession(Session):
 
     def close(self) -> None:
         self.session = None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +293,7 @@ def _export_on_the_fly(ctx: BenchContext, role: str) -> Path:
         export.export_onnx(ctx.dirs[role], out, optimize=True, quantize="int8", prefer="unfused",
                            max_length=max_length)
     except Exception as e:  # the exporter's own errors and anything it did not foresee: skip ORT, go on
-        ctx._exports[role] = BackendUnavailable(f"exporting the {role} model to ONNX failed: {_first_line(e)}")
+        ctx._exports[role] = BackendUnavailable(f"exporting the {role} model to ONNX failed: {first_line(e)}")
         raise ctx._exports[role] from None
     ctx._exports[role] = out
     return out
@@ -357,7 +352,7 @@ def check_onnx(session: OrtSession, model, model_dir, *, exact: bool = True) -> 
     try:
         got = session.outputs(session.feed(ids, mask))[0]
     except Exception as e:
-        raise HeadslimError(f"{session.path} fails on a (2, 8) input: {_first_line(e)}") from None
+        raise HeadslimError(f"{session.path} fails on a (2, 8) input: {first_line(e)}") from None
     with torch.inference_mode():
         ref = main_output(model(input_ids=ids, attention_mask=mask)).float().numpy()  # (B, T, d) or (B, C)
     if tuple(got.shape) != tuple(ref.shape):
@@ -684,13 +679,13 @@ def _run_backend(backend, ctx: BenchContext, config: BenchConfig, shapes: dict, 
     try:
         sessions = backend.prepare(ctx)
     except BackendUnavailable as e:
-        entry.update(status="skipped", reason=_first_line(e))
+        entry.update(status="skipped", reason=first_line(e))
         log(f"{backend.name}: skipped: {entry['reason']}")
         return
     except HeadslimError:
         raise  # bad user input (wrong ONNX file): one clear error, no partial output
     except Exception as e:  # a backend that breaks while loading must not stop the others
-        entry.update(status="failed", reason=f"{type(e).__name__}: {_first_line(e)}")
+        entry.update(status="failed", reason=f"{type(e).__name__}: {first_line(e)}")
         log(f"{backend.name}: failed: {entry['reason']}")
         return
     vocab = int(ctx.models["dense"].config.vocab_size)
@@ -705,7 +700,7 @@ def _run_backend(backend, ctx: BenchContext, config: BenchConfig, shapes: dict, 
                     times = measure_interleaved(sessions, feeds, warmup=config.warmup, min_runs=config.min_runs,
                                                 min_seconds=config.min_seconds, max_runs=config.max_runs)
                 except Exception as e:  # e.g. out of memory at the largest shape: report, go on
-                    point.update(status="failed", reason=f"{type(e).__name__}: {_first_line(e)}")
+                    point.update(status="failed", reason=f"{type(e).__name__}: {first_line(e)}")
                     result["points"].append(point)
                     log(f"{backend.name} batch {batch} seq {seq}: failed: {point['reason']}")
                     continue

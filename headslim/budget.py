@@ -1,10 +1,11 @@
 """Spend a speed-up target on heads and FFN neurons together, in one currency.
 
-Every structure has an estimated quality cost (its marginal cost in its layer's greedy Fisher
-sequence, ``headslim.scoring.neurons.layer_sequences``: heads and neurons are priced by the same
-probes, so the costs share a unit) and a latency saving (from per-layer tables measured on the
-target runtime, ``headslim.latency``). The choice is greedy on quality cost per unit of saved time
-(ZipLM's currency, with Kwon et al.'s Fisher costs): repeatedly take, over every layer and both kinds,
+Every structure has an estimated quality cost (its marginal cost in its layer's greedy removal
+sequence: repair-aware OBS costs, ``headslim.scoring.reconstruction``, by default, or Kwon et al.'s
+Fisher costs, ``headslim.scoring.neurons.layer_sequences``; heads and neurons are priced by the same
+probes, so the costs share a unit, and ``headslim.tradeoff`` fits the head price on held-out data)
+and a latency saving (from per-layer tables measured on the target runtime, ``headslim.latency``).
+The choice is greedy on quality cost per unit of saved time (ZipLM's currency): repeatedly take, over every layer and both kinds,
 the next removal step with the lowest cost per saved fraction of the dense time, until the estimated
 speed-up reaches the target at every shape.
 

@@ -33,10 +33,16 @@ def _add_shrink(sub) -> None:
                                        "(default: the FFNs are left alone)")
     opt.add_argument("--target-speedup", type=float, default=None,
                      help="plan for this speed-up on --runtime instead of --prune/--prune-ffn: heads and FFN "
-                          "neurons ranked together by Fisher cost per unit of latency saved (per-layer latency "
+                          "neurons ranked together by quality cost per unit of latency saved (per-layer latency "
                           "tables measured on the runtime and cached), then dense and pruned timed side by side")
     opt.add_argument("--target-structures", default="both", choices=["both", "heads", "ffn"],
                      help="what --target-speedup may remove (default both)")
+    opt.add_argument("--speed-method", default="obs",
+                     help="costs --target-speedup spends: obs (default; repair-aware, headslim.scoring."
+                          "reconstruction), fisher or gradient")
+    opt.add_argument("--exchange", type=float, default=None,
+                     help="price of a head relative to its estimated cost in --target-speedup's ranking (default: "
+                          "fitted on held-out calibration batches over 1, 2, 4, ..., 128)")
     opt.add_argument("--runtime", default="ort-cpu", help="runtime of --target-speedup: ort-cpu (default), "
                                                           "ort-int8-cpu, torch-cpu or cuda")
     opt.add_argument("--shapes", default="1x128,32x128",

@@ -185,17 +185,33 @@ def sample(data: TextData, n: int | None, seed: int = 0) -> TextData:
     return data.subset(sorted(order[:n]))
 
 
+def forward_inputs(model) -> frozenset[str]:
+    """The arguments ``model.forward`` names (``**kwargs`` aside): the tokenizer outputs a batch may pass it.
+
+    Example:
+        >>> sorted(forward_inputs(distilbert_model) & {"input_ids", "token_type_ids"})   # doctest: +SKIP
+        ['input_ids']
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return frozenset(name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 @dataclass
 class Batches:
     """Tokenised batches of ``data`` (dicts of tensors, ``labels`` included when the data has them).
 
-    Re-iterable and sized, so progress bars know the total.
+    Re-iterable and sized, so progress bars know the total. ``accepts``: the tokenizer outputs kept
+    (:func:`forward_inputs` of the model, so a DistilBERT model given a BERT tokenizer gets no
+    ``token_type_ids``); None keeps them all.
     """
 
     data: TextData
     tokenizer: object
     batch_size: int = 16
     max_length: int = 128
+    accepts: frozenset[str] | None = None
 
     def __len__(self) -> int:
         return -(-len(self.data) // self.batch_size)
@@ -207,11 +223,32 @@ class Batches:
             chunk = self.data.texts[start : start + self.batch_size]
             enc = dict(self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                       return_tensors="pt"))
+            if self.accepts is not None:
+                enc = {k: v for k, v in enc.items() if k in self.accepts}
             if self.data.labels is not None:
                 enc["labels"] = torch.tensor(self.data.labels[start : start + self.batch_size])
             yield enc
 
 
-def batches(data: TextData, tokenizer, *, batch_size: int = 16, max_length: int = 128) -> Batches:
-    """Tokenised batches of ``data``; see :class:`Batches`."""
-    return Batches(data, tokenizer, batch_size, max_length)
+def batches(data: TextData, tokenizer, *, batch_size: int = 16, max_length: int = 128, model=None) -> Batches:
+    """Tokenised batches of ``data``; see :class:`Batches`. With ``model``, only the tokenizer outputs
+    its forward accepts (its signature is read once, here)."""
+    return Batches(data, tokenizer, batch_size, max_length, None if model is None else forward_inputs(model))
+
+
+def causal_lm_batches(tokenised):
+    """Batches for ``score_heads(objective="task")`` on a causal LM: next-token labels = input_ids.
+
+    Padding positions get label -100 (ignored by the loss); a text column's class labels, if any,
+    are dropped. Wraps any iterable of tokenised batches (:func:`batches`).
+
+    Example:
+        >>> scores = score_heads(model, causal_lm_batches(batches(data, tok)), objective="task")  # doctest: +SKIP
+    """
+    for batch in tokenised:
+        batch = dict(batch)
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        yield batch

@@ -254,7 +254,7 @@ def prepare_reference(dense, tokenizer, config: EvalConfig, *, model_dir=None, t
 
     config = replace(config, max_length=check_length(dense.config, config.max_length))
     task = task or (detect_task(dense) if config.task == "auto" else config.task)
-    bb = dict(batch_size=config.batch_size, max_length=config.max_length)
+    bb = dict(batch_size=config.batch_size, max_length=config.max_length, model=dense)
     held_out = f"{BBC_NEWS}:test" if str(config.data) == BBC_NEWS else config.data  # never the calibration split
     if task == "classification":
         if type(dense).__name__.endswith("ForSequenceClassification") is False:
@@ -312,7 +312,7 @@ def evaluate_model(model, ref: Reference) -> dict:
     from headslim.data import batches
     from headslim.quality import embedding_cosine, embeddings
 
-    bb = dict(batch_size=ref.config.batch_size, max_length=ref.config.max_length)
+    bb = dict(batch_size=ref.config.batch_size, max_length=ref.config.max_length, model=model)
     if ref.task == "classification":
         labels = torch.tensor([ref.label_map[i] for i in ref.eval_data.labels])  # (N,) model class ids
         pred, dense_pred = predictions(model, batches(ref.eval_data, ref.tokenizer, **bb), "pruned"), ref.dense["pred"]

@@ -40,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from headslim.errors import HeadslimError
+from headslim.errors import HeadslimError, first_line
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on; ORT's optimizer handles 14-20
 MIN_OPSET = 14
@@ -238,9 +238,7 @@ def _torch_export(wrapper, probe: dict, path: Path, task: TaskSpec, input_names:
     except HeadslimError:
         raise
     except Exception as e:
-        from headslim.onnx_utils import _first_line
-
-        raise HeadslimError(f"torch.onnx.export ({exporter}) failed: {_first_line(e)}") from e
+        raise HeadslimError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,9 +269,7 @@ def _tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        from headslim.onnx_utils import _first_line
-
-        raise HeadslimError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from None
+        raise HeadslimError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
 
 
 def _calibration(tokenizer, config, input_names: list[str], cfg: ExportConfig) -> tuple[list[dict], dict]:
@@ -347,9 +343,7 @@ def _reference_outputs(module, probes: list[dict], output_names: list[str]) -> l
             try:
                 out = module(**{k: torch.from_numpy(v) for k, v in probe.items()}, return_dict=True)
             except Exception as e:
-                from headslim.onnx_utils import _first_line
-
-                raise HeadslimError(f"the PyTorch model fails on the calibration inputs: {_first_line(e)}") from None
+                raise HeadslimError(f"the PyTorch model fails on the calibration inputs: {first_line(e)}") from None
             refs.append({n: out[n].double().numpy() for n in output_names})
     return refs
 

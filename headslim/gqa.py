@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 
 from headslim.errors import HeadslimError
-from headslim.plan import PrunePlan
-from headslim.selection import heads_to_prune
+from headslim.plan import PrunePlan, heads_to_prune
 
 GQA_MODES = ("uniform", "kv-groups", "ragged")
 DEFAULT_GQA = "uniform"

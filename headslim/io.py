@@ -17,18 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from headslim.arch import ADAPTERS, get_adapter
-from headslim.errors import HeadslimError
+from headslim.errors import HeadslimError, first_line
 from headslim.plan import PLAN_FILE, PrunePlan
 
 SAFE_FILE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # sentence-transformers pipeline files: copied so a pruned embedding model loads there as well.
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
@@ -72,7 +67,7 @@ def _safetensors_files(path: Path) -> list[Path]:
             index = json.loads((path / SAFE_INDEX).read_text())
             files = [path / f for f in sorted(set(index["weight_map"].values()))]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise HeadslimError(f"{path / SAFE_INDEX} is corrupt: {_first_line(e)}") from None
+            raise HeadslimError(f"{path / SAFE_INDEX} is corrupt: {first_line(e)}") from None
     else:
         return []
     for file in files:
@@ -82,7 +77,7 @@ def _safetensors_files(path: Path) -> list[Path]:
             with safe_open(str(file), framework="pt") as f:
                 f.keys()
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise HeadslimError(f"{file} is corrupt or not a safetensors file: {_first_line(e)}") from None
+            raise HeadslimError(f"{file} is corrupt or not a safetensors file: {first_line(e)}") from None
     return files
 
 
@@ -106,7 +101,7 @@ def _load_config(path: Path, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise HeadslimError(f"cannot read {path / 'config.json'}: {_first_line(e)}") from None
+        raise HeadslimError(f"cannot read {path / 'config.json'}: {first_line(e)}") from None
 
 
 def load_config(path: str | Path):
@@ -225,7 +220,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, trust_remote_cod
         if use_safetensors and _smaller_than_config(config, _safetensors_files(path)):
             raise HeadslimError(f"{path} looks pruned (its weights are smaller than its config.json says) but has no "
                                 f"{PLAN_FILE}: put back the {PLAN_FILE} headslim wrote with it") from None
-        raise HeadslimError(f"cannot load weights from {path}: {_first_line(e)}") from None
+        raise HeadslimError(f"cannot load weights from {path}: {first_line(e)}") from None
     _refuse_non_finite(model.named_parameters(), path)
     return model.eval()
 
@@ -273,7 +268,7 @@ def load_pruned(path: str | Path, *, attn_implementation: str | None = None):
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise HeadslimError(f"weights in {path} do not match its prune plan: {_first_line(e)}") from None
+        raise HeadslimError(f"weights in {path} do not match its prune plan: {first_line(e)}") from None
     if result.unexpected_keys:
         raise HeadslimError(f"{path}: unexpected weights {result.unexpected_keys[:3]}")
     params = model.state_dict(keep_vars=True)

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from headslim.errors import HeadslimError
+from headslim.errors import HeadslimError, first_line
 
 RUNTIMES = ("torch-cpu", "ort-cpu", "ort-int8-cpu", "cuda")
 FORMAT_VERSION = 3  # bump when the measured blocks change: it is part of the cache key
@@ -622,7 +622,7 @@ def _ort_session(path: Path, threads: int):
     """
     import onnxruntime as ort
 
-    from headslim.bench import OrtSession, _first_line
+    from headslim.bench import OrtSession
 
     class BlockSession(OrtSession):
         def __init__(self):
@@ -636,7 +636,7 @@ def _ort_session(path: Path, threads: int):
                 self.session = ort.InferenceSession(str(path), sess_options=options,
                                                     providers=["CPUExecutionProvider"])
             except Exception as e:
-                raise HeadslimError(f"ONNX Runtime cannot load the block {path.name}: {_first_line(e)}") from None
+                raise HeadslimError(f"ONNX Runtime cannot load the block {path.name}: {first_line(e)}") from None
             self.path, self.device = Path(path), "cpu"
 
     return BlockSession()

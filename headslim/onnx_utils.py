@@ -20,17 +20,12 @@ import torch
 from torch import nn
 
 from headslim.arch.stubs import hidden_states_of
-from headslim.errors import HeadslimError
+from headslim.errors import HeadslimError, first_line
 
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
 # ops the ORT transformer optimizer writes; counted in the report so a user sees what was fused
 FUSED_OPS = FUSED_ATTENTION_OPS + ("EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu",
                                    "FastGelu", "Gelu", "LayerNormalization")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +134,7 @@ def check_graph(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:  # onnx raises ValidationError and friends
-        raise HeadslimError(f"{path.name} is not a valid ONNX graph: {_first_line(e)}") from None
+        raise HeadslimError(f"{path.name} is not a valid ONNX graph: {first_line(e)}") from None
     model = onnx.load(str(path), load_external_data=False)
     empty = [init.name for init in model.graph.initializer if any(d == 0 for d in init.dims)]
     if empty:
@@ -185,7 +180,7 @@ def session(path: Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise HeadslimError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from None
+        raise HeadslimError(f"onnxruntime cannot load {path.name}: {first_line(e)}") from None
 
 
 def run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -311,7 +306,7 @@ def optimize(src: Path, dst: Path, model_type: str) -> None:
             model = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, use_gpu=False)
             model.save_model_to_file(str(dst))
         except Exception as e:
-            raise HeadslimError(f"onnxruntime transformer optimizer failed: {_first_line(e)}") from None
+            raise HeadslimError(f"onnxruntime transformer optimizer failed: {first_line(e)}") from None
 
 
 def fusion_summary(path: Path, heads_per_layer: list[int]) -> dict:
@@ -409,7 +404,7 @@ def quantize_int8(src: Path, dst: Path) -> dict:
                 quantizer.quantize(save_dir=scratch, quantization_config=qconfig)
             (scratch / f"{src.stem}_quantized.onnx").replace(dst)
         except Exception as e:
-            raise HeadslimError(f"optimum int8 quantisation failed: {_first_line(e)}") from None
+            raise HeadslimError(f"optimum int8 quantisation failed: {first_line(e)}") from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         tool = {"tool": "optimum.onnxruntime.ORTQuantizer", "config": f"AutoQuantizationConfig.{isa}"}
@@ -420,6 +415,6 @@ def quantize_int8(src: Path, dst: Path) -> dict:
         with _quiet_ort_logs():
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
     except Exception as e:
-        raise HeadslimError(f"onnxruntime int8 quantisation failed: {_first_line(e)}") from None
+        raise HeadslimError(f"onnxruntime int8 quantisation failed: {first_line(e)}") from None
     return {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "weights": "int8",
             "per_channel": True, "quantized_from": src.name}

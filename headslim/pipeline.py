@@ -52,9 +52,13 @@ class PruneConfig:
             (see ``headslim.gqa``).
         target_speedup: plan for this speed-up (measured by the ``speed`` given to :func:`prune_model`)
             instead of ``prune`` / ``prune_ffn`` (which are then ignored): heads and FFN neurons compete
-            in one ranking, Fisher cost per unit of saved latency, priced by per-layer latency tables
-            (``headslim.budget``); the result is timed against the dense model.
+            in one ranking, estimated quality cost (``speed_method``) per unit of saved latency, priced
+            by per-layer latency tables (``headslim.budget``); the result is timed against the dense model.
         target_structures: what the target may remove: ``both`` (default), ``heads`` or ``ffn``.
+        speed_method: the costs the target spends: ``obs`` (default: repair-aware, in one unit for both
+            kinds, ``headslim.scoring.reconstruction``), ``fisher`` or ``gradient``.
+        exchange: price of a head relative to its estimated cost; None (default): fitted on held-out
+            calibration batches (``headslim.tradeoff``: the estimates miss how head removals compound).
         speed_corrections: when the plan, timed on the runtime, misses the target at a shape, re-spend
             with that shape's target raised by the measured shortfall, up to this many times (ZipLM
             also corrects its tables by measurement).
@@ -78,6 +82,8 @@ class PruneConfig:
     gqa: str = "uniform"
     target_speedup: float | None = None
     target_structures: str = "both"
+    speed_method: str = "obs"
+    exchange: float | None = None
     speed_corrections: int = 2
     repair: bool = True
     repair_inputs: str = "pruned"
@@ -110,9 +116,11 @@ class PruneConfig:
             if isinstance(self.target_speedup, bool) or not isinstance(self.target_speedup, (int, float)) \
                     or not self.target_speedup > 1.0:
                 raise HeadslimError(f"--target-speedup must be a number above 1, not {self.target_speedup!r}")
-            if self.method not in ("fisher", "gradient"):
-                raise HeadslimError(f"--target-speedup prices structures by fisher or gradient costs, not --method "
-                                    f"{self.method}")
+            if self.speed_method not in ("obs", "fisher", "gradient"):
+                raise HeadslimError(f"--target-speedup prices structures by obs, fisher or gradient costs, not "
+                                    f"--speed-method {self.speed_method}")
+            if self.exchange is not None and (isinstance(self.exchange, bool) or not self.exchange > 0):
+                raise HeadslimError(f"--exchange must be a number above 0, not {self.exchange!r}")
             if self.target_structures not in ("both", "heads", "ffn"):
                 raise HeadslimError(f"--target-structures must be both, heads or ffn, not {self.target_structures!r}")
             self.prune, self.prune_ffn = 0, None  # the target decides
@@ -242,7 +250,7 @@ class _NextTokenBatches:
         return len(self.base)
 
     def __iter__(self):
-        from headslim.arch import causal_lm_batches
+        from headslim.data import causal_lm_batches
 
         return causal_lm_batches(self.base)
 
@@ -453,28 +461,48 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
     from headslim.budget import spend
     from headslim.plan import PrunePlan
     from headslim.scoring.neurons import score_structures
+    from headslim.tradeoff import fit_exchange, scaled, split_heldout
 
     if kv_map is not None:
         raise HeadslimError("--target-speedup does not plan grouped-query (GQA) models yet; use --prune and "
                             "--prune-ffn")
-    scored = score_structures(model, calib_batches, method=config.method, heads=True, objective=config.objective,
+    kinds = {"both": ("attention", "mlp"), "heads": ("attention",), "ffn": ("mlp",)}[config.target_structures]
+    fitting = config.exchange is None and len(kinds) == 2
+    fit_batches, held_out, in_sample = split_heldout(calib_batches) if fitting else (calib_batches, None, False)
+    method = config.speed_method
+    scored = score_structures(model, fit_batches, method=method, heads=True, objective=config.objective,
                               seed=config.seed, progress=config.progress, min_per_layer=config.min_neurons_per_layer,
                               min_heads_per_layer=config.min_heads_per_layer)
-    check_finite_scores(scored["attention"], num_heads, config.method)
-    check_finite_scores(scored["mlp"], num_neurons, config.method)
-    kinds = {"both": ("attention", "mlp"), "heads": ("attention",), "ffn": ("mlp",)}[config.target_structures]
+    check_finite_scores(scored["attention"], num_heads, method)
+    check_finite_scores(scored["mlp"], num_neurons, method)
+
+    def spent(alpha: float, targets):
+        return spend(scaled(scored["sequences"], alpha), num_heads, num_neurons, speed.tables, targets,
+                     rest_ms=speed.rest_ms, scale=speed.scale, min_heads_per_layer=config.min_heads_per_layer,
+                     min_neurons_per_layer=config.min_neurons_per_layer, kinds=kinds)
+
+    def plan_of(budget):
+        return PrunePlan(num_heads, budget.kept_heads, provenance, num_neurons=num_neurons,
+                         kept_neurons=budget.kept_neurons)
+
     targets, rounds = [config.target_speedup] * len(speed.tables), []
+    exchange = {"alpha": config.exchange if config.exchange is not None else 1.0, "fitted": False}
+    if fitting:
+        alpha, trials = fit_exchange(model, scored.get("moments", {}), lambda a: plan_of(spent(a, targets)), held_out,
+                                     objective=config.objective)
+        exchange = {"alpha": alpha, "fitted": True, "held_out_batches": len(held_out), "in_sample": in_sample,
+                    "compensated": "moments" in scored, "trials": trials}
+        if in_sample:
+            warn(f"fewer than 4 calibration batches: the head price was chosen on the batches it was estimated "
+                 f"from ({len(held_out)})")
     for attempt in range(1 + config.speed_corrections):
         try:
-            budget = spend(scored["sequences"], num_heads, num_neurons, speed.tables, targets, rest_ms=speed.rest_ms,
-                           scale=speed.scale, min_heads_per_layer=config.min_heads_per_layer,
-                           min_neurons_per_layer=config.min_neurons_per_layer, kinds=kinds)
+            budget = spent(exchange["alpha"], targets)
         except HeadslimError:
             if not rounds:
                 raise
             break  # a corrected target beyond what the tables allow: keep the last plan, reported as not met
-        plan = PrunePlan(num_heads, budget.kept_heads, provenance, num_neurons=num_neurons,
-                         kept_neurons=budget.kept_neurons)
+        plan = plan_of(budget)
         measured = speed.trial(model, plan)
         rounds.append({"targets": [round(t, 4) for t in targets], "estimated": [round(e, 4) for e in budget.estimated],
                        "measured": [round(m["speedup"], 4) for m in measured]})
@@ -483,12 +511,13 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
         # the estimate missed on this machine: ask the tables for what the measurement says is needed
         targets = [t if m["speedup"] >= config.target_speedup else max(t, 1.01 * config.target_speedup * e / m["speedup"])
                    for t, e, m in zip(targets, budget.estimated, measured)]
-    target = {**speed.describe(), **budget.to_dict(), "target": config.target_speedup, "rounds": rounds}
+    target = {**speed.describe(), **budget.to_dict(), "target": config.target_speedup, "rounds": rounds,
+              "exchange": exchange}
     for shape, m in zip(target["shapes"], measured):
         shape.update(measured_dense_ms=round(m["dense_ms"], 4), measured_pruned_ms=round(m["pruned_ms"], 4),
                      measured_speedup=round(m["speedup"], 4))
     target["met"] = all(m["speedup"] >= config.target_speedup for m in measured)
-    provenance.update(method=config.method, objective=config.objective, ffn_method=config.method,
+    provenance.update(method=method, objective=config.objective, ffn_method=method,
                       min_heads_per_layer=config.min_heads_per_layer,
                       min_neurons_per_layer=config.min_neurons_per_layer, target_structures=config.target_structures,
                       speed_target=target, scores=_jsonable_scores(scored["attention"]))
@@ -627,15 +656,15 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     t_tables = time.perf_counter()
 
     pooling = pooling_mode(src)
-    eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=max_length)
+    eval_batches = batches(held_out, tokenizer, batch_size=config.batch_size, max_length=max_length, model=model)
     if causal:
         dense_ppl, n_tokens = perplexity(model, eval_batches)
     else:
         dense_emb = embeddings(model, eval_batches, pooling=pooling)
     _check_finite_outputs(dense_ppl if causal else dense_emb, "dense")
     try:
-        pruned = prune_model(model, batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length),
-                             config, plan=plan, speed=speed, provenance=provenance)
+        calib_batches = batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length, model=model)
+        pruned = prune_model(model, calib_batches, config, plan=plan, speed=speed, provenance=provenance)
     finally:
         if speed is not None:
             speed.close()

@@ -25,6 +25,19 @@ PLAN_FILE = "headslim_plan.json"
 FORMAT_VERSION = 2
 
 
+def heads_to_prune(prune: float | int, total: int) -> int:
+    """Number of heads to remove: ``prune`` is a fraction in (0, 1) (float) or a count (int)."""
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)):
+        raise HeadslimError(f"--prune must be a fraction in (0, 1) or a head count, not {prune!r}")
+    if isinstance(prune, float):
+        if not 0.0 < prune < 1.0:
+            raise HeadslimError(f"--prune {prune} is outside (0, 1); give a fraction or a whole head count")
+        return int(round(prune * total))
+    if not 1 <= prune <= total:
+        raise HeadslimError(f"--prune {prune} heads: the model has {total} heads")
+    return prune
+
+
 def _show(value) -> str:
     """``value`` as the user wrote it in JSON (``null``, ``true``, ``"a"``), cut to one short line."""
     return json.dumps(value, default=repr)[:60]

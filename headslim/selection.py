@@ -5,20 +5,8 @@ from __future__ import annotations
 import torch
 
 from headslim.errors import HeadslimError
-from headslim.plan import PrunePlan
-
-
-def heads_to_prune(prune: float | int, total: int) -> int:
-    """Number of heads to remove: ``prune`` is a fraction in (0, 1) (float) or a count (int)."""
-    if isinstance(prune, bool) or not isinstance(prune, (int, float)):
-        raise HeadslimError(f"--prune must be a fraction in (0, 1) or a head count, not {prune!r}")
-    if isinstance(prune, float):
-        if not 0.0 < prune < 1.0:
-            raise HeadslimError(f"--prune {prune} is outside (0, 1); give a fraction or a whole head count")
-        return int(round(prune * total))
-    if not 1 <= prune <= total:
-        raise HeadslimError(f"--prune {prune} heads: the model has {total} heads")
-    return prune
+from headslim.gqa import select_gqa
+from headslim.plan import PrunePlan, heads_to_prune
 
 
 def select_heads(scores: torch.Tensor, num_heads: list[int], *, prune: float | int,
@@ -111,8 +99,6 @@ def select_plan(scores: torch.Tensor | None, num_heads: list[int], *, prune: flo
     """
     provenance = provenance if provenance is not None else {}
     if prune != 0 and kv_head_of_q is not None:
-        from headslim.gqa import select_gqa  # headslim.gqa imports this module
-
         plan = select_gqa(scores, kv_head_of_q, prune=prune, mode=gqa, min_per_layer=min_per_layer,
                           provenance=provenance)
     elif prune != 0:

@@ -287,7 +287,8 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     calib = sample(load_texts(config.calib, text_column=config.eval.text_column,
                               label_column=config.eval.label_column, require_labels=config.objective == "task"),
                    config.calib_samples, config.seed)
-    calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length)
+    calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length,
+                            model=dense)
     # the scoring shrink does; a method whose scores depend on the target (never one that scores heads and
     # neurons together) leaves its heads to prune_model, which scores them at each ratio
     if scored_per_target(config.method, None if config.gqa == "ragged" else kv_map):

@@ -7,14 +7,16 @@ Two routes, picked per model, with the same result:
   config._attn_implementation, ...)``. We register ``"headslim"`` (and ``"headslim_triton"``,
   ``"headslim_torch"``) there, plus a mask function under the same names that hands over the plain
   2-D padding mask (as for flash-attention), and switch the model to it.
-* **module swap** (BERT family on transformers 4.x, whose ``BertSelfAttention`` /
-  ``BertSdpaSelfAttention`` compute attention inline): each self-attention module's class is
-  swapped for a subclass whose ``forward`` calls the kernel. Parameters, names and state dicts are
+* **module swap** (encoders on transformers 4.x that compute attention inline: the BERT family's
+  ``BertSelfAttention`` / ``BertSdpaSelfAttention``, DistilBERT's ``MultiHeadSelfAttention`` /
+  ``DistilBertSdpaAttention``): the model's adapter (``Adapter.kernel_attention``) names each
+  layer's attention module and the forward below that fits it; the module's class is swapped for a
+  subclass with that ``forward``, which calls the kernel. Parameters, names and state dicts are
   untouched; :func:`disable` swaps back.
 
 Anything the kernels do not cover (dropout in training, head masks, attention probabilities,
 relative positions, cross-attention, caches on 4.x encoders) falls back to the original code.
-Layers with 0 heads (:class:`headslim.modules.NoHeadsSelfAttention`) are left alone.
+Layers with 0 heads (the stand-ins of :mod:`headslim.arch.stubs`) are left alone.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def enable(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make ``model`` run its attention with headslim's kernels (in place; returns the model).
 
     Args:
-        model: a transformers model, pruned or not. BERT-family encoders on both transformers
-            versions; on the registry route any model whose attention uses it.
+        model: a transformers model, pruned or not. BERT-family and DistilBERT encoders on both
+            transformers versions; on the registry route any model whose attention uses it.
         backend: ``"auto"`` (Triton kernels for CUDA tensors, the PyTorch path otherwise),
             ``"triton"`` (always the kernels; on CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``.
 
@@ -70,14 +72,15 @@ def enable(model: nn.Module, backend: str = "auto") -> nn.Module:
         return model
 
     from headslim.arch import get_adapter
-    from headslim.arch.stubs import NoHeadsSelfAttention
 
+    adapter = get_adapter(model)
     swapped = []
-    for block in get_adapter(model).attention_blocks(model):
-        attn = block.self
-        if isinstance(attn, NoHeadsSelfAttention):
+    for block in adapter.attention_blocks(model):
+        target = adapter.kernel_attention(block)
+        if target is None:  # a layer with no heads
             continue
-        attn.__class__ = _swapped_class(type(attn))
+        attn, forward = target
+        attn.__class__ = _swapped_class(type(attn), forward)
         attn._headslim_backend = backend
         swapped.append(attn)
     setattr(model, _STATE, {"route": "swap", "modules": swapped, "hooks": _forward_hooks(model)})
@@ -133,7 +136,7 @@ def _uses_attention_registry(model: nn.Module) -> bool:
 
 
 def _route_ragged_layers(model: nn.Module, name: str) -> list:
-    """Point the ragged layers of a pruned decoder (``headslim.ragged``: a ``headslim_kv_head_of_q``
+    """Point the ragged layers of a pruned decoder (``headslim.arch.ragged``: a ``headslim_kv_head_of_q``
     buffer and a ``RaggedConfig`` view naming ``"headslim_ragged"``) at the kernels too, with their
     compact K/V (no gather). Returns ``[(module, original config view)]`` for :func:`disable`."""
     routed = []
@@ -231,7 +234,7 @@ def _make_attention_function(backend: str):
 
 def _module_groups(module: nn.Module, n_q: int, n_kv: int, device) -> HeadGroups:
     """The layer's query -> KV head map: ``module.headslim_groups`` (a :class:`HeadGroups`) or
-    ``module.headslim_kv_head_of_q`` (``(n_q,)`` ints, the buffer ``headslim.ragged`` gives a ragged
+    ``module.headslim_kv_head_of_q`` (``(n_q,)`` ints, the buffer ``headslim.arch.ragged`` gives a ragged
     layer) or ``module.kv_head_of_q``, else the standard GQA/MHA map.
 
     The groups derived from ``kv_head_of_q`` are cached on the module (building them syncs once;
@@ -310,19 +313,19 @@ def _additive_to_bool(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Module-swap route (transformers 4.x BERT family)
+# Module-swap route (transformers 4.x encoders; the adapter picks the module and the forward)
 
 _SWAPPED: dict[type, type] = {}
 
 
-def _swapped_class(cls: type) -> type:
-    """A subclass of ``cls`` whose forward runs the encoder kernel (one per class, importable by name
-    from this module so a swapped model still pickles)."""
+def _swapped_class(cls: type, forward) -> type:
+    """A subclass of ``cls`` whose forward is ``forward`` (one per class, importable by name from
+    this module so a swapped model still pickles)."""
     if getattr(cls, "_headslim_original_class", None) is not None:
         return cls
     if cls not in _SWAPPED:
         name = f"Headslim{cls.__name__}"
-        new = type(name, (cls,), {"forward": _encoder_self_attention_forward, "_headslim_original_class": cls,
+        new = type(name, (cls,), {"forward": forward, "_headslim_original_class": cls,
                                   "__module__": __name__})
         new.__qualname__ = name
         globals()[name] = new
@@ -330,9 +333,9 @@ def _swapped_class(cls: type) -> type:
     return _SWAPPED[cls]
 
 
-def _encoder_self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None,
-                                    encoder_hidden_states=None, past_key_values=None, output_attentions=False,
-                                    cache_position=None, **kwargs):
+def bert_self_attention_forward(self, hidden_states, attention_mask=None, head_mask=None,
+                                encoder_hidden_states=None, past_key_values=None, output_attentions=False,
+                                cache_position=None, **kwargs):
     """``BertSelfAttention.forward`` (4.x signature) on the encoder kernel; the original runs for
     everything else (decoders, caches, cross-attention, head masks, probabilities, dropout)."""
     original = type(self)._headslim_original_class
@@ -350,3 +353,22 @@ def _encoder_self_attention_forward(self, hidden_states, attention_mask=None, he
     v = self.value(hidden_states).view(shape)  # (B, T, H, D)
     out = encoder_attention(q, k, v, mask, backend=self._headslim_backend)  # (B, T, H, D)
     return out.view(batch, seq, self.all_head_size), None
+
+
+def distilbert_attention_forward(self, query, key, value, mask, head_mask=None, output_attentions=False):
+    """DistilBERT's ``MultiHeadSelfAttention.forward`` (4.x signature; ``mask`` is the 2-D padding
+    mask, or SDPA's 4-D additive one, or None) on the encoder kernel, out projection included; the
+    original runs for everything else (head masks, probabilities, dropout, distinct query/key/value)."""
+    original = type(self)._headslim_original_class
+    batch, seq, _ = query.shape
+    padding = _key_padding(mask, batch, key.shape[1])
+    if (padding is False or head_mask is not None or output_attentions or key is not query or value is not query
+            or (self.training and self.dropout.p > 0)):
+        return original.forward(self, query, key, value, mask, head_mask, output_attentions)
+    head_dim = self.dim // self.n_heads  # as 4.x computes it (surgery keeps dim = n_heads * head size)
+    shape = (batch, seq, self.n_heads, head_dim)
+    q = self.q_lin(query).view(shape)  # (B, T, H, D)
+    k = self.k_lin(query).view(shape)  # (B, T, H, D)
+    v = self.v_lin(query).view(shape)  # (B, T, H, D)
+    out = encoder_attention(q, k, v, padding, backend=self._headslim_backend)  # (B, T, H, D)
+    return (self.out_lin(out.reshape(batch, seq, self.n_heads * head_dim)),)

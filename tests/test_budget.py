@@ -154,7 +154,8 @@ def test_target_speedup_bad_input(tmp_path, minilm_dir, capsys):
     for args, message in ((["--target-speedup", "0.9"], "above 1"), (["--target-speedup", "1.5", "--prune", "0.3"], "leave out"),
                           (["--target-speedup", "1.5", "--runtime", "tpu"], "--runtime"),
                           (["--target-speedup", "1.5", "--shapes", "1by128"], "BATCHxSEQ"),
-                          (["--target-speedup", "1.5", "--method", "magnitude"], "fisher or gradient")):
+                          (["--target-speedup", "1.5", "--speed-method", "magnitude"], "obs, fisher or gradient"),
+                          (["--target-speedup", "1.5", "--exchange", "0"], "--exchange")):
         rc = main(["shrink", str(minilm_dir), *args, "--out", str(tmp_path / "o"), "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and err.count("\n") == 1, (args, err)

@@ -63,3 +63,30 @@ def test_sample_is_reproducible():
     assert sample(data, 10, seed=1).texts == sample(data, 10, seed=1).texts
     assert sample(data, 10, seed=1).texts != sample(data, 10, seed=2).texts
     assert len(sample(data, 10_000)) == len(data)
+
+
+def test_batches_pass_only_what_the_model_accepts(tmp_path):
+    """A DistilBERT model given a BERT tokenizer: ``token_type_ids`` is dropped (4.x would raise on it),
+    labels are kept; a BERT model keeps them."""
+    import torch
+    import transformers
+    from conftest import VOCAB, tiny_model
+
+    from headslim.data import TextData, batches, forward_inputs
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]))
+    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    data = TextData(["w1 w2 w3", "w4", "w5 w6"], [0, 2, 1], ["a", "b", "c"], "test")
+    assert "token_type_ids" in next(iter(batches(data, tok)))  # no model: every tokenizer output
+
+    distil = tiny_model("distilbert", "DistilBertForSequenceClassification")
+    assert {"input_ids", "attention_mask", "labels"} <= forward_inputs(distil)
+    assert "token_type_ids" not in forward_inputs(distil)
+    got = list(batches(data, tok, batch_size=2, model=distil))
+    assert [sorted(b) for b in got] == [["attention_mask", "input_ids", "labels"]] * 2
+    with torch.no_grad():
+        assert distil(**got[0]).loss is not None
+
+    bert = tiny_model("bert", "BertModel")
+    assert "token_type_ids" in next(iter(batches(data, tok, model=bert)))

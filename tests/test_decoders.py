@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import headslim
-from headslim.arch import get_adapter
+from headslim.arch import get_adapter, kv_maps
 from headslim.compat import cache_kwargs, output_cache
-from headslim.arch import causal_lm_batches, kv_maps
+from headslim.data import causal_lm_batches
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.gqa import GQA_MODES, feasible_counts, select_gqa

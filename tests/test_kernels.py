@@ -357,12 +357,19 @@ def test_import_is_cheap():
 # Wiring into (pruned) models
 
 
-def pruned_tiny(model_type="bert", class_name="BertModel"):
-    """A tiny model with uneven heads: 4, 1 and 0 heads in its three layers."""
+def pruned_tiny(model_type="bert", class_name="BertModel", attn_implementation=None):
+    """A tiny model with uneven heads: 4, 1 and 0 heads in its three layers (``attn_implementation``:
+    as transformers builds it; None: the constructor's default, eager)."""
     from headslim.plan import PrunePlan
     from headslim.surgery import prune_heads
 
     model = tiny_model(model_type, class_name)
+    if attn_implementation is not None:
+        import transformers
+
+        model = getattr(transformers, class_name)._from_config(model.config, attn_implementation=attn_implementation)
+        model.load_state_dict(tiny_model(model_type, class_name).state_dict())
+        model.eval()
     n = model.config.num_attention_heads
     prune_heads(model, PrunePlan(num_heads=[n] * 3, kept_heads=[list(range(n)), [2], []]))
     return model
@@ -375,19 +382,19 @@ def _real_token_outputs(model, inputs):
     return hidden
 
 
-# The 4.x module-swap route knows BERT-family self-attention (``block.self``) only: DistilBERT's
-# kernels are wired through transformers 5's attention registry, not yet on 4.x (strict: this fails
-# once kernels/wiring.py covers it, and the mark should go).
-_NO_SWAP_ROUTE = {"distilbert"}
-WIRING_CASES = [pytest.param(t, classes[0], marks=pytest.mark.xfail(
-    TF_MAJOR < 5 and t in _NO_SWAP_ROUTE, raises=AttributeError, strict=True,
-    reason="kernels/wiring.py's 4.x swap route handles BERT-family attention only"))
-    for t, (_, _, classes) in TINY_MODELS.items()]
+WIRING_CASES = [(t, classes[0]) for t, (_, _, classes) in TINY_MODELS.items()]
 
 
+# eager and SDPA: on 4.x they are different attention classes, given a 2-D padding mask and a 4-D
+# additive one respectively (both swapped; on 5.x both go through the registry)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("model_type,class_name", WIRING_CASES)
-def test_enable_torch_backend_matches(model_type, class_name, monkeypatch):
-    model = pruned_tiny(model_type, class_name)
+def test_enable_torch_backend_matches(model_type, class_name, attn_implementation, monkeypatch):
+    import transformers
+
+    if attn_implementation == "sdpa" and not getattr(transformers, class_name)._supports_sdpa:
+        pytest.skip(f"{class_name} has no SDPA attention on this transformers version")
+    model = pruned_tiny(model_type, class_name, attn_implementation)
     inputs = tiny_inputs()
     real = inputs["attention_mask"].bool()
     expected = _real_token_outputs(model, inputs)
@@ -467,6 +474,15 @@ def test_enable_falls_back_where_kernels_do_not_apply():
     torch.testing.assert_close(got.last_hidden_state[real], expected.last_hidden_state[real], rtol=0, atol=1e-5)
     shapes = lambda out: [None if a is None else tuple(a.shape) for a in out.attentions or ()]  # noqa: E731
     assert shapes(got) == shapes(expected)  # 4.x returns them via the original code; 5.x SDPA returns none
+
+
+def test_enable_swap_route_needs_the_adapter(monkeypatch):
+    """A family whose adapter names no swappable attention gets a one-line error, not a crash."""
+    import headslim.kernels.wiring as wiring
+
+    monkeypatch.setattr(wiring, "_uses_attention_registry", lambda model: False)
+    with pytest.raises(HeadslimError, match="does not cover"):
+        enable(_tiny_llama(), backend="torch")
 
 
 def test_enable_rejects_bad_backend():

@@ -201,7 +201,7 @@ def test_blockwise_path_equals_the_global_greedy_search():
         assert [(layer, i) for layer, i, _ in blockwise_path(blocks, widths, floor)] == expected
 
 
-@pytest.mark.parametrize("method", ["fisher", "gradient", "magnitude", "random"])
+@pytest.mark.parametrize("method", ["fisher", "gradient", "magnitude", "obs", "random"])
 def test_a_dead_neuron_scores_lowest(method):
     """Planted case: a neuron whose down-projection column is zero changes nothing, so every
     data-driven scorer ranks it last (random is only checked for shape)."""
@@ -216,7 +216,7 @@ def test_a_dead_neuron_scores_lowest(method):
     assert scores.shape == (len(widths), max(widths))
     if method != "random":
         assert float(scores[1, 7]) == float(scores[1].min())
-        if method == "fisher":
+        if method in ("fisher", "obs"):
             assert float(scores[1, 7]) == float(scores.min())  # the first removal of the whole path
 
 

@@ -11,9 +11,9 @@ Example:
 """
 
 from headslim.arch.base import (ADAPTERS, DECODER_NOT_EXPORTED, TINY, Adapter, ExportSpec, TinyConfig, TinySizes,
-                                adapters, causal_lm_batches, get_adapter, kv_maps, register_adapter,
+                                adapters, get_adapter, kv_maps, register_adapter,
                                 set_weight_out_in, supported_model_types, weight_out_in)
 
 __all__ = ["ADAPTERS", "DECODER_NOT_EXPORTED", "TINY", "Adapter", "ExportSpec", "TinyConfig", "TinySizes",
-           "adapters", "causal_lm_batches", "get_adapter", "kv_maps", "register_adapter", "set_weight_out_in",
+           "adapters", "get_adapter", "kv_maps", "register_adapter", "set_weight_out_in",
            "supported_model_types", "weight_out_in"]

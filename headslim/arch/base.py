@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import importlib
 import pkgutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -254,6 +254,17 @@ class Adapter(abc.ABC):
         Only called for exportable model types; ``model`` is a copy loaded for the export."""
         raise HeadslimError(f"headslim export does not support the {self.name} family")
 
+    # ---- attention kernels ----------------------------------------------------------------------
+
+    def kernel_attention(self, block: nn.Module) -> tuple[nn.Module, Callable] | None:
+        """For ``headslim.kernels``' module-swap route (transformers 4.x encoders that compute
+        attention inline instead of through the attention registry): the module of ``block`` whose
+        class the route swaps, and the ``forward`` (from ``headslim.kernels.wiring``) the swapped
+        class gets. None: nothing to swap in this block (a zero-head stand-in). Default: the family
+        is not covered (a one-line error)."""
+        raise HeadslimError(f"headslim.kernels does not cover the {self.name} family's attention on this "
+                            f"transformers version")
+
     # ---- weight layout --------------------------------------------------------------------------
 
     def transposed(self, proj: nn.Module) -> bool:
@@ -395,20 +406,3 @@ def set_weight_out_in(proj, weight: torch.Tensor) -> None:
     with torch.no_grad():
         proj.weight.copy_((weight.T if _transposed(proj) else weight).to(proj.weight.dtype))
 
-
-def causal_lm_batches(batches):
-    """Batches for ``score_heads(objective="task")`` on a causal LM: next-token labels = input_ids.
-
-    Padding positions get label -100 (ignored by the loss); a text column's class labels, if any,
-    are dropped. Wraps any iterable of tokenised batches (``headslim.data.batches``).
-
-    Example:
-        >>> scores = score_heads(model, causal_lm_batches(batches(data, tok)), objective="task")  # doctest: +SKIP
-    """
-    for batch in batches:
-        batch = dict(batch)
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
-        batch["labels"] = labels
-        yield batch

@@ -65,6 +65,14 @@ class BertFamilyAdapter(Adapter):
     def query_key(self, block: nn.Module):
         return block.self.query, block.self.key
 
+    def kernel_attention(self, block: nn.Module):
+        """``block.self`` (``BertSelfAttention`` / ``BertSdpaSelfAttention`` on 4.x)."""
+        from headslim.arch.stubs import NoHeadsSelfAttention
+        from headslim.kernels.wiring import bert_self_attention_forward
+
+        attn = block.self
+        return None if isinstance(attn, NoHeadsSelfAttention) else (attn, bert_self_attention_forward)
+
     # FFN neurons: ``layer.intermediate.dense`` rows and ``layer.output.dense`` columns.
     def mlp_blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.encoder.layer)

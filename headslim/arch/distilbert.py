@@ -65,6 +65,14 @@ class DistilBertAdapter(Adapter):
     def query_key(self, block: nn.Module):
         return block.attention.q_lin, block.attention.k_lin
 
+    def kernel_attention(self, block: nn.Module):
+        """``block.attention`` (``MultiHeadSelfAttention`` / ``DistilBertSdpaAttention`` on 4.x)."""
+        from headslim.arch.stubs import NoHeadsAttention
+        from headslim.kernels.wiring import distilbert_attention_forward
+
+        attn = block.attention
+        return None if isinstance(attn, NoHeadsAttention) else (attn, distilbert_attention_forward)
+
     # FFN neurons: ``ffn.lin1`` rows and ``ffn.lin2`` columns.
     def mlp_blocks(self, model: nn.Module) -> list[nn.Module]:
         return self.attention_blocks(model)

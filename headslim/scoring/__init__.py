@@ -30,6 +30,7 @@ import torch
 from headslim.errors import HeadslimError
 from headslim.scoring.ablation import score_ablation
 from headslim.scoring.attention import score_confidence, score_entropy
+from headslim.scoring.common import SCORERS
 from headslim.scoring.fisher import score_fisher, score_fisher_exact
 from headslim.scoring.gradient import score_gradient
 from headslim.scoring.iterative import score_iterative
@@ -38,7 +39,7 @@ from headslim.scoring.magnitude import score_magnitude
 from headslim.scoring.obs import score_obs
 from headslim.scoring.random import score_random
 
-SCORERS = {
+SCORERS.update({
     "gradient": score_gradient,
     "fisher": score_fisher,
     "fisher-exact": score_fisher_exact,
@@ -50,7 +51,7 @@ SCORERS = {
     "magnitude": score_magnitude,
     "learned": score_learned,
     "random": score_random,
-}
+})
 OBJECTIVES = ("dense", "task")
 # fisher, with or without repair: obs has the higher and steadier embedding cosine with repair, but lost
 # 1.4-2.1 pt of BBC 5-NN accuracy at 50 % over three calibration seeds where fisher lost 0.2-1.0

@@ -11,6 +11,7 @@ Objectives (see ``headslim.scoring``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +20,11 @@ from tqdm.auto import tqdm
 from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
+
+# name -> scorer. Filled by ``headslim.scoring`` (which imports every scorer module) and read through
+# it; here so that a scorer built on the others (``iterative``) can look them up by name without
+# importing the package that imports it.
+SCORERS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def model_device(model) -> torch.device:

@@ -20,9 +20,8 @@ import copy
 import torch
 
 from headslim.errors import HeadslimError
-from headslim.plan import PrunePlan
-from headslim.scoring.common import dense_reference, finish, head_counts
-from headslim.selection import heads_to_prune
+from headslim.plan import PrunePlan, heads_to_prune
+from headslim.scoring.common import SCORERS, dense_reference, finish, head_counts
 from headslim.surgery import prune_heads
 
 
@@ -42,8 +41,6 @@ def score_iterative(model, batches, *, objective: str = "dense", seed: int = 0, 
     Example:
         >>> scores = score_iterative(model, calib_batches, prune=0.5, base="gradient")   # doctest: +SKIP
     """
-    from headslim.scoring import SCORERS
-
     if base not in SCORERS or base in ("iterative", "learned"):
         raise HeadslimError(f"iterative needs a one-shot base scorer, not {base!r}")
     if not 0.0 < step <= 1.0:

@@ -24,7 +24,7 @@ from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.scoring.common import (dense_reference, discrepancy, finish, forward, frozen, head_counts,
                                      model_device, progress_bar, to_device)
-from headslim.selection import heads_to_prune
+from headslim.plan import heads_to_prune
 
 
 def soft_top_k(logits: torch.Tensor, k: float, temperature: float, iters: int = 40) -> torch.Tensor:

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from headslim.arch import get_adapter
+from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.errors import HeadslimError
 from headslim.gates import gated
 from headslim.scoring.common import check_nonempty, forward, frozen, model_device, probe, progress_bar, to_device
-from headslim.scoring.magnitude import o_weight
 
 
 def projection_moments(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
@@ -181,26 +180,69 @@ def score_obs_structures(model, batches, *, objective: str = "dense", seed: int 
                          min_heads_per_layer: int = 1) -> dict:
     """Repair-aware costs of every FFN neuron (and, with ``heads``, head): ``score_structures``' result
     for ``method="obs"``: ``"mlp"`` (and ``"attention"``) scores, higher = more important (the position
-    in the cost-ordered path over all layers), and ``"sequences"`` per kind and layer for the budget."""
+    in the cost-ordered path over all layers), ``"sequences"`` per kind and layer for the budget, and
+    ``"moments"`` per kind and layer (input ``mean``, ``sigma``) for :func:`compensate`."""
     adapter = get_adapter(model)
     kinds = ("attention", "mlp") if heads else ("mlp",)
     n_heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
     head_dim = adapter.head_dim(model)
     found = projection_moments(model, batches, objective=objective, seed=seed, progress=progress, probes=probes,
                                kinds=kinds)
-    result = {"sequences": {}}
+    result = {"sequences": {}, "moments": {}}
     for kind in kinds:
         group = head_dim if kind == "attention" else 1
-        seqs = []
+        seqs, moments = [], []
         for s, proj in zip(found["stats"][kind], found["projections"][kind]):
             if s is None:
                 seqs.append([])
+                moments.append(None)
                 continue
             mean = s["sum_c"] / s["n"]
             sigma = s["sum_cc"] / s["n"] - torch.outer(mean, mean)
-            seqs.append(obs_sequence(sigma, s["m"], o_weight(proj), group, ridge))
+            seqs.append(obs_sequence(sigma, s["m"], weight_out_in(proj), group, ridge))
+            moments.append({"mean": mean, "sigma": sigma, "group": group, "ridge": ridge})
         result["sequences"][kind] = seqs
+        result["moments"][kind] = moments
         counts = n_heads if kind == "attention" else widths
         floor = min_heads_per_layer if kind == "attention" else min_per_layer
         result[kind] = merge_sequences(seqs, counts, floor)
     return result
+
+
+@torch.no_grad()
+def compensate(model, plan, moments: dict, ridge: float | None = None) -> None:
+    """Before surgery, fold into the kept columns of every pruned output projection what they can take
+    over of the removed ones (the OBS update; ``headslim.repair``'s ridge fit on the dense model's own
+    inputs, in closed form from the scoring moments): ``W_K += W_R A``, ``b += W_R (mu_R - A mu_K)``,
+    ``A = H_RK H_KK^-1``, ``H = Sigma + lam I``. In place; a cheap stand-in for repair when many
+    candidate plans are compared (:func:`headslim.tradeoff.fit_exchange`)."""
+    adapter = get_adapter(model)
+    kept = {"attention": plan.kept_heads, "mlp": plan.kept_neurons}
+    widths = {"attention": plan.num_heads, "mlp": plan.num_neurons}
+    projections = {"attention": [adapter.o_proj(b) for b in adapter.attention_blocks(model)],
+                   "mlp": [adapter.down_proj(b) for b in adapter.mlp_blocks(model)]}
+    for kind, rows in moments.items():
+        if kept[kind] is None:
+            continue
+        for layer, m in enumerate(rows):
+            keep = set(kept[kind][layer])
+            if m is None or len(keep) == widths[kind][layer]:
+                continue
+            g = m["group"]
+            cols = lambda units: torch.tensor([u * g + i for u in units for i in range(g)], dtype=torch.long)  # noqa: E731
+            k_idx = cols(sorted(keep))
+            r_idx = cols([u for u in range(widths[kind][layer]) if u not in keep])
+            proj = projections[kind][layer]
+            w = weight_out_in(proj).double()
+            sigma, mean = m["sigma"], m["mean"]
+            lam = (m["ridge"] if ridge is None else ridge) * float(sigma.diagonal().mean().clamp_min(1e-12)) + 1e-12
+            h = sigma + lam * torch.eye(len(sigma), dtype=torch.float64)
+            if len(k_idx):
+                a = torch.linalg.solve(h[k_idx][:, k_idx], h[k_idx][:, r_idx]).T  # (R, K) = H_RK H_KK^-1
+                shift = w[:, r_idx] @ (mean[r_idx] - a @ mean[k_idx])
+                w[:, k_idx] += w[:, r_idx] @ a
+            else:
+                shift = w[:, r_idx] @ mean[r_idx]
+            set_weight_out_in(proj, w)
+            if getattr(proj, "bias", None) is not None:
+                proj.bias += shift.to(proj.bias.dtype)
