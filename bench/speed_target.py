@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--measure-seconds", type=float, default=3.0)
+    p.add_argument("--speed-method", default="obs", help="costs the targets spend: obs (default), fisher, gradient")
+    p.add_argument("--exchange", type=float, default=None, help="fixed head price (default: fitted per target)")
     p.add_argument("--out", default="bench/results/speed_target")
     args = p.parse_args(argv)
 
@@ -51,17 +53,16 @@ def main(argv=None) -> int:
     from compare_methods import evaluate
     from headslim.arch import get_adapter
     from headslim.bench import machine_info
-    from headslim.budget import spend
     from headslim.data import batches, load_texts, sample
     from headslim.errors import HeadslimError
     from headslim.io import load_model, resolve_model_path, save_pruned
     from headslim.plan import PrunePlan
     from headslim.quality import embeddings
-    from headslim.repair import repair
+    from headslim.pipeline import PruneConfig, Scores, prune_model
     from headslim.scoring.neurons import score_structures
     from headslim.selection import select_heads
     from headslim.speedup import SpeedTarget, parse_shapes
-    from headslim.surgery import prune_heads
+    from headslim.tradeoff import split_heldout
 
     torch.set_num_threads(args.threads)
     src = resolve_model_path(args.model)
@@ -83,52 +84,62 @@ def main(argv=None) -> int:
                         threads=args.threads, max_length=128, measure_seconds=args.measure_seconds, progress=False)
     tables_s = time.perf_counter() - t
     t = time.perf_counter()
-    scored = score_structures(dense, calib, method="fisher", heads=True, seed=args.seed, progress=False)
+    # one scoring pass for every target: the costs come from the batches the head price is not fitted on
+    scored = score_structures(dense, split_heldout(calib)[0], method=args.speed_method, heads=True, seed=args.seed,
+                              progress=False)
     score_s = time.perf_counter() - t
-    print(f"tables + calibration {tables_s:.0f} s, scoring {score_s:.0f} s", flush=True)
+    print(f"tables + calibration {tables_s:.0f} s, scoring ({args.speed_method}) {score_s:.0f} s", flush=True)
 
-    def run(kind: str, target: float, plan: PrunePlan, extra: dict) -> None:
+    def run(kind: str, target: float, config: PruneConfig, extra: dict, plan=None) -> None:
         t0 = time.perf_counter()
-        model = prune_heads(copy.deepcopy(dense), plan)
-        report = repair(model, dense, plan, calib, progress=False)
-        repair_s = time.perf_counter() - t0
+        result = prune_model(copy.deepcopy(dense), calib, config, plan=plan, speed=speed, dense=dense,
+                             scores=Scores(structures=scored))
+        seconds = time.perf_counter() - t0
+        model, plan = result.model, result.plan
         quality = evaluate(model, test_b, train_b, dense_test, data)
         with tempfile.TemporaryDirectory() as tmp:
             save_pruned(model, Path(tmp) / "slim", plan, tokenizer=tok, source=src)
-            measured = speed.measure(Path(tmp) / "slim")
-        row = {"kind": kind, "target": target, **extra, **quality, "repair_applied": report.applied,
-               "repair_s": round(repair_s, 1), "heads_after": plan.heads_after, "neurons_after": plan.neurons_after,
+            measured = speed.measure(Path(tmp) / "slim")  # a fresh interleaved run, not the plan's own trial
+        target_info = plan.provenance.get("speed_target", {})
+        row = {"kind": kind, "target": target, **extra, **quality, "repair_applied": result.repair.get("applied"),
+               "prune_s": round(seconds, 1), "heads_after": plan.heads_after, "neurons_after": plan.neurons_after,
+               "estimated": target_info.get("estimated_speedup", []),
+               "exchange": {k: v for k, v in target_info.get("exchange", {}).items() if k != "trials"},
+               "trials": target_info.get("exchange", {}).get("trials"), "rounds": target_info.get("rounds"),
                "measured": [{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()} for m in measured]}
         rows.append(row)
         speeds = " / ".join(f"x{m['speedup']:.2f}" for m in measured)
         print(f"{kind:>6} {target:>4}: cos {quality['mean_cosine']:.4f} (min {quality['min_cosine']:.3f}) "
-              f"5-NN {quality['knn5_acc']:.4f} measured {speeds} "
-              f"(heads {sum(plan.heads_after)}, neurons {sum(plan.neurons_after)})", flush=True)
+              f"5-NN {quality['knn5_acc']:.4f} measured {speeds} (heads {sum(plan.heads_after)}, neurons "
+              f"{sum(plan.neurons_after)}, head price {row['exchange'].get('alpha', '-')}, {seconds:.0f} s)", flush=True)
         write(rows, args, speed, tables_s, score_s, machine_info())
 
-    structures = {"joint": ("attention", "mlp"), "heads": ("attention",), "ffn": ("mlp",)}
-    for kind in [k for k in args.kinds if k in structures]:
+    for kind in [k for k in args.kinds if k in STRUCTURES]:
         for target in args.targets:
+            config = PruneConfig(target_speedup=target, target_structures=STRUCTURES[kind],
+                                 speed_method=args.speed_method, exchange=args.exchange, seed=args.seed,
+                                 progress=False)
             try:
-                budget = spend(scored["sequences"], heads, neurons, speed.tables, target, rest_ms=speed.rest_ms,
-                               scale=speed.scale, kinds=structures[kind])
+                run(kind, target, config, {})
             except HeadslimError as e:
                 rows.append({"kind": kind, "target": target, "unreachable": str(e)})
                 print(f"{kind:>6} {target:>4}: {e}", flush=True)
-                continue
-            plan = PrunePlan(heads, budget.kept_heads, num_neurons=neurons, kept_neurons=budget.kept_neurons)
-            run(kind, target, plan, {"estimated": budget.estimated})
     if "naive" in args.kinds:
-        head_plan = select_heads(scored["attention"], heads, prune=0.5, min_per_layer=1)
+        head_plan = select_heads(score_structures(dense, calib, method="fisher", heads=True, seed=args.seed,
+                                                  progress=False)["attention"], heads, prune=0.5, min_per_layer=1)
         magnitude = score_structures(dense, calib, method="magnitude", progress=False)["mlp"]
         for share in args.naive_ffn:
             keep = round((1 - share) * neurons[0])
             kept = [sorted(torch.argsort(magnitude[layer, :n], descending=True)[:keep].tolist())
                     for layer, n in enumerate(neurons)]
             plan = PrunePlan(heads, head_plan.kept_heads, num_neurons=neurons, kept_neurons=kept)
-            run("naive", share, plan, {"naive": f"50 % heads (fisher) + {int(share * 100)} % FFN per layer (magnitude)"})
+            run("naive", share, PruneConfig(progress=False), {"naive": f"50 % heads (fisher) + {int(share * 100)} % "
+                                                              "FFN per layer (magnitude)"}, plan=plan)
     speed.close()
     return 0
+
+
+STRUCTURES = {"joint": "both", "heads": "heads", "ffn": "ffn"}
 
 
 def write(rows, args, speed, tables_s, score_s, machine) -> None:

@@ -314,12 +314,16 @@ class Scores(NamedTuple):
     """The scores of one pass; each None where it was not scored.
 
     ``heads``: ``(layers, max_heads)``, ``neurons``: ``(layers, max_ffn_width)`` (higher = more
-    important); ``together``: one set of ``fisher`` / ``gradient`` backward passes scored both.
+    important); ``together``: one set of ``fisher`` / ``gradient`` backward passes scored both;
+    ``structures``: for a speed-up target, ``score_structures(..., method=config.speed_method,
+    heads=True)`` of the calibration batches the costs are estimated from (with the head price
+    fitted: ``headslim.tradeoff.split_heldout(calib)[0]``), reused for every target.
     """
 
     heads: torch.Tensor | None = None
     neurons: torch.Tensor | None = None
     together: bool = False
+    structures: dict | None = None
 
 
 def model_structure(model) -> tuple[list[int], list[int], list[list[int]] | None]:
@@ -427,7 +431,8 @@ def choose_plan(model, calib_batches, config: PruneConfig, num_heads: list[int],
     from headslim.selection import select_plan
 
     if speed is not None:
-        return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed)
+        return _choose_for_speed(model, calib_batches, config, num_heads, num_neurons, kv_map, provenance, speed,
+                                 scores.structures if scores is not None else None)
     heads, ffn = config.prune != 0, config.prune_ffn is not None
     given = scores or Scores()
     need_heads, need_ffn = heads and given.heads is None, ffn and given.neurons is None
@@ -456,7 +461,7 @@ def choose_plan(model, calib_batches, config: PruneConfig, num_heads: list[int],
 
 
 def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_neurons, kv_map, provenance,
-                      speed):
+                      speed, scored: dict | None = None):
     """Heads and neurons in one ranking, spent to the speed-up target (``headslim.budget``)."""
     from headslim.budget import spend
     from headslim.plan import PrunePlan
@@ -470,9 +475,11 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
     fitting = config.exchange is None and len(kinds) == 2
     fit_batches, held_out, in_sample = split_heldout(calib_batches) if fitting else (calib_batches, None, False)
     method = config.speed_method
-    scored = score_structures(model, fit_batches, method=method, heads=True, objective=config.objective,
-                              seed=config.seed, progress=config.progress, min_per_layer=config.min_neurons_per_layer,
-                              min_heads_per_layer=config.min_heads_per_layer)
+    if scored is None:
+        scored = score_structures(model, fit_batches, method=method, heads=True, objective=config.objective,
+                                  seed=config.seed, progress=config.progress,
+                                  min_per_layer=config.min_neurons_per_layer,
+                                  min_heads_per_layer=config.min_heads_per_layer)
     check_finite_scores(scored["attention"], num_heads, method)
     check_finite_scores(scored["mlp"], num_neurons, method)
 
