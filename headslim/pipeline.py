@@ -60,8 +60,10 @@ class PruneConfig:
         exchange: price of a head relative to its estimated cost; None (default): fitted on held-out
             calibration batches (``headslim.tradeoff``: the estimates miss how head removals compound).
         speed_corrections: when the plan, timed on the runtime, misses the target at a shape, re-spend
-            with that shape's target raised by the measured shortfall, up to this many times (ZipLM
-            also corrects its tables by measurement).
+            with that shape's target raised by the measured shortfall (ZipLM also corrects its tables
+            by measurement); when such a raised plan then beats the target by 5 % at every shape, step
+            back halfway and keep the step only if it is measured to meet the target. Up to this many
+            re-spends; the plan kept is the met one that removes least (or the last, reported as not met).
         repair: after surgery, re-fit each pruned layer's output projection by ridge least squares
             (``headslim.repair``); it is kept only where it lowers the error on held-out calibration
             batches and raises the held-out embedding cosine, so "on" means "on when it helps".
@@ -310,6 +312,9 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
+OVERSHOOT = 1.05  # a corrected plan measured this far past the target at every shape is worth a step back
+
+
 class Scores(NamedTuple):
     """The scores of one pass; each None where it was not scored.
 
@@ -502,22 +507,35 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
         if in_sample:
             warn(f"fewer than 4 calibration batches: the head price was chosen on the batches it was estimated "
                  f"from ({len(held_out)})")
+    goal = config.target_speedup
+    best = last = missed = None  # the met plan that prunes least; the last round; targets of the last miss
     for attempt in range(1 + config.speed_corrections):
         try:
             budget = spent(exchange["alpha"], targets)
         except HeadslimError:
             if not rounds:
                 raise
-            break  # a corrected target beyond what the tables allow: keep the last plan, reported as not met
+            break  # a corrected target beyond what the tables allow: keep what was measured so far
         plan = plan_of(budget)
         measured = speed.trial(model, plan)
+        met = all(m["speedup"] >= goal for m in measured)
         rounds.append({"targets": [round(t, 4) for t in targets], "estimated": [round(e, 4) for e in budget.estimated],
-                       "measured": [round(m["speedup"], 4) for m in measured]})
-        if all(m["speedup"] >= config.target_speedup for m in measured):
-            break
+                       "measured": [round(m["speedup"], 4) for m in measured], "met": met})
+        last = (plan, budget, measured)
+        if met:
+            best = last  # each later round is tried only because it removes less
+            if missed is None or not all(m["speedup"] >= OVERSHOOT * goal for m in measured):
+                break
+            # met with room to spare at every shape after a raised target: step back halfway towards the miss
+            targets = [(lo * hi) ** 0.5 for lo, hi in zip(missed, targets)]
+            continue
+        if best is not None:
+            break  # stepping back missed: keep the met plan
         # the estimate missed on this machine: ask the tables for what the measurement says is needed
-        targets = [t if m["speedup"] >= config.target_speedup else max(t, 1.01 * config.target_speedup * e / m["speedup"])
+        missed = list(targets)
+        targets = [t if m["speedup"] >= goal else max(t, 1.01 * goal * e / m["speedup"])
                    for t, e, m in zip(targets, budget.estimated, measured)]
+    plan, budget, measured = best or last
     target = {**speed.describe(), **budget.to_dict(), "target": config.target_speedup, "rounds": rounds,
               "exchange": exchange}
     for shape, m in zip(target["shapes"], measured):

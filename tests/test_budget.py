@@ -202,3 +202,47 @@ def test_time_pair_covers_every_shape_in_order(tmp_path):
     got = time_pair(tmp_path / "dense", tmp_path / "slim", "torch-cpu", shapes, threads=1, min_seconds=0.0)
     assert [(g["batch"], g["seq"]) for g in got] == list(shapes)
     assert all(g["dense_ms"] > 0 and g["pruned_ms"] > 0 for g in got)
+
+
+@pytest.mark.parametrize("step_back_meets", [True, False])
+def test_a_raised_target_that_overshoots_steps_back_and_keeps_the_met_plan(step_back_meets):
+    """The speed correction brackets: a first plan measured short of the target raises it; when the
+    raised plan beats the target by more than 5 % at every shape, the midpoint is tried, and kept only
+    if it is measured to meet the target (it removes less); otherwise the raised plan is kept.
+    Timings are stand-ins: the first trial measures batch 1 at 80 % of its table; later ones exactly
+    (``step_back_meets``) or, below an estimated 1.8x, at 85 %."""
+    from headslim.pipeline import PruneConfig, Scores, prune_model
+    from headslim.scoring.neurons import score_structures
+    from tests.conftest import tiny_batches, tiny_model
+
+    model = tiny_model("bert", "BertModel")
+    calib = tiny_batches(4)
+    scored = score_structures(model, calib[:3], method="obs", heads=True, progress=False)
+    tables = [Table(a=1.0, ffn=lambda n: 0.05 * n, batch=1), Table(a=1.0, ffn=lambda n: 0.05 * n, batch=8)]
+
+    class Speed:
+        def __init__(self):
+            self.tables, self.rest_ms, self.scale, self.trials = tables, [0.0, 0.0], [1.0, 1.0], 0
+
+        def trial(self, model, plan):
+            est = [t.model_ms(plan.num_heads, plan.num_neurons) / t.model_ms(plan.heads_after, plan.neurons_after)
+                   for t in tables]
+            self.trials += 1
+            slow = 0.8 if self.trials == 1 else 1.0 if step_back_meets else 0.85
+            return [{"batch": t.batch, "seq": 128, "dense_ms": 1.0, "pruned_ms": 1.0,
+                     "speedup": e * (slow if t.batch == 1 and (self.trials == 1 or e < 1.8) else 1.0)}
+                    for t, e in zip(tables, est)]
+
+        def describe(self):
+            return {"shapes": [{"batch": t.batch, "seq": 128} for t in tables]}
+
+    config = PruneConfig(target_speedup=1.5, exchange=1.0, repair=False, progress=False)
+    result = prune_model(model, calib, config, speed=Speed(), scores=Scores(structures=scored))
+    target = result.plan.provenance["speed_target"]
+    rounds = target["rounds"]
+    assert [r["met"] for r in rounds] == [False, True, step_back_meets]
+    assert min(rounds[1]["measured"]) >= 1.05 * 1.5  # the raised plan overshot at every shape
+    assert 1.5 < rounds[2]["targets"][0] < rounds[1]["targets"][0]  # the step back is between miss and overshoot
+    kept = rounds[2] if step_back_meets else rounds[1]
+    assert target["met"] and [s["measured_speedup"] for s in target["shapes"]] == pytest.approx(kept["measured"], abs=1e-3)
+    assert [s["estimated_speedup"] for s in target["shapes"]] == pytest.approx(kept["estimated"], abs=1e-3)
