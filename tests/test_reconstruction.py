@@ -11,7 +11,8 @@ import torch
 from headslim.arch import get_adapter, weight_out_in
 from headslim.errors import HeadslimError
 from headslim.plan import PrunePlan
-from headslim.scoring.reconstruction import compensate, merge_sequences, obs_sequence, score_obs_structures
+from headslim.scoring.common import merged_scores
+from headslim.scoring.reconstruction import compensate, obs_sequence, score_obs_structures
 from headslim.tradeoff import fit_exchange, heldout_objective, scaled, split_heldout
 from tests.conftest import tiny_batches, tiny_model
 
@@ -98,7 +99,7 @@ def test_compensation_is_the_least_squares_refit():
 
 def test_merge_takes_the_cheapest_next_removal_and_keeps_floors():
     seqs = [[(1, 0.1), (0, 5.0)], [(2, 0.2), (0, 0.3), (1, 0.4)]]
-    scores = merge_sequences(seqs, [2, 3], min_per_layer=1)
+    scores = merged_scores(seqs, [2, 3], min_per_layer=1)
     # phase 1 (down to 1 each): (0,1) 0.1, (1,2) 0.2, (1,0) 0.3; phase 2: (1,1) 0.4? no: layer 1 is at its floor
     # after two removals, so the floor phase ends there and the rest follows by cost: (0,0) 5.0 vs (1,1) 0.4
     assert scores[0, 1] == 0 and scores[1, 2] == 1 and scores[1, 0] == 2 and scores[1, 1] == 3 and scores[0, 0] == 4

@@ -227,3 +227,39 @@ def dense_reference(model, batches, objective: str = "dense") -> list:
     device = model_device(model)
     with frozen(model):
         return [dense_target(forward(model, b), b).cpu() for b in (to_device(b, device) for b in batches)]
+
+
+def merge_path(sequences: list[list[tuple[int, float]]], widths: list[int],
+               min_per_layer: int = 0) -> list[tuple[int, int, float]]:
+    """Merge per-layer removal sequences ``[(index, marginal cost), ...]`` into one global order
+    ``[(layer, index, marginal cost), ...]``: always the layer whose next removal is cheapest, each
+    layer keeping ``min_per_layer`` until every layer is down to that many."""
+    import heapq
+
+    floors = [min(min_per_layer, n) for n in widths]
+    order, pos = [], [0] * len(widths)
+    for phase in (0, 1):  # 0: every layer down to its floor; 1: the rest
+        limit = [n - f if phase == 0 else n for n, f in zip(widths, floors)]
+        heap = [(sequences[l][pos[l]][1], l) for l in range(len(widths)) if pos[l] < limit[l]]
+        heapq.heapify(heap)
+        while heap:
+            _, layer = heapq.heappop(heap)
+            j, cost = sequences[layer][pos[layer]]
+            order.append((layer, j, cost))
+            pos[layer] += 1
+            if pos[layer] < limit[layer]:
+                heapq.heappush(heap, (sequences[layer][pos[layer]][1], layer))
+    return order
+
+
+def merged_scores(sequences: list[list[tuple[int, float]]], widths: list[int], min_per_layer: int = 0) -> torch.Tensor:
+    """Scores ``(layers, max width)`` of :func:`merge_path`'s order: a structure's position in it
+    (first removed = 0), ``-inf`` past a layer's width."""
+    return order_scores(merge_path(sequences, widths, min_per_layer), widths)
+
+
+def order_scores(order, widths: list[int]) -> torch.Tensor:
+    scores = torch.zeros(len(widths), max(widths) if widths else 0)
+    for pos, (layer, index, _) in enumerate(order):
+        scores[layer, index] = float(pos)
+    return finish(scores, widths)

@@ -29,8 +29,8 @@ import torch
 from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
-from headslim.scoring.common import (check_nonempty, finish, forward, frozen, model_device, probe, progress_bar,
-                                     run_hooked, to_device)
+from headslim.scoring.common import (check_nonempty, finish, forward, frozen, merge_path, model_device, order_scores,
+                                     probe, progress_bar, run_hooked, to_device)
 
 NEURON_METHODS = ("fisher", "gradient", "magnitude", "obs", "random")
 
@@ -101,30 +101,7 @@ def blockwise_path(blocks: list[torch.Tensor], widths: list[int], min_per_layer:
     always taking the layer whose next removal is cheapest (the same path as a global greedy, in
     ``O(n^2)`` per layer instead of ``O(N^2)``).
     """
-    import heapq
-
-    sequences = layer_sequences(blocks)
-    floors = [min(min_per_layer, n) for n in widths]
-    order, pos = [], [0] * len(widths)
-    for phase in (0, 1):  # 0: every layer down to its floor; 1: the rest
-        limit = [n - f if phase == 0 else n for n, f in zip(widths, floors)]
-        heap = [(sequences[l][pos[l]][1], l) for l in range(len(widths)) if pos[l] < limit[l]]
-        heapq.heapify(heap)
-        while heap:
-            _, layer = heapq.heappop(heap)
-            j, cost = sequences[layer][pos[layer]]
-            order.append((layer, j, cost))
-            pos[layer] += 1
-            if pos[layer] < limit[layer]:
-                heapq.heappush(heap, (sequences[layer][pos[layer]][1], layer))
-    return order
-
-
-def _path_scores(order, widths: list[int]) -> torch.Tensor:
-    scores = torch.zeros(len(widths), max(widths) if widths else 0)
-    for pos, (layer, index, _) in enumerate(order):
-        scores[layer, index] = float(pos)
-    return finish(scores, widths)
+    return merge_path(layer_sequences(blocks), widths, min_per_layer)
 
 
 def score_structures(model, batches, *, method: str = "fisher", objective: str = "dense", seed: int = 0,
@@ -186,7 +163,7 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
     blocks = [b / seen for b in blocks]
     result = {"sequences": {"mlp": layer_sequences(blocks)}}
     if full:
-        result["mlp"] = _path_scores(blockwise_path(blocks, widths, min_per_layer), widths)
+        result["mlp"] = order_scores(blockwise_path(blocks, widths, min_per_layer), widths)
     else:
         diag = torch.zeros(len(widths), max(widths), dtype=torch.float64)
         for layer, b in enumerate(blocks):

@@ -29,9 +29,11 @@ from __future__ import annotations
 import torch
 
 from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
+from headslim.arch.stubs import head_rows
 from headslim.errors import HeadslimError
 from headslim.gates import gated
-from headslim.scoring.common import check_nonempty, forward, frozen, model_device, probe, progress_bar, to_device
+from headslim.scoring.common import (check_nonempty, forward, frozen, merged_scores, model_device, probe, progress_bar,
+                                     to_device)
 
 
 def projection_moments(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
@@ -149,32 +151,6 @@ def obs_sequence(sigma: torch.Tensor, metric: torch.Tensor | None, weight: torch
     return seq
 
 
-def merge_sequences(sequences: list[list[tuple[int, float]]], widths: list[int],
-                    min_per_layer: int = 0) -> torch.Tensor:
-    """Scores ``(layers, max width)`` from per-layer sequences: the global order that always takes the
-    layer whose next removal is cheapest (each layer keeps ``min_per_layer`` until all are down to it);
-    a structure's score is its position (first removed = 0), ``-inf`` past a layer's width."""
-    import heapq
-
-    from headslim.scoring.common import finish
-
-    floors = [min(min_per_layer, n) for n in widths]
-    scores = torch.zeros(len(widths), max(widths, default=0))
-    pos, done = 0, [0] * len(widths)
-    for phase in (0, 1):
-        limit = [n - f if phase == 0 else n for n, f in zip(widths, floors)]
-        heap = [(sequences[l][done[l]][1], l) for l in range(len(widths)) if done[l] < limit[l]]
-        heapq.heapify(heap)
-        while heap:
-            _, layer = heapq.heappop(heap)
-            scores[layer, sequences[layer][done[layer]][0]] = float(pos)
-            pos += 1
-            done[layer] += 1
-            if done[layer] < limit[layer]:
-                heapq.heappush(heap, (sequences[layer][done[layer]][1], layer))
-    return finish(scores, widths)
-
-
 def score_obs_structures(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
                          probes: int = 4, ridge: float = 1e-2, heads: bool = True, min_per_layer: int = 0,
                          min_heads_per_layer: int = 1) -> dict:
@@ -205,7 +181,7 @@ def score_obs_structures(model, batches, *, objective: str = "dense", seed: int 
         result["moments"][kind] = moments
         counts = n_heads if kind == "attention" else widths
         floor = min_heads_per_layer if kind == "attention" else min_per_layer
-        result[kind] = merge_sequences(seqs, counts, floor)
+        result[kind] = merged_scores(seqs, counts, floor)
     return result
 
 
@@ -228,10 +204,8 @@ def compensate(model, plan, moments: dict, ridge: float | None = None) -> None:
             keep = set(kept[kind][layer])
             if m is None or len(keep) == widths[kind][layer]:
                 continue
-            g = m["group"]
-            cols = lambda units: torch.tensor([u * g + i for u in units for i in range(g)], dtype=torch.long)  # noqa: E731
-            k_idx = cols(sorted(keep))
-            r_idx = cols([u for u in range(widths[kind][layer]) if u not in keep])
+            k_idx = head_rows(sorted(keep), m["group"])
+            r_idx = head_rows([u for u in range(widths[kind][layer]) if u not in keep], m["group"])
             proj = projections[kind][layer]
             w = weight_out_in(proj).double()
             sigma, mean = m["sigma"], m["mean"]
