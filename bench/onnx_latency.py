@@ -78,6 +78,7 @@ def _session(path: Path, threads: int):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.force_spinning_stop", "1")  # sessions alternate: see headslim.bench.ort_options
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

@@ -112,19 +112,36 @@ class TorchSession(Session):
         self.model = None
 
 
+def ort_options(threads: int):
+    """The ``SessionOptions`` every timed ORT session gets: fixed thread counts, sequential execution,
+    and a thread pool that stops spinning when its run ends (``session.force_spinning_stop``).
+
+    Timings here alternate two or more sessions, each with its own intra-op pool. By default a pool
+    spins on after its run, so the next session's run shares the cores with it: measured on the
+    2-core development machine (all-MiniLM-L6-v2, ORT CPU, batch 1 x seq 128), the dense model took
+    33-43 ms per run when alternated with a pruned one and 16.3 ms alone; with spinning stopped at the
+    end of each run, 16.2-17.6 ms alternated and 16.3 ms alone. Spinning within a run is unchanged.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 class OrtSession(Session):
-    """An ONNX Runtime ``InferenceSession`` with fixed thread counts; ``run`` returns host arrays, so
+    """An ONNX Runtime ``InferenceSession`` with :func:`ort_options`; ``run`` returns host arrays, so
     wall-clock time includes the device-to-host copy on CUDA (as a user of ``session.run`` sees it)."""
 
     def __init__(self, path: Path, providers: list[str], threads: int, device: str):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=ort_options(threads), providers=providers)
         except Exception as e:
             raise HeadslimError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
         self.path, self.device = Path(path), device
@@ -654,7 +671,8 @@ def _bench_all(config: BenchConfig, dense_dir, pruned_dir, dense, pruned, thread
         "machine": machine_info(),
         "settings": {**asdict(config), "backends": list(config.backends), "batches": list(config.batches),
                      "seqs": list(config.seqs), "threads": threads, "interop_threads": torch.get_num_interop_threads(),
-                     "inputs": "random token ids, full attention mask", "order": "dense/pruned alternating per repetition"},
+                     "inputs": "random token ids, full attention mask", "order": "dense/pruned alternating per repetition",
+                     "ort_thread_pools": "stop spinning at the end of each run (session.force_spinning_stop)"},
         "models": {role: {"path": str(d), "params": count_parameters(m), **flops.describe(shapes[role])}
                    for role, d, m in (("dense", dense_dir, dense), ("pruned", pruned_dir, pruned))},
         "backends": [], "points": [],

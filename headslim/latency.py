@@ -613,27 +613,16 @@ def _available_memory() -> int:
 
 
 def _ort_session(path: Path, threads: int):
-    """:class:`headslim.bench.OrtSession`'s settings, plus: the thread pool stops spinning when a run ends.
-
-    Dozens of sessions take turns here, each with its own pool; without this, the pool of the block
-    just run spins on after it (ORT's default) and takes the cores from the next block's pool. A
-    model has one pool, busy across all its layers, so this is closer to it. Spinning within a run
-    (between a block's ops) is unchanged.
-    """
+    """:class:`headslim.bench.OrtSession` for one block (its thread pool stops spinning when a run ends:
+    dozens of sessions take turns here, as two do in a whole-model timing)."""
     import onnxruntime as ort
 
-    from headslim.bench import OrtSession
+    from headslim.bench import OrtSession, ort_options
 
     class BlockSession(OrtSession):
         def __init__(self):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.force_spinning_stop", "1")
             try:
-                self.session = ort.InferenceSession(str(path), sess_options=options,
+                self.session = ort.InferenceSession(str(path), sess_options=ort_options(threads),
                                                     providers=["CPUExecutionProvider"])
             except Exception as e:
                 raise HeadslimError(f"ONNX Runtime cannot load the block {path.name}: {first_line(e)}") from None

@@ -274,11 +274,22 @@ def test_ort_backend_runs_exported_files(onnx_pair):
     status = {b["name"]: b["status"] for b in result["backends"]}
     assert status == {"ort-cpu": "ok", "ort-opt-cpu": "skipped", "ort-int8-cpu": "skipped"}
     assert all(p["status"] == "ok" and p["pruned"]["runs"] >= 3 for p in result["points"])
+    assert "force_spinning_stop" in result["settings"]["ort_thread_pools"]
     reasons = [b["reason"] for b in result["backends"][1:]]
     assert "no model_optimized.onnx in" in reasons[0] and "no model_quantized.onnx in" in reasons[1]
     config = BenchConfig(backends="ort-opt-cpu", batches=(1,), seqs=(8,), onnx_dense=str(files["dense"]),
                          onnx_pruned=str(files["pruned"]), **FAST)
     assert "single file" in bench(pruned_dir, dense_dir, config, log=None)["backends"][0]["reason"]
+
+
+def test_timed_ort_sessions_stop_spinning_when_a_run_ends():
+    # the sessions timed here alternate; a pool left spinning after its run takes the next one's cores
+    pytest.importorskip("onnxruntime")
+    from headslim.bench import ort_options
+
+    options = ort_options(2)
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
 
 
 def test_onnx_of_another_model_is_refused(onnx_pair):
