@@ -8,6 +8,12 @@
 2. For each method and share of heads removed: scores heads with ``objective="task"`` (the
    classifier's cross-entropy on labelled calibration articles from the train split), prunes, and
    reports test-split accuracy without and with repair. Writes ``OUT/classifier.json`` / ``.md``.
+3. With ``--targets``: speed-up targets instead (heads and FFN neurons, what ``headslim shrink
+   --target-speedup`` runs), for each ``--speed-methods`` cost (``fisher``/``gradient`` with the
+   task objective, ``obs`` label-free), each timed dense vs pruned afterwards in a fresh interleaved
+   run on ``--runtime``. Writes ``OUT/classifier_speed.json`` / ``.md``.
+
+    python bench/finetune_classifier.py --targets 1.5 2.0 --speed-methods fisher obs --out bench/results/classifier
 """
 
 from __future__ import annotations
@@ -81,6 +87,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true")
+    p.add_argument("--targets", nargs="+", type=float, default=None, help="speed-up targets instead of --ratios")
+    p.add_argument("--speed-methods", nargs="+", default=["fisher", "obs"])
+    p.add_argument("--runtime", default="ort-cpu")
+    p.add_argument("--shapes", default="1x128,32x128")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--measure-seconds", type=float, default=3.0)
     args = p.parse_args(argv)
 
     from headslim.checkpoints import load_tokenizer
@@ -105,6 +117,8 @@ def main(argv=None) -> int:
                          max_length=args.max_length))
     rows = [{"method": "dense", "ratio": 0.0, "repair": False, "accuracy": accuracy(dense, test_b)}]
     print(f"dense test accuracy {rows[0]['accuracy']:.4f}", flush=True)
+    if args.targets:
+        return speed_targets(args, out, model_dir, dense, tok, calib, test_b, rows)
     for method in args.methods:
         config = PruneConfig(method=method, objective=args.objective, seed=args.seed, progress=False, repair=False)
         t = time.perf_counter()
@@ -129,6 +143,71 @@ def main(argv=None) -> int:
     md += [f"| {r['method']} | {r['ratio']:.0%} | {'on' if r['repair'] else 'off'} | {100 * r['accuracy']:.2f} |"
            for r in rows]
     (out / "classifier.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def speed_targets(args, out: Path, model_dir: Path, dense, tok, calib, test_b, rows) -> int:
+    """Step 3: each speed-up target with each cost, accuracy and a fresh interleaved timing."""
+    import tempfile
+
+    import torch
+
+    from headslim.bench import machine_info
+    from headslim.errors import HeadslimError
+    from headslim.io import save_pruned
+    from headslim.pipeline import PruneConfig, prune_model
+    from headslim.speedup import SpeedTarget, parse_shapes
+
+    torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    speed = SpeedTarget(model_dir, dense, tok, 0.0, runtime=args.runtime, shapes=parse_shapes(args.shapes),
+                        threads=args.threads, max_length=args.max_length, measure_seconds=args.measure_seconds,
+                        progress=False)
+    print(f"latency tables + calibration {time.perf_counter() - t:.0f} s", flush=True)
+    for method in args.speed_methods:
+        for target in args.targets:
+            config = PruneConfig(target_speedup=target, speed_method=method, objective=args.objective,
+                                 seed=args.seed, progress=False)
+            t = time.perf_counter()
+            try:
+                result = prune_model(copy.deepcopy(dense), calib, config, speed=speed, dense=dense)
+            except HeadslimError as e:
+                rows.append({"method": method, "target": target, "unreachable": str(e)})
+                print(f"{method:>10} {target}: {e}", flush=True)
+                continue
+            seconds = time.perf_counter() - t
+            acc = accuracy(result.model, test_b)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_pruned(result.model, Path(tmp) / "slim", result.plan, tokenizer=tok, source=model_dir)
+                measured = speed.measure(Path(tmp) / "slim")  # a fresh interleaved run, not the plan's trial
+            info = result.plan.provenance.get("speed_target", {})
+            rows.append({"method": method, "target": target, "accuracy": acc, "prune_s": round(seconds, 1),
+                         "repair_applied": result.repair.get("applied"),
+                         "heads_after": result.plan.heads_after, "neurons_after": result.plan.neurons_after,
+                         "estimated": info.get("estimated_speedup", []),
+                         "head_price": info.get("exchange", {}).get("alpha"),
+                         "measured": [{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+                                      for m in measured]})
+            speeds = " / ".join(f"x{m['speedup']:.2f}" for m in measured)
+            print(f"{method:>10} {target}: accuracy {acc:.4f} measured {speeds} (heads "
+                  f"{sum(result.plan.heads_after)}, neurons {sum(result.plan.neurons_after)}, {seconds:.0f} s)",
+                  flush=True)
+            del result
+    speed.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classifier_speed.json").write_text(json.dumps({"args": vars(args), "machine": machine_info(),
+                                                           "rows": rows}, indent=2) + "\n")
+    md = ["| cost | target | measured b1 / b32 | test accuracy | heads | neurons |", "|---|---:|---:|---:|---:|---:|",
+          f"| dense | - | - | {100 * rows[0]['accuracy']:.2f} | | |"]
+    for r in rows[1:]:
+        if "unreachable" in r:
+            md.append(f"| {r['method']} | {r['target']} | unreachable | | | |")
+            continue
+        meas = " / ".join(f"{m['speedup']:.2f}" for m in r["measured"])
+        md.append(f"| {r['method']} | {r['target']} | {meas} | {100 * r['accuracy']:.2f} | {sum(r['heads_after'])} | "
+                  f"{sum(r['neurons_after'])} |")
+    (out / "classifier_speed.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

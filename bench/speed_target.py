@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--measure-seconds", type=float, default=3.0)
     p.add_argument("--speed-method", default="obs", help="costs the targets spend: obs (default), fisher, gradient")
     p.add_argument("--exchange", type=float, default=None, help="fixed head price (default: fitted per target)")
+    p.add_argument("--loo", action="store_true",
+                   help="also leave-one-out 5-NN over the bbc-news:all articles outside the calibration sample "
+                        "(knn_loo.py's protocol), with its paired difference to dense")
     p.add_argument("--out", default="bench/results/speed_target")
     args = p.parse_args(argv)
 
@@ -75,7 +78,10 @@ def main(argv=None) -> int:
     mk = lambda d, bs=16: list(batches(d, tok, batch_size=bs, max_length=128))  # noqa: E731
     calib, train_b, test_b = mk(data["calib"]), mk(data["train"], 64), mk(data["test"], 64)
     dense_test = embeddings(dense, test_b)
+    loo = LeaveOneOut(dense, tok, data["calib"]) if args.loo else None
     base = evaluate(dense, test_b, train_b, dense_test, data)
+    if loo is not None:
+        base.update(loo.dense_row())
     rows = [{"kind": "dense", "target": 1.0, **base}]
     print(f"dense: 5-NN {base['knn5_acc']:.4f}", flush=True)
 
@@ -97,6 +103,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         model, plan = result.model, result.plan
         quality = evaluate(model, test_b, train_b, dense_test, data)
+        if loo is not None:
+            quality.update(loo(model))
         with tempfile.TemporaryDirectory() as tmp:
             save_pruned(model, Path(tmp) / "slim", plan, tokenizer=tok, source=src)
             measured = speed.measure(Path(tmp) / "slim")  # a fresh interleaved run, not the plan's own trial
@@ -142,6 +150,38 @@ def main(argv=None) -> int:
 STRUCTURES = {"joint": "both", "heads": "heads", "ffn": "ffn"}
 
 
+class LeaveOneOut:
+    """LOO 5-NN topic accuracy over every ``bbc-news:all`` article outside the calibration sample
+    (``knn_loo.py``): each model embeds the articles itself; the difference to dense is paired."""
+
+    def __init__(self, dense, tok, calib_data):
+        import torch
+
+        from headslim.data import batches, load_texts
+        from headslim.quality import embeddings
+        from knn_loo import held_out, loo_predictions
+
+        every = load_texts("bbc-news:all")
+        self.labels = torch.as_tensor(every.labels)
+        self.held = held_out(every, calib_data)
+        self.batches = list(batches(every, tok, batch_size=64, max_length=128))
+        self.dense_ok = self.correct(embeddings(dense, self.batches), loo_predictions)
+
+    def correct(self, emb, predict):
+        return predict(emb[self.held], self.labels[self.held]) == self.labels[self.held]
+
+    def dense_row(self) -> dict:
+        return {"loo5": float(self.dense_ok.float().mean()), "loo_queries": int(self.held.sum())}
+
+    def __call__(self, model) -> dict:
+        from headslim.quality import embeddings
+        from knn_loo import loo_predictions, paired
+
+        ok = self.correct(embeddings(model, self.batches), loo_predictions)
+        return {"loo5": float(ok.float().mean()), "loo_queries": int(self.held.sum()),
+                **{f"loo_{k}": v for k, v in paired(self.dense_ok, ok).items()}}
+
+
 def write(rows, args, speed, tables_s, score_s, machine) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,20 +198,28 @@ def to_markdown(rows, meta) -> str:
              "", f"{m['cpu']}, {meta['settings']['threads']} threads; calibration "
              f"{meta['settings']['calib_samples']} articles (seed {meta['settings']['seed']}); quality on the "
              "422 bbc-news:test articles; speed-ups measured dense vs pruned, interleaved, p50.", "",
-             "| kind | target | est. b1 / b32 | measured b1 / b32 | mean cos | min cos | 5-NN | heads | neurons |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| kind | target | est. b1 / b32 | measured b1 / b32 | mean cos | min cos | 5-NN | LOO 5-NN (pt vs dense) "
+             "| heads | neurons |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def loo(r):
+        if "loo5" not in r:
+            return "-"
+        diff = f" ({r['loo_diff_pt']:+.2f} ± {r['loo_se_pt']:.2f})" if "loo_diff_pt" in r else ""
+        return f"{100 * r['loo5']:.2f}{diff}"
+
     for r in rows:
         if r["kind"] == "dense":
-            lines.append(f"| dense | - | - | - | 1 | 1 | {r['knn5_acc']:.4f} | 72 | 9216 |")
+            lines.append(f"| dense | - | - | - | 1 | 1 | {r['knn5_acc']:.4f} | {loo(r)} | 72 | 9216 |")
             continue
         if "unreachable" in r:
-            lines.append(f"| {r['kind']} | {r['target']} | unreachable | | | | | | |")
+            lines.append(f"| {r['kind']} | {r['target']} | unreachable | | | | | | | |")
             continue
         est = " / ".join(f"{e:.2f}" for e in r.get("estimated", [])) or "-"
         meas = " / ".join(f"{x['speedup']:.2f}" for x in r["measured"])
         target = r["target"] if r["kind"] != "naive" else f"+{int(r['target'] * 100)} % FFN"
         lines.append(f"| {r['kind']} | {target} | {est} | {meas} | {r['mean_cosine']:.4f} | {r['min_cosine']:.3f} | "
-                     f"{r['knn5_acc']:.4f} | {sum(r['heads_after'])} | {sum(r['neurons_after'])} |")
+                     f"{r['knn5_acc']:.4f} | {loo(r)} | {sum(r['heads_after'])} | {sum(r['neurons_after'])} |")
     lines += ["", f"Latency tables + calibration {meta['tables_s']} s, scoring (heads and neurons, one pass) "
               f"{meta['score_s']} s.", ""]
     return "\n".join(lines)

@@ -465,12 +465,31 @@ def choose_plan(model, calib_batches, config: PruneConfig, num_heads: list[int],
                        min_neurons_per_layer=config.min_neurons_per_layer, provenance=provenance)
 
 
+def _speed_costs(model, batches, config: PruneConfig) -> dict:
+    from headslim.scoring.neurons import score_structures
+
+    return score_structures(model, batches, method=config.speed_method, heads=True, objective=config.objective,
+                            seed=config.seed, progress=config.progress, min_per_layer=config.min_neurons_per_layer,
+                            min_heads_per_layer=config.min_heads_per_layer)
+
+
+def speed_scores(model, calib_batches, config: PruneConfig) -> Scores:
+    """The costs a speed-up target spends, scored once for several targets: what :func:`prune_model`
+    scores at each ``config.target_speedup`` itself (``config.speed_method`` costs of heads and neurons,
+    on the calibration batches the head price is not fitted on when it is fitted), as ``Scores``."""
+    from headslim.tradeoff import split_heldout
+
+    batches = _for_objective(model, calib_batches, config.objective)
+    if config.exchange is None and config.target_structures == "both":
+        batches = split_heldout(batches)[0]
+    return Scores(structures=_speed_costs(model, batches, config))
+
+
 def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_neurons, kv_map, provenance,
                       speed, scored: dict | None = None):
     """Heads and neurons in one ranking, spent to the speed-up target (``headslim.budget``)."""
     from headslim.budget import spend
     from headslim.plan import PrunePlan
-    from headslim.scoring.neurons import score_structures
     from headslim.tradeoff import fit_exchange, scaled, split_heldout
 
     if kv_map is not None:
@@ -481,10 +500,7 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
     fit_batches, held_out, in_sample = split_heldout(calib_batches) if fitting else (calib_batches, None, False)
     method = config.speed_method
     if scored is None:
-        scored = score_structures(model, fit_batches, method=method, heads=True, objective=config.objective,
-                                  seed=config.seed, progress=config.progress,
-                                  min_per_layer=config.min_neurons_per_layer,
-                                  min_heads_per_layer=config.min_heads_per_layer)
+        scored = _speed_costs(model, fit_batches, config)
     check_finite_scores(scored["attention"], num_heads, method)
     check_finite_scores(scored["mlp"], num_neurons, method)
 

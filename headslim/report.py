@@ -177,11 +177,49 @@ def _sweep_rows(result: dict) -> list[list]:
     return rows
 
 
+def _by_target(result: dict) -> bool:
+    """Whether the sweep was of speed-up targets (``--target-speedup``) rather than ratios."""
+    return result["settings"].get("target_speedups") is not None
+
+
+def _target_headers(result: dict) -> list[str]:
+    shapes = [f"speed-up b{b} s{s}" for b, s in result["settings"]["shapes"]]
+    return ["target", *shapes, "estimated", "met", "quality", "heads", "neurons", "params", "pareto (per shape)"]
+
+
+def _target_rows(result: dict) -> list[list]:
+    """One row per target: measured speed-up per shape (dense p50 / pruned p50), the planner's estimates
+    (per shape, joined), whether every shape met the target, quality, heads and FFN neurons kept."""
+    n_shapes, rows = len(result["settings"]["shapes"]), []
+    for i, r in enumerate(result["rows"]):
+        if "unreachable" in r:
+            rows.append([f"{r['target']:g}", "unreachable"] + [""] * (n_shapes + 6))
+            continue
+        dense = i == 0
+        speeds = [m["speedup"] for m in r["measured"]] if r.get("measured") else [None] * n_shapes
+        estimated = "-" if dense else " / ".join(f"{e:.2f}" for e in r["estimated"])
+        rows.append(["dense" if dense else f"{r['target']:g}", *speeds, estimated,
+                     "" if dense else "yes" if r["met"] else "no", r["quality"], r["heads"], r["neurons"],
+                     f"{r['params']:,}", " / ".join("yes" if on else "no" for on in r.get("pareto", []))])
+    return rows
+
+
+def _unreachable(result: dict) -> list[str]:
+    return [f"target {r['target']:g}: unreachable: {r['unreachable']}" for r in result["rows"] if "unreachable" in r]
+
+
 def sweep_table(result: dict) -> str:
+    if _by_target(result):
+        runtime = result["settings"]["runtime"]
+        return "\n".join([f"quality = {result['quality_metric']}; speed-up = dense p50 / pruned p50 on {runtime}, "
+                          "interleaved", text_table(_target_headers(result), _target_rows(result)),
+                          *_unreachable(result)])
     return f"quality = {result['quality_metric']}\n" + text_table(SWEEP_HEADERS, _sweep_rows(result))
 
 
 def sweep_markdown(result: dict, plot_name: str | None = None) -> str:
+    if _by_target(result):
+        return _target_markdown(result, plot_name)
     s = result["settings"]
     out = [
         "# headslim sweep", "",
@@ -197,9 +235,66 @@ def sweep_markdown(result: dict, plot_name: str | None = None) -> str:
     return "\n".join(out)
 
 
+def _target_markdown(result: dict, plot_name: str | None) -> str:
+    s, speed = result["settings"], result.get("speed", {})
+    structures = {"both": "heads and FFN neurons", "heads": "heads", "ffn": "FFN neurons"}[s["target_structures"]]
+    exchange = "fitted per target" if s["exchange"] is None else f"{s['exchange']:g}"
+    dense_ms = ", ".join(f"{m['dense_ms']:.2f} ms at batch {m['batch']} x seq {m['seq']}"
+                         for m in result["rows"][0].get("measured") or [])
+    out = [
+        "# headslim sweep: speed-up targets", "",
+        f"Model `{result['model']}`; {structures} priced by latency tables on {s['runtime']} and by "
+        f"{s['speed_method']} costs, scored once on {result['calibration']} (head price {exchange}); "
+        f"quality = {result['quality_metric']} on {result['eval_data']}. Speed-up = dense p50 / pruned p50 of the "
+        f"written checkpoint, interleaved on {s['runtime']}, {result['threads']} threads; estimated = the "
+        "planner's, per shape; met = every shape reached the target.", "",
+        markdown_table(_target_headers(result), _target_rows(result)), "",
+    ]
+    if dense_ms:
+        out += [f"Dense: {dense_ms} (median of its runs beside every target).", ""]
+    if speed.get("tables"):
+        out += ["Latency tables: " + ", ".join(f"`{t}`" for t in speed["tables"]) + ".", ""]
+    notes = _unreachable(result) + result.get("notes", [])
+    if notes:
+        out += [f"- {n}" for n in notes] + [""]
+    if plot_name:
+        out += [f"![quality vs measured speed-up]({plot_name})", ""]
+    return "\n".join(out)
+
+
+def _target_plot(result: dict, path: Path, plt) -> Path | None:
+    """Quality against measured speed-up, one panel per shape, each with its Pareto front."""
+    rows = [r for r in result["rows"] if r.get("measured")]
+    if len(rows) < 2:  # the dense row alone: nothing to compare
+        return None
+    shapes = result["settings"]["shapes"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.0 * len(shapes) + 1, 4.5), sharey=True, squeeze=False)
+    for i, ((batch, seq), ax) in enumerate(zip(shapes, axes[0])):
+        xs, ys = [r["measured"][i]["speedup"] for r in rows], [r["quality"] for r in rows]
+        ax.scatter(xs, ys, color="tab:blue", zorder=3)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate("dense" if r is result["rows"][0] else f"{r['target']:g}", (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize="small")
+        front = sorted((x, y) for r, x, y in zip(rows, xs, ys) if r["pareto"][i])
+        ax.plot(*zip(*front), color="tab:orange", marker="o", zorder=4, label="Pareto front")
+        ax.set_title(f"batch {batch} x seq {seq}")
+        ax.set_xlabel(f"measured speed-up, {result['settings']['runtime']}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(result["quality_metric"])
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("headslim sweep: quality vs measured speed-up")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def sweep_plot(result: dict, path: Path) -> Path | None:
-    """Quality against pruned p50 latency, one point per ratio, the Pareto front joined by a line."""
+    """Quality against pruned p50 latency, one point per ratio, the Pareto front joined by a line; for
+    speed-up targets, quality against measured speed-up, one panel per shape."""
     plt = _pyplot()
+    if _by_target(result):
+        return None if plt is None else _target_plot(result, path, plt)
     rows = [r for r in result["rows"] if r.get("latency")]
     if plt is None or not rows:
         return None

@@ -1,4 +1,4 @@
-"""``headslim sweep``: prune at several ratios from one scoring pass; quality and latency at each.
+"""``headslim sweep``: prune at several ratios or speed-up targets from one scoring pass; quality and latency at each.
 
 Every ratio gets the plan ``shrink`` would choose with the same settings: the dense model is scored
 once with ``shrink``'s scorers (``fisher`` by default; its scores are an elimination path, so one pass
@@ -17,6 +17,16 @@ Each ratio's plan is chosen, applied to a fresh copy of the dense model and repa
 model with :mod:`headslim.evaluate`; latency with one :mod:`headslim.bench` backend, dense and
 pruned interleaved per ratio. Output: ``sweep.json``, ``sweep.md`` (the accuracy-vs-latency table)
 and ``pareto.png`` (quality against latency, Pareto front marked).
+
+With ``--target-speedup`` (a list of speed-ups) the sweep plans for each speed-up as ``shrink
+--target-speedup`` does, instead of ratios: one :class:`headslim.speedup.SpeedTarget` (latency tables on
+``--runtime``, calibrated on the dense model and its skeleton) and one scoring pass (``--speed-method``
+costs of heads and FFN neurons, on the calibration batches ``shrink`` scores them on) serve every target;
+each target's plan is chosen, applied and repaired by :func:`headslim.pipeline.prune_model`, the pruned
+checkpoint is written and timed against the dense one on the runtime (interleaved, at every ``--shapes``
+shape). A row records the target, the planner's estimates, the measured speed-ups, whether every shape met
+the target, quality and the heads and neurons kept per layer; a target the tables say cannot be reached is
+a row saying why. ``pareto.png`` then plots quality against measured speed-up, one panel per shape.
 """
 
 from __future__ import annotations
@@ -35,11 +45,18 @@ from pathlib import Path
 from headslim.args import add_ffn_arguments, config_from_args, prune_arg
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
+from headslim.speedup import DEFAULT_SHAPES
 
 SWEEP_EXAMPLE = """example:
   headslim sweep all-MiniLM-L6-v2 --prune 0.1,0.3,0.5,0.7 --calib bbc-news --out sweep-out/
   headslim sweep dense/ --prune 0.2,0.4 --calib texts.txt --data labelled.csv --backend ort-cpu --out sweep-out/
+  headslim sweep all-MiniLM-L6-v2 --target-speedup 1.2,1.4,1.6,1.8,2.0,2.5 --runtime ort-cpu --out sweep/
 """
+
+DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7)
+# the settings of speed-up targets (and of their latency tables): in sweep.json's settings only when used
+SPEED_FIELDS = ("target_speedups", "target_structures", "speed_method", "exchange", "runtime", "shapes",
+                "latency_min_time")
 
 
 def _numbers(text: str, empty: str) -> tuple:
@@ -58,6 +75,19 @@ def _ratio_list(text: str) -> tuple:
 
 def _ffn_list(text: str) -> tuple:
     return _numbers(text, "give a fraction or neuron count, or one per ratio")
+
+
+def _speedup_list(text: str) -> tuple:
+    """``"1.2,1.5,2"`` -> ``(1.2, 1.5, 2.0)``; the values are checked by :class:`SweepConfig`."""
+    values = []
+    for v in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            values.append(float(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a speed-up (e.g. 1.5)") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one speed-up")
+    return tuple(values)
 
 
 @dataclass
@@ -85,9 +115,17 @@ class SweepConfig:
         repair: re-fit each pruned model's output projections with :mod:`headslim.repair`, with
             ``shrink``'s defaults.
         save_models: keep every pruned checkpoint under ``OUT/models/``.
+        target_speedups: speed-ups (each above 1) to plan for on ``runtime`` instead of ``ratios`` (then
+            ignored; ``prune_ffn`` must be None), each as ``shrink --target-speedup`` plans it (see the
+            module docstring); ``backend``, ``batch``, ``seq``, ``warmup``, ``min_runs``, ``max_runs`` and
+            ``onnx_dense`` are then not used: the runtime times every result at ``shapes``, for
+            ``min_seconds`` per model and shape.
+        target_structures, speed_method, exchange, runtime, shapes: as ``shrink``'s (``both``, ``obs``,
+            fitted, ``ort-cpu``, 1x128 and 32x128 by default); ``shapes`` also as ``"1x128,32x128"``.
+        latency_min_time: seconds per block for the latency tables (as ``ShrinkConfig.latency_min_time``).
     """
 
-    ratios: tuple = (0.1, 0.3, 0.5, 0.7)
+    ratios: tuple = DEFAULT_RATIOS
     method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
@@ -113,6 +151,13 @@ class SweepConfig:
     repair: bool = True
     save_models: bool = False
     progress: bool = True
+    target_speedups: tuple | None = None
+    target_structures: str = "both"
+    speed_method: str = "obs"
+    exchange: float | None = None
+    runtime: str = "ort-cpu"
+    shapes: object = DEFAULT_SHAPES
+    latency_min_time: float = 0.2
 
     def __post_init__(self):
         from headslim.bench import BACKENDS
@@ -120,16 +165,16 @@ class SweepConfig:
         from headslim.scoring import OBJECTIVES
 
         self.eval = self.eval or EvalConfig()
-        self.ratios = tuple(self.ratios)
-        if not self.ratios:
-            raise HeadslimError("--prune needs at least one ratio")
-        for r in self.ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 < r < 1) \
-                    or (isinstance(r, int) and r < 1):
-                raise HeadslimError(f"--prune {r!r}: give fractions in (0, 1) or head counts >= 1")
-        twice = next((r for i, r in enumerate(self.ratios) if r in self.ratios[:i]), None)
-        if twice is not None:  # one pruned model per ratio: a repeat would only collide at the end
-            raise HeadslimError(f"--prune lists {twice!r} twice; give every ratio once")
+        if self.target_speedups is not None:
+            targets = self.target_speedups
+            self.target_speedups = tuple(targets) if isinstance(targets, (list, tuple)) else (targets,)
+            if not self.target_speedups:
+                raise HeadslimError("--target-speedup needs at least one speed-up")
+            if self.prune_ffn is not None:
+                raise HeadslimError("--target-speedup decides what to remove: leave out --prune and --prune-ffn")
+            self.ratios = ()  # the targets decide
+        else:
+            self._check_ratios()
         if self.objective not in OBJECTIVES:
             raise HeadslimError(f"unknown objective {self.objective!r}; available: {', '.join(OBJECTIVES)}")
         if self.prune_ffn is not None:
@@ -147,24 +192,53 @@ class SweepConfig:
                 raise HeadslimError(f"--{name.replace('_', '-')} must be >= 1")
         if self.repair and importlib.util.find_spec("headslim.repair") is None:
             raise HeadslimError("repair needs headslim.repair, which is not part of this install; pass --no-repair")
-        # method, --gqa, --step and the FFN settings are checked (and the FFN scorer defaulted) by the very
-        # config shrink runs with, one per ratio: sweep accepts what shrink accepts
-        self.ffn_method = self.shrink_config(self.ratios[0]).ffn_method
-        for ratio in self.ratios[1:]:
-            self.shrink_config(ratio)
+        # method, --gqa, --step, the FFN and the speed-up settings are checked (and the FFN scorer defaulted,
+        # the shapes parsed) by the very config shrink runs with, one per target: sweep accepts what shrink accepts
+        first = self.shrink_config(self.targets[0])
+        if self.target_speedups is not None:
+            self.shapes = first.shapes
+        else:
+            self.ffn_method = first.ffn_method
+        for target in self.targets[1:]:
+            self.shrink_config(target)
+        twice = next((t for i, t in enumerate(self.target_speedups or ()) if t in self.target_speedups[:i]), None)
+        if twice is not None:  # one pruned model per target, as per ratio
+            raise HeadslimError(f"--target-speedup lists {twice!r} twice; give every speed-up once")
 
-    def shrink_config(self, ratio):
-        """The :class:`headslim.pipeline.ShrinkConfig` of ``shrink`` at ``ratio`` with this sweep's settings
-        (the ones that choose the plan: scoring, selection, calibration)."""
+    def _check_ratios(self) -> None:
+        self.ratios = tuple(self.ratios)
+        if not self.ratios:
+            raise HeadslimError("--prune needs at least one ratio")
+        for r in self.ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 < r < 1) \
+                    or (isinstance(r, int) and r < 1):
+                raise HeadslimError(f"--prune {r!r}: give fractions in (0, 1) or head counts >= 1")
+        twice = next((r for i, r in enumerate(self.ratios) if r in self.ratios[:i]), None)
+        if twice is not None:  # one pruned model per ratio: a repeat would only collide at the end
+            raise HeadslimError(f"--prune lists {twice!r} twice; give every ratio once")
+
+    @property
+    def targets(self) -> tuple:
+        """What the sweep prunes to, one pruned model each: the speed-ups if given, else the ratios."""
+        return self.target_speedups if self.target_speedups is not None else self.ratios
+
+    def shrink_config(self, target):
+        """The :class:`headslim.pipeline.ShrinkConfig` of ``shrink`` at ``target`` (a ratio, or with
+        ``target_speedups`` a speed-up) with this sweep's settings (the ones that choose the plan: scoring,
+        selection, calibration, and for a speed-up the runtime, shapes and timings)."""
         from headslim.pipeline import ShrinkConfig
 
-        prune_ffn = None if self.prune_ffn is None else self.prune_ffn[self.ratios.index(ratio)]
-        return ShrinkConfig(prune=ratio, prune_ffn=prune_ffn, method=self.method, ffn_method=self.ffn_method,
-                            min_neurons_per_layer=self.min_neurons_per_layer, objective=self.objective,
-                            calib=self.calib, calib_samples=self.calib_samples, max_length=self.calib_max_length,
-                            batch_size=self.eval.batch_size, min_heads_per_layer=self.min_heads_per_layer,
-                            seed=self.seed, progress=self.progress, repair=self.repair, step=self.step,
-                            gqa=self.gqa)
+        common = dict(method=self.method, min_neurons_per_layer=self.min_neurons_per_layer, objective=self.objective,
+                      calib=self.calib, calib_samples=self.calib_samples, max_length=self.calib_max_length,
+                      batch_size=self.eval.batch_size, min_heads_per_layer=self.min_heads_per_layer, seed=self.seed,
+                      progress=self.progress, repair=self.repair, step=self.step, gqa=self.gqa)
+        if self.target_speedups is not None:
+            return ShrinkConfig(target_speedup=target, target_structures=self.target_structures,
+                                speed_method=self.speed_method, exchange=self.exchange, runtime=self.runtime,
+                                shapes=self.shapes, threads=self.threads, latency_min_time=self.latency_min_time,
+                                measure_seconds=self.min_seconds, **common)
+        prune_ffn = None if self.prune_ffn is None else self.prune_ffn[self.ratios.index(target)]
+        return ShrinkConfig(prune=target, prune_ffn=prune_ffn, ffn_method=self.ffn_method, **common)
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[bool]:
@@ -201,14 +275,18 @@ def _check_against_model(config: SweepConfig, model_config) -> SweepConfig:
             raise HeadslimError(f"--prune {counts[n]!r} and {ratio!r} both remove {n} of the model's "
                                 f"{dense_head_count(model_config)} heads; give ratios that differ by a head at least")
         counts[n] = ratio
-    if config.backend != "none":
+    if config.target_speedups is not None:
+        for _, seq in config.shapes:
+            check_length(model_config, seq, "--shapes sequence length")
+    elif config.backend != "none":
         check_length(model_config, config.seq, "--seq")
     return replace(config, calib_max_length=check_length(model_config, config.calib_max_length),
                    eval=replace(config.eval, max_length=check_length(model_config, config.eval.max_length)))
 
 
 def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool = False, log=print) -> dict:
-    """Score once, prune at every ratio, measure quality and latency, write the table and the plot.
+    """Score once, prune at every ratio (or speed-up target), measure quality and latency, write the table
+    and the plot.
 
     Args:
         model_dir: dense checkpoint dir (or ``all-MiniLM-L6-v2``).
@@ -220,6 +298,8 @@ def sweep(model_dir, out, config: SweepConfig | None = None, *, overwrite: bool 
         >>> r = sweep("all-MiniLM-L6-v2", "sweep-out/", SweepConfig(ratios=(0.3, 0.5)))   # doctest: +SKIP
         >>> [row["prune"] for row in r["rows"]]                                          # doctest: +SKIP
         [0, 0.3, 0.5]
+        >>> r = sweep("all-MiniLM-L6-v2", "sweep-out/", SweepConfig(target_speedups=(1.5, 2.0)))  # doctest: +SKIP
+        >>> [[m["speedup"] for m in row["measured"]] for row in r["rows"][1:]]                  # doctest: +SKIP
     """
     from headslim.bench import fixed_threads
     from headslim.checkpoints import load_tokenizer
@@ -277,103 +357,198 @@ def _sweep(src, out, dense, tokenizer, threads: int, config: SweepConfig, overwr
     from headslim.data import batches, load_texts, sample
     from headslim.evaluate import evaluate_model, prepare_reference, primary_metric
     from headslim.io import atomic_output_dir, save_pruned
-    from headslim.pipeline import base_provenance, model_structure, prune_model, scored_per_target, shared_scores, warn
+    from headslim.pipeline import base_provenance, model_structure, prune_model, scored_per_target, shared_scores, speed_scores, warn
     from headslim.quality import count_parameters
 
     num_heads, num_neurons, kv_map = model_structure(dense)  # kv_map: grouped-query models only (as shrink)
+    by_speed = config.target_speedups is not None
     ffn = config.prune_ffn is not None
-    _check_targets(config, num_heads, kv_map, num_neurons)
+    if by_speed and kv_map is not None:  # as shrink: refused before the latency tables are measured
+        raise HeadslimError("--target-speedup does not plan grouped-query (GQA) models yet; use --prune and "
+                            "--prune-ffn")
+    if not by_speed:
+        _check_targets(config, num_heads, kv_map, num_neurons)
 
     calib = sample(load_texts(config.calib, text_column=config.eval.text_column,
                               label_column=config.eval.label_column, require_labels=config.objective == "task"),
                    config.calib_samples, config.seed)
     calib_batches = batches(calib, tokenizer, batch_size=config.eval.batch_size, max_length=config.calib_max_length,
                             model=dense)
-    # the scoring shrink does; a method whose scores depend on the target (never one that scores heads and
-    # neurons together) leaves its heads to prune_model, which scores them at each ratio
-    if scored_per_target(config.method, None if config.gqa == "ragged" else kv_map):
-        log(f"scoring {sum(num_heads)} heads at each ratio ({config.method}: its scores depend on the target), "
-            + (f"FFN neurons once ({config.ffn_method}), " if ffn else "") + f"{len(calib)} calibration texts")
-    else:
-        log(f"scoring {sum(num_heads)} heads" + (f" and {sum(num_neurons)} FFN neurons" if ffn else "")
-            + f" once ({config.method}" + (f", FFN {config.ffn_method}" if ffn else "")
-            + f", {len(calib)} calibration texts)")
-    scores = shared_scores(dense, calib_batches, config.shrink_config(config.ratios[0]), config.ratios)
-    provenance = base_provenance(config.seed, source_model=str(src),
-                                 calibration={"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
-                                              "max_length": config.calib_max_length})
-    ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
-    dense_shape = flops.LayerShape.from_model(dense)
-    dense_metrics = evaluate_model(dense, ref)
-    metric_name, dense_quality, higher = primary_metric(ref.task, dense_metrics)
-    rows = [{"prune": 0, "heads": sum(num_heads), "heads_per_layer": num_heads, "params": count_parameters(dense),
-             "quality": dense_quality, "metrics": dense_metrics, "ideal_speedup": 1.0, "latency": None}]
-    if kv_map is not None:
-        rows[0]["kv_heads_per_layer"] = [len(set(m)) for m in kv_map]
-    if ffn:
-        rows[0].update(prune_ffn=0, neurons=sum(num_neurons), neurons_per_layer=num_neurons)
-    notes = []
-    backend = BACKENDS[config.backend]() if config.backend != "none" else None
-    with atomic_output_dir(out, overwrite=overwrite,
-                           inputs=(src, config.calib, config.eval.data, config.eval.train_data, config.onnx_dense)) as tmp, \
-            tempfile.TemporaryDirectory(prefix="headslim-sweep-") as scratch:
-        models_dir = (tmp if config.save_models else Path(scratch)) / "models"
-        dense_exports: dict = {}
-        for ratio in config.ratios:
-            # the plan shrink would choose at this ratio, applied to a fresh copy of the dense weights
-            at_ratio = config.shrink_config(ratio)
-            done = prune_model(copy.deepcopy(dense), calib_batches, at_ratio, scores=scores, dense=dense,
-                               provenance=provenance)
-            pruned, plan = done.model, done.plan
-            row = {"prune": ratio, "heads": sum(plan.heads_after), "heads_per_layer": plan.heads_after,
-                   "params": count_parameters(pruned)}
-            if kv_map is not None:
-                row["kv_heads_per_layer"] = [len(k) for k in plan.kv_heads_after]
-            if ffn:
-                row.update(prune_ffn=at_ratio.prune_ffn, neurons=sum(plan.neurons_after),
-                           neurons_per_layer=plan.neurons_after)
-            if config.repair:
-                row["repair"] = done.repair
-                if row["repair"].get("warning") and not any(r.get("repair", {}).get("warning") for r in rows):
-                    warn(row["repair"]["warning"])  # the calibration data is the same for every ratio: once
-            metrics = evaluate_model(pruned, ref)
-            row.update(quality=primary_metric(ref.task, metrics)[1], metrics=metrics,
-                       ideal_speedup=flops.compare(dense_shape, flops.LayerShape.from_model(pruned),
-                                                   config.batch, config.seq)["ideal_speedup"],
-                       kept_heads=plan.kept_heads, latency=None)
-            pruned_dir = models_dir / f"prune-{ratio:g}"
-            save_pruned(pruned, pruned_dir, plan, tokenizer=tokenizer, source=src)
-            del pruned
-            if backend is not None:
-                row["latency"] = _latency(backend, src, pruned_dir, dense, config, threads, dense_exports,
-                                          Path(scratch), notes)
-            rows.append(row)
-            lat = row["latency"]
-            log(f"prune {ratio:g}: {row['heads']} heads, " + (f"{row['neurons']} FFN neurons, " if ffn else "")
-                + f"{metric_name} {row['quality']:.4f}"
-                + (f", p50 {lat['pruned_p50_ms']:.2f} ms vs dense {lat['dense_p50_ms']:.2f} ms (x{lat['speedup_p50']:.2f})"
-                   if lat else ""))
-        measured = [r for r in rows[1:] if r["latency"]]
-        if measured:  # the dense row's latency: median of its interleaved runs beside every ratio
-            dense_p50 = statistics.median(r["latency"]["dense_p50_ms"] for r in measured)
-            rows[0]["latency"] = {"dense_p50_ms": dense_p50, "pruned_p50_ms": dense_p50, "speedup_p50": 1.0}
-            points = [(r["latency"]["pruned_p50_ms"], r["quality"]) for r in rows]
-            for r, on in zip(rows, pareto_front(points, higher)):
-                r["pareto"] = on
-        result = {
-            "kind": "headslim-sweep", "format_version": 1,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": str(src), "task": ref.task, "quality_metric": metric_name, "higher_is_better": higher,
-            "calibration": f"{calib.source} ({len(calib)} texts)", "eval_data": ref.source, "threads": threads,
-            "machine": machine_info(),
-            "settings": {**{k: v for k, v in asdict(config).items() if k != "eval"}, "ratios": list(config.ratios),
-                         "eval": asdict(config.eval)},
-            "rows": rows, "notes": notes,
-        }
-        (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot = report.sweep_plot(result, tmp / "pareto.png")
-        (tmp / "sweep.md").write_text(report.sweep_markdown(result, plot_name=plot.name if plot else None))
+    speed = _speed_target(src, dense, tokenizer, threads, config, log) if by_speed else None
+    try:
+        if by_speed:
+            scores = speed_scores(dense, calib_batches, config.shrink_config(config.target_speedups[0]))
+            log(f"scored {sum(num_heads)} heads and {sum(num_neurons)} FFN neurons once ({config.speed_method}, "
+                f"{len(calib)} calibration texts) for {len(config.target_speedups)} speed-up targets")
+        else:
+            # the scoring shrink does; a method whose scores depend on the target (never one that scores heads
+            # and neurons together) leaves its heads to prune_model, which scores them at each ratio
+            if scored_per_target(config.method, None if config.gqa == "ragged" else kv_map):
+                log(f"scoring {sum(num_heads)} heads at each ratio ({config.method}: its scores depend on the target), "
+                    + (f"FFN neurons once ({config.ffn_method}), " if ffn else "") + f"{len(calib)} calibration texts")
+            else:
+                log(f"scoring {sum(num_heads)} heads" + (f" and {sum(num_neurons)} FFN neurons" if ffn else "")
+                    + f" once ({config.method}" + (f", FFN {config.ffn_method}" if ffn else "")
+                    + f", {len(calib)} calibration texts)")
+            scores = shared_scores(dense, calib_batches, config.shrink_config(config.ratios[0]), config.ratios)
+        provenance = base_provenance(config.seed, source_model=str(src),
+                                     calibration={"source": calib.source, "sha256": calib.sha256,
+                                                  "n_samples": len(calib), "max_length": config.calib_max_length})
+        ref = prepare_reference(dense, tokenizer, config.eval, model_dir=src)
+        dense_shape = flops.LayerShape.from_model(dense)
+        dense_metrics = evaluate_model(dense, ref)
+        metric_name, dense_quality, higher = primary_metric(ref.task, dense_metrics)
+        dense_row = {"heads": sum(num_heads), "heads_per_layer": num_heads, "params": count_parameters(dense),
+                     "quality": dense_quality, "metrics": dense_metrics}
+        if by_speed:
+            rows = [{"target": 1.0, **dense_row, "neurons": sum(num_neurons), "neurons_per_layer": num_neurons,
+                     "measured": None}]
+        else:
+            rows = [{"prune": 0, **dense_row, "ideal_speedup": 1.0, "latency": None}]
+        if kv_map is not None:
+            rows[0]["kv_heads_per_layer"] = [len(set(m)) for m in kv_map]
+        if ffn:
+            rows[0].update(prune_ffn=0, neurons=sum(num_neurons), neurons_per_layer=num_neurons)
+        notes = []
+        backend = BACKENDS[config.backend]() if config.backend != "none" and not by_speed else None
+        with atomic_output_dir(out, overwrite=overwrite,
+                               inputs=(src, config.calib, config.eval.data, config.eval.train_data,
+                                       config.onnx_dense)) as tmp, \
+                tempfile.TemporaryDirectory(prefix="headslim-sweep-") as scratch:
+            models_dir = (tmp if config.save_models else Path(scratch)) / "models"
+            if by_speed:
+                _speed_rows(rows, speed, dense, calib_batches, scores, provenance, ref, models_dir, tokenizer,
+                            src, config, metric_name, higher, log)
+            else:
+                dense_exports: dict = {}
+                for ratio in config.ratios:
+                    # the plan shrink would choose at this ratio, applied to a fresh copy of the dense weights
+                    at_ratio = config.shrink_config(ratio)
+                    done = prune_model(copy.deepcopy(dense), calib_batches, at_ratio, scores=scores, dense=dense,
+                                       provenance=provenance)
+                    pruned, plan = done.model, done.plan
+                    row = {"prune": ratio, "heads": sum(plan.heads_after), "heads_per_layer": plan.heads_after,
+                           "params": count_parameters(pruned)}
+                    if kv_map is not None:
+                        row["kv_heads_per_layer"] = [len(k) for k in plan.kv_heads_after]
+                    if ffn:
+                        row.update(prune_ffn=at_ratio.prune_ffn, neurons=sum(plan.neurons_after),
+                                   neurons_per_layer=plan.neurons_after)
+                    if config.repair:
+                        row["repair"] = done.repair
+                        if row["repair"].get("warning") and not any(r.get("repair", {}).get("warning") for r in rows):
+                            warn(row["repair"]["warning"])  # the calibration data is the same for every ratio: once
+                    metrics = evaluate_model(pruned, ref)
+                    row.update(quality=primary_metric(ref.task, metrics)[1], metrics=metrics,
+                               ideal_speedup=flops.compare(dense_shape, flops.LayerShape.from_model(pruned),
+                                                           config.batch, config.seq)["ideal_speedup"],
+                               kept_heads=plan.kept_heads, latency=None)
+                    pruned_dir = models_dir / f"prune-{ratio:g}"
+                    save_pruned(pruned, pruned_dir, plan, tokenizer=tokenizer, source=src)
+                    del pruned
+                    if backend is not None:
+                        row["latency"] = _latency(backend, src, pruned_dir, dense, config, threads, dense_exports,
+                                                  Path(scratch), notes)
+                    rows.append(row)
+                    lat = row["latency"]
+                    log(f"prune {ratio:g}: {row['heads']} heads, " + (f"{row['neurons']} FFN neurons, " if ffn else "")
+                        + f"{metric_name} {row['quality']:.4f}"
+                        + (f", p50 {lat['pruned_p50_ms']:.2f} ms vs dense {lat['dense_p50_ms']:.2f} ms "
+                           f"(x{lat['speedup_p50']:.2f})" if lat else ""))
+                measured = [r for r in rows[1:] if r.get("latency")]
+                if measured:  # the dense row's latency: median of its interleaved runs beside every ratio
+                    dense_p50 = statistics.median(r["latency"]["dense_p50_ms"] for r in measured)
+                    rows[0]["latency"] = {"dense_p50_ms": dense_p50, "pruned_p50_ms": dense_p50, "speedup_p50": 1.0}
+                    points = [(r["latency"]["pruned_p50_ms"], r["quality"]) for r in rows]
+                    for r, on in zip(rows, pareto_front(points, higher)):
+                        r["pareto"] = on
+            settings = {k: v for k, v in asdict(config).items() if k != "eval" and (by_speed or k not in SPEED_FIELDS)}
+            result = {
+                "kind": "headslim-sweep", "format_version": 1,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": str(src), "task": ref.task, "quality_metric": metric_name, "higher_is_better": higher,
+                "calibration": f"{calib.source} ({len(calib)} texts)", "eval_data": ref.source, "threads": threads,
+                "machine": machine_info(),
+                "settings": {**settings, "ratios": list(config.ratios), "eval": asdict(config.eval)},
+                "rows": rows, "notes": notes,
+            }
+            if by_speed:  # the latency tables and their calibration on the dense model and its skeleton
+                result["speed"] = {k: v for k, v in speed.describe().items() if k != "target"}
+            (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+            plot = report.sweep_plot(result, tmp / "pareto.png")
+            (tmp / "sweep.md").write_text(report.sweep_markdown(result, plot_name=plot.name if plot else None))
+    finally:
+        if speed is not None:
+            speed.close()
     return result
+
+
+def _speed_target(src, dense, tokenizer, threads: int, config: SweepConfig, log):
+    """The :class:`headslim.speedup.SpeedTarget` every target of the sweep shares, as ``shrink`` builds it."""
+    from headslim.speedup import SpeedTarget
+
+    shapes = ", ".join(f"{b}x{s}" for b, s in config.shapes)
+    log(f"latency tables on {config.runtime} at {shapes}, calibrated on the dense model and its skeleton")
+    return SpeedTarget(src, dense, tokenizer, max(config.target_speedups), runtime=config.runtime,
+                       shapes=config.shapes, threads=threads, max_length=config.calib_max_length,
+                       min_time=config.latency_min_time, measure_seconds=config.min_seconds, progress=config.progress)
+
+
+def _speed_rows(rows: list, speed, dense, calib_batches, scores, provenance: dict, ref, models_dir: Path, tokenizer,
+                src, config: SweepConfig, metric_name: str, higher: bool, log) -> None:
+    """One row per speed-up target (appended to ``rows``, after the dense row): the plan ``shrink`` would
+    choose, its quality, and the written checkpoint timed against the dense one on the runtime."""
+    from headslim.evaluate import evaluate_model, primary_metric
+    from headslim.io import save_pruned
+    from headslim.pipeline import prune_model, warn
+    from headslim.quality import count_parameters
+
+    for target in config.target_speedups:
+        try:
+            done = prune_model(copy.deepcopy(dense), calib_batches, config.shrink_config(target), scores=scores,
+                               speed=speed, dense=dense, provenance=provenance)
+        except HeadslimError as e:  # beyond what the tables allow: say so, and go on with the other targets
+            rows.append({"target": target, "unreachable": str(e)})
+            log(f"target {target:g}: unreachable: {e}")
+            continue
+        pruned, plan = done.model, done.plan
+        planned = plan.provenance["speed_target"]
+        row = {"target": target, "heads": sum(plan.heads_after), "heads_per_layer": plan.heads_after,
+               "neurons": sum(plan.neurons_after), "neurons_per_layer": plan.neurons_after,
+               "params": count_parameters(pruned)}
+        if config.repair:
+            row["repair"] = done.repair
+            if row["repair"].get("warning") and not any(r.get("repair", {}).get("warning") for r in rows):
+                warn(row["repair"]["warning"])  # the calibration data is the same for every target: once
+        metrics = evaluate_model(pruned, ref)
+        row.update(quality=primary_metric(ref.task, metrics)[1], metrics=metrics, kept_heads=plan.kept_heads)
+        pruned_dir = models_dir / f"target-{target:g}"
+        save_pruned(pruned, pruned_dir, plan, tokenizer=tokenizer, source=src)
+        del pruned
+        measured = speed.measure(pruned_dir)  # a fresh interleaved run of what was written, not the plan's trial
+        row.update(estimated=[s["estimated_speedup"] for s in planned["shapes"]],
+                   planned={"measured": [s["measured_speedup"] for s in planned["shapes"]], "met": planned["met"],
+                            "rounds": len(planned["rounds"]), "exchange": planned["exchange"]["alpha"]},
+                   measured=[{"batch": m["batch"], "seq": m["seq"], "dense_ms": round(m["dense_ms"], 4),
+                              "pruned_ms": round(m["pruned_ms"], 4), "speedup": round(m["speedup"], 4)}
+                             for m in measured],
+                   met=all(m["speedup"] >= target for m in measured))
+        rows.append(row)
+        log(f"target {target:g}: {row['heads']} heads, {row['neurons']} FFN neurons, {metric_name} "
+            f"{row['quality']:.4f}, measured "
+            + ", ".join(f"x{m['speedup']:.2f} at {m['batch']}x{m['seq']}" for m in row["measured"])
+            + (" (met)" if row["met"] else " (NOT met)"))
+    timed = [r for r in rows[1:] if r.get("measured")]
+    # the dense row: per shape, the median of its interleaved runs beside every target (or of the calibration)
+    dense_ms = [statistics.median(r["measured"][i]["dense_ms"] for r in timed) if timed else round(ms, 4)
+                for i, ms in enumerate(speed.dense_ms)]
+    rows[0]["measured"] = [{"batch": b, "seq": s, "dense_ms": ms, "pruned_ms": ms, "speedup": 1.0}
+                           for (b, s), ms in zip(speed.shapes, dense_ms)]
+    timed = [rows[0], *timed]
+    fronts = [pareto_front([(-r["measured"][i]["speedup"], r["quality"]) for r in timed], higher)
+              for i in range(len(speed.shapes))]
+    for j, r in enumerate(timed):  # one flag per shape: the fronts of quality against measured speed-up may differ
+        r["pareto"] = [front[j] for front in fronts]
 
 
 def _latency(backend, dense_dir, pruned_dir: Path, dense, config: SweepConfig, threads: int, dense_exports: dict,
@@ -412,7 +587,8 @@ def add_parser(subparsers) -> None:
     from headslim.bench import add_timing_arguments
     from headslim.evaluate import add_data_arguments
 
-    p = subparsers.add_parser("sweep", help="prune at several ratios from one scoring pass; quality vs latency",
+    p = subparsers.add_parser("sweep", help="prune at several ratios or speed-up targets from one scoring pass; "
+                                            "quality vs latency",
                               description=__doc__.split("\n\n")[0], epilog=SWEEP_EXAMPLE,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     req = p.add_argument_group("required")
@@ -420,8 +596,26 @@ def add_parser(subparsers) -> None:
     opt = p.add_argument_group("optional")
     opt.add_argument("--out", default="sweep-out",
                      help="output dir: sweep.json, sweep.md, pareto.png (default sweep-out; must not exist)")
-    opt.add_argument("--prune", type=_ratio_list, default=(0.1, 0.3, 0.5, 0.7),
+    opt.add_argument("--prune", type=_ratio_list, default=None,
                      help="comma-separated fractions (or head counts) to remove (default 0.1,0.3,0.5,0.7)")
+    opt.add_argument("--target-speedup", dest="target_speedups", type=_speedup_list, default=None, metavar="X[,X...]",
+                     help="comma-separated speed-ups to plan for on --runtime instead of --prune/--prune-ffn, each "
+                          "as shrink --target-speedup plans it: heads and FFN neurons ranked together by quality "
+                          "cost per unit of latency saved (per-layer latency tables measured on the runtime once "
+                          "and cached, costs scored once for every target), then each result timed against the "
+                          "dense model side by side at every --shapes shape (for --min-time seconds)")
+    opt.add_argument("--target-structures", default="both", choices=["both", "heads", "ffn"],
+                     help="what --target-speedup may remove (default both)")
+    opt.add_argument("--speed-method", default="obs",
+                     help="costs --target-speedup spends: obs (default; repair-aware, headslim.scoring."
+                          "reconstruction), fisher or gradient")
+    opt.add_argument("--exchange", type=float, default=None,
+                     help="price of a head relative to its estimated cost in --target-speedup's ranking (default: "
+                          "fitted per target on held-out calibration batches over 1, 2, 4, ..., 128)")
+    opt.add_argument("--runtime", default="ort-cpu", help="runtime of --target-speedup: ort-cpu (default), "
+                                                          "ort-int8-cpu, torch-cpu or cuda")
+    opt.add_argument("--shapes", default="1x128,32x128",
+                     help="BATCHxSEQ shapes every --target-speedup must be met at (default 1x128,32x128)")
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
     opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
                      help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES})")
@@ -440,7 +634,8 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--no-repair", dest="repair", action="store_false",
                      help="skip the output-projection repair after pruning (shrink's default is to repair)")
     add_data_arguments(opt)
-    opt.add_argument("--backend", default="torch-sdpa-cpu", help="latency backend, or none (default torch-sdpa-cpu)")
+    opt.add_argument("--backend", default="torch-sdpa-cpu",
+                     help="latency backend of --prune ratios, or none (default torch-sdpa-cpu)")
     opt.add_argument("--batch", type=int, default=8, help="latency batch size (default 8)")
     opt.add_argument("--seq", type=int, default=128, help="latency sequence length (default 128)")
     add_timing_arguments(opt, warmup=5, min_time=3.0)  # one shape per ratio: shorter points than bench's
@@ -457,8 +652,11 @@ def _run(args) -> int:
     from headslim import report
     from headslim.evaluate import eval_config_from_args
 
-    config = config_from_args(SweepConfig, args, ratios=args.prune, calib_max_length=args.max_length,
-                              eval=eval_config_from_args(args), min_runs=args.runs, min_seconds=args.min_time)
+    if args.target_speedups is not None and (args.prune is not None or args.prune_ffn is not None):
+        raise HeadslimError("--target-speedup decides what to remove: leave out --prune and --prune-ffn")
+    config = config_from_args(SweepConfig, args, ratios=DEFAULT_RATIOS if args.prune is None else args.prune,
+                              calib_max_length=args.max_length, eval=eval_config_from_args(args), min_runs=args.runs,
+                              min_seconds=args.min_time)
     result = sweep(args.model, args.out, config, overwrite=args.overwrite, log=None if args.json else print)
     print(json.dumps(result, indent=2) if args.json else report.sweep_table(result))
     return 0

@@ -79,18 +79,19 @@ def fit_exchange(model, moments: dict, plan_for, held_out, *, objective: str = "
     from headslim.scoring.common import dense_reference
 
     references = dense_reference(model, held_out, objective)
-    trials, seen = [], {}
+    trials, seen, refusal = [], {}, None
     for alpha in grid:
         try:
             plan = plan_for(alpha)
-        except HeadslimError:
+        except HeadslimError as e:
+            refusal = refusal or e
             continue
         key = (tuple(map(tuple, plan.kept_heads)), tuple(map(tuple, plan.kept_neurons or [])))
         if key not in seen:
             seen[key] = heldout_objective(model, plan, moments, held_out, objective, references) / len(held_out)
         trials.append({"alpha": alpha, "heads": sum(plan.heads_after), "neurons": sum(plan.neurons_after or []),
                        "objective": float(f"{seen[key]:.6g}")})
-    if not trials:
-        raise HeadslimError("no head price on the grid gives a plan for this target")
+    if not trials:  # the budget's own reason (e.g. "cannot be reached: ... estimated 1.44x") says more
+        raise refusal or HeadslimError("no head price on the grid gives a plan for this target")
     best = min(trials, key=lambda t: (t["objective"], t["alpha"]))
     return best["alpha"], trials

@@ -132,6 +132,9 @@ def test_fit_exchange_picks_the_lowest_heldout_objective():
     # the objective is the dense model's own: an empty plan costs nothing
     full = PrunePlan(heads, [list(range(n)) for n in heads], num_neurons=neurons, kept_neurons=[list(range(n)) for n in neurons])
     assert heldout_objective(model, full, result["moments"], held, "dense", refs) == pytest.approx(0.0, abs=1e-8)
+    # no price gives a plan: the budget's own reason reaches the user, not a generic one
+    with pytest.raises(HeadslimError, match="^unreachable$"):
+        fit_exchange(model, result["moments"], plan_for, held, grid=(3.0, 4.0))
 
 
 def test_scaled_prices_only_heads():

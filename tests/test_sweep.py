@@ -294,3 +294,203 @@ def test_every_sweep_option_reaches_its_config_field(monkeypatch, capsys):
     config = captured[0]
     assert (config.ratios, config.calib_max_length, config.eval.max_length, config.min_runs, config.min_seconds,
             config.repair, config.progress, config.eval.k) == ((0.2, 3), 16, 16, 4, 0.0, False, False, 3)
+
+
+# ---- speed-up targets: one SpeedTarget, one scoring pass, the plan shrink chooses, timed on the runtime ---------
+
+REST_MS = 1.0  # per sample: the embeddings, pooler and call overhead no pruning touches
+
+
+def stand_in_runtime(monkeypatch) -> list:
+    """A runtime whose per-layer tables are linear (``tests.test_budget.Table``) and whose whole-model time is
+    the tables' sum for the written checkpoint's plan plus a fixed rest: timing is a benchmark's job, and with
+    these stand-ins the calibrated estimates are exact. Returns the dirs timed against the dense model."""
+    from pathlib import Path
+
+    import headslim.latency
+    import headslim.speedup
+    from tests.test_budget import Table
+
+    def table(shape, *, runtime, batch, seq, **kw):
+        return Table(a=0.1 * batch, ffn=lambda n: 0.004 * batch * n, batch=batch, seq=seq)
+
+    timed = []
+
+    def time_pair(dense_dir, pruned_dir, runtime, shapes, **kw):
+        timed.append(Path(pruned_dir))
+        plan = PrunePlan.load(pruned_dir)
+        out = []
+        for batch, seq in shapes:
+            t = table(None, runtime=runtime, batch=batch, seq=seq)
+            dense_ms = REST_MS * batch + t.model_ms(plan.num_heads, plan.num_neurons)
+            pruned_ms = REST_MS * batch + t.model_ms(plan.heads_after, plan.neurons_after)
+            out.append({"batch": batch, "seq": seq, "dense_ms": dense_ms, "pruned_ms": pruned_ms,
+                        "speedup": dense_ms / pruned_ms})
+        return out
+
+    monkeypatch.setattr(headslim.latency, "measure_table", table)
+    monkeypatch.setattr(headslim.speedup, "time_pair", time_pair)
+    monkeypatch.setattr(headslim.speedup, "export_for", lambda *a, **k: None)
+    return timed
+
+
+def counting_structures(monkeypatch) -> list:
+    """Count the calls of ``headslim.scoring.neurons.score_structures`` (the speed-up targets' costs)."""
+    import headslim.scoring.neurons
+
+    calls, real = [], headslim.scoring.neurons.score_structures
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("method"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(headslim.scoring.neurons, "score_structures", counting)
+    return calls
+
+
+SPEED = dict(runtime="torch-cpu", shapes="1x16,4x16")
+
+
+def test_sweep_to_speedup_targets_plans_as_shrink_and_measures(dense_and_data, tmp_path, monkeypatch):
+    """Two reachable targets and one beyond the tables: every reachable target gets the plan shrink
+    --target-speedup chooses on its own (its own scoring pass, its own head price), measured on the runtime
+    from the written checkpoint; the unreachable one is a row saying why, and the sweep goes on."""
+    from headslim import report
+
+    dense_dir, data = dense_and_data
+    timed = stand_in_runtime(monkeypatch)
+    calls = counting_structures(monkeypatch)
+    out = tmp_path / "o"
+    # 16 texts in batches of 4: 3 batches to score on, the 4th to fit the head price on (as shrink splits them)
+    config = SweepConfig(target_speedups=(1.3, 3.0, 1.6), calib=str(data), calib_samples=16,
+                         eval=EvalConfig(data=str(data), k=3, batch_size=4), save_models=True, **SPEED, **FAST)
+    result = sweep(dense_dir, out, config, log=None)
+    assert calls == ["obs"]  # one scoring pass for three targets
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    rows = saved["rows"]
+    assert [r["target"] for r in rows] == [1.0, 1.3, 3.0, 1.6]
+    assert saved["settings"]["target_speedups"] == [1.3, 3.0, 1.6] and saved["settings"]["ratios"] == []
+    assert saved["settings"]["shapes"] == [[1, 16], [4, 16]]
+    assert set(rows[2]) == {"target", "unreachable"}  # the reason: shrink's own, checked below
+    assert [m["speedup"] for m in rows[0]["measured"]] == [1.0, 1.0]
+    assert rows[0]["heads"] == HEADS * LAYERS and rows[0]["neurons"] == 37 * LAYERS
+    for row in (rows[1], rows[3]):
+        target = row["target"]
+        pruned_dir = out / "models" / f"target-{target:g}"
+        plan = PrunePlan.load(pruned_dir)
+        assert row["heads_per_layer"] == plan.heads_after and row["neurons_per_layer"] == plan.neurons_after
+        assert row["heads"] == sum(plan.heads_after) and row["kept_heads"] == plan.kept_heads
+        # measured afresh on the written checkpoint, at every shape, against the dense model
+        assert [(m["batch"], m["seq"]) for m in row["measured"]] == [(1, 16), (4, 16)]
+        assert row["met"] and all(m["speedup"] >= target for m in row["measured"])
+        assert all(m["speedup"] == pytest.approx(m["dense_ms"] / m["pruned_ms"], rel=1e-3) for m in row["measured"])
+        assert row["estimated"] == pytest.approx([m["speedup"] for m in row["measured"]], rel=1e-3)  # exact stand-ins
+        assert row["planned"]["met"] and row["planned"]["exchange"] > 0
+        assert any(p.name == pruned_dir.name for p in timed)
+        assert plan.provenance["speed_target"]["target"] == target
+        # the library path: shrink at this target scores and fits the head price itself
+        slim = shrink(dense_dir, tmp_path / f"slim-{target:g}",
+                      ShrinkConfig(target_speedup=target, calib=str(data), calib_samples=16, eval_data=str(data),
+                                   batch_size=4, threads=1, repair=False, progress=False, **SPEED))
+        assert slim.plan["attention"]["kept_heads"] == plan.kept_heads
+        assert slim.plan["mlp"]["kept_neurons"] == plan.kept_neurons
+    assert rows[3]["heads"] + rows[3]["neurons"] < rows[1]["heads"] + rows[1]["neurons"]
+    assert calls.count("obs") == 3  # shrink scored once per target; the sweep once for all
+    with pytest.raises(HeadslimError) as unreachable:
+        shrink(dense_dir, tmp_path / "slim-3", ShrinkConfig(target_speedup=3.0, calib=str(data), calib_samples=16,
+                                                            eval_data=str(data), batch_size=4, repair=False,
+                                                            progress=False, **SPEED))
+    assert str(unreachable.value) == rows[2]["unreachable"]
+    for i in range(2):  # a Pareto front per shape; the fastest result is on it
+        assert [r["pareto"][i] for r in (rows[0], rows[1], rows[3])][-1] is True
+    md = (out / "sweep.md").read_text()
+    assert "| 3 | unreachable |" in md and "| 1.3 |" in md and "speed-up b4 s16" in md
+    table = report.sweep_table(result)
+    assert f"target 3: unreachable: {rows[2]['unreachable']}" in table and "dense" in table
+    pytest.importorskip("matplotlib")
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interrupted_target_sweep_leaves_nothing_and_closes_its_speed_target(dense_and_data, tmp_path,
+                                                                                 monkeypatch):
+    import headslim.speedup
+
+    dense_dir, data = dense_and_data
+    stand_in_runtime(monkeypatch)
+    closed, real_close = [], headslim.speedup.SpeedTarget.close
+
+    def close(self):
+        closed.append(self._tmp.name)
+        real_close(self)
+
+    def interrupted(self, pruned_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(headslim.speedup.SpeedTarget, "close", close)
+    monkeypatch.setattr(headslim.speedup.SpeedTarget, "measure", interrupted)
+    config = SweepConfig(target_speedups=(1.3,), calib=str(data), calib_samples=8, exchange=1.0,
+                         eval=EvalConfig(data=str(data), k=3), **SPEED, **FAST)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(dense_dir, tmp_path / "o", config, log=None)
+    assert not (tmp_path / "o").exists() and list(tmp_path.glob("*o.tmp*")) == []
+    assert len(closed) == 1 and not __import__("os").path.exists(closed[0])
+
+
+def test_sweep_refuses_bad_speed_targets_before_loading(tmp_path, monkeypatch, capsys):
+    import headslim.io
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("refused only after the model loaded")
+
+    monkeypatch.setattr(headslim.io, "load_model", no_loading)
+    for args, message in ((["--prune", "0.3"], "leave out --prune and --prune-ffn"),
+                          (["--prune-ffn", "0.3"], "leave out --prune and --prune-ffn"),
+                          (["--target-speedup", "1.5,2,1.5"], "--target-speedup lists 1.5 twice"),
+                          (["--target-speedup", "1.2,0.9"], "--target-speedup must be a number above 1, not 0.9"),
+                          (["--target-speedup", "1"], "above 1, not 1.0"),
+                          (["--runtime", "tpu"], "--runtime"), (["--shapes", "1by128"], "BATCHxSEQ"),
+                          (["--speed-method", "magnitude"], "obs, fisher or gradient"),
+                          (["--exchange", "0"], "--exchange"), (["--threads", "0"], "--threads")):
+        rc = main(["sweep", "no-such-model", "--target-speedup", "1.5", *args, "--out", str(tmp_path / "o"),
+                   "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(HeadslimError, match="needs at least one speed-up"):
+        SweepConfig(target_speedups=())
+    with pytest.raises(HeadslimError, match="leave out --prune and --prune-ffn"):
+        SweepConfig(target_speedups=(1.5,), prune_ffn=0.2)
+
+
+def test_sweep_cli_speed_options_reach_the_config(monkeypatch):
+    import headslim.sweep
+
+    captured = []
+    monkeypatch.setattr(headslim.sweep, "sweep", lambda model, out, config, **kw: captured.append(config) or {})
+    assert main(["sweep", "m", "--target-speedup", "1.5,2", "--target-structures", "heads", "--speed-method", "fisher",
+                 "--exchange", "4", "--runtime", "torch-cpu", "--shapes", "1x16,8x32", "--threads", "2",
+                 "--min-time", "0.5", "--json"]) == 0
+    config = captured[0]
+    assert (config.target_speedups, config.ratios, config.target_structures, config.speed_method, config.exchange,
+            config.runtime, config.shapes) == ((1.5, 2.0), (), "heads", "fisher", 4.0, "torch-cpu", ((1, 16), (8, 32)))
+    at = config.shrink_config(2.0)  # what shrink --target-speedup 2 runs with these settings
+    assert (at.target_speedup, at.prune, at.threads, at.measure_seconds, at.shapes) == (2.0, 0, 2, 0.5, config.shapes)
+    assert main(["sweep", "m", "--prune", "0.2", "--json"]) == 0 and captured[1].target_speedups is None
+    assert captured[1].ratios == (0.2,)
+    assert main(["sweep", "m", "--json"]) == 0 and captured[2].ratios == (0.1, 0.3, 0.5, 0.7)
+
+
+def test_sweep_to_speedup_targets_refuses_gqa_before_timing(llama_and_data, tmp_path, monkeypatch):
+    import headslim.latency
+
+    def no_tables(*args, **kwargs):
+        raise AssertionError("latency tables measured for a model that cannot be planned")
+
+    monkeypatch.setattr(headslim.latency, "measure_table", no_tables)
+    model_dir, data = llama_and_data
+    config = SweepConfig(target_speedups=(1.5,), calib=str(data), calib_samples=8, eval=EvalConfig(data=str(data)),
+                         **SPEED, **FAST)
+    with pytest.raises(HeadslimError, match="does not plan grouped-query"):
+        sweep(model_dir, tmp_path / "o", config, log=None)
+    assert not (tmp_path / "o").exists()
