@@ -78,6 +78,16 @@ def time_pair(dense_dir, pruned_dir, runtime: str, shapes, *, threads: int | Non
     return [result[s] for s in shapes]
 
 
+def median_points(runs: list[list[dict]]) -> list[dict]:
+    """Per shape, the median of several :func:`time_pair` results (speed-up: the median of the runs'
+    speed-ups, not the ratio of medians), with ``timings`` = how many."""
+    import statistics
+
+    return [{"batch": points[0]["batch"], "seq": points[0]["seq"],
+             **{k: statistics.median(p[k] for p in points) for k in ("dense_ms", "pruned_ms", "speedup")},
+             "timings": len(points)} for points in zip(*runs)]
+
+
 class SpeedTarget:
     """One ``--target-speedup`` run: the latency tables, calibrated on the whole model, and the final check.
 
@@ -153,10 +163,15 @@ class SpeedTarget:
 
                 shutil.rmtree(onnx_pruned, ignore_errors=True)
 
-    def trial(self, model, plan) -> list[dict]:
+    def trial(self, model, plan, goal: float | None = None) -> list[dict]:
         """Apply ``plan`` to a copy of ``model``, write it to scratch and time it against the dense model.
 
-        Repair changes weight values, not shapes, so a plan is timed before it is repaired.
+        Repair changes weight values, not shapes, so a plan is timed before it is repaired. With
+        ``goal``, a miss is confirmed before anyone re-spends on it: when a shape's speed-up is below
+        ``goal``, the plan is timed twice more and each shape gets the median of the three (its
+        ``timings`` says 3). One slow reading on a busy machine (1.18x for a plan that read 1.51x
+        and 1.64x around it, on this project's 2-core VM) otherwise sends the correction far past
+        the target.
         """
         import copy
         import shutil
@@ -167,7 +182,10 @@ class SpeedTarget:
         out = Path(self._tmp.name) / f"trial-{self._measured + 1}"
         save_pruned(prune_heads(copy.deepcopy(model), plan), out, plan, tokenizer=self.tokenizer, source=self.src)
         try:
-            return self.measure(out)
+            first = self.measure(out)
+            if goal is None or all(m["speedup"] >= goal for m in first):
+                return first
+            return median_points([first, self.measure(out), self.measure(out)])
         finally:
             shutil.rmtree(out, ignore_errors=True)
 

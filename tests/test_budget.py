@@ -188,6 +188,34 @@ def test_a_speed_target_measures_many_results(tmp_path, monkeypatch):
     assert len(set(made)) == 2 and not any(p.exists() for p in made)
 
 
+def test_a_missed_trial_is_timed_three_times_and_the_median_kept(monkeypatch):
+    # one slow reading must not send the correction past the target: a miss is confirmed first
+    import headslim.speedup
+    from headslim.speedup import SpeedTarget
+
+    readings = iter([[1.18, 1.58], [1.51, 1.57], [1.64, 1.60], [1.70, 1.66]])
+
+    def fake_time(dense_dir, pruned_dir, runtime, shapes, **kw):
+        return [{"batch": b, "seq": s, "dense_ms": 10.0, "pruned_ms": 10.0 / x, "speedup": x}
+                for (b, s), x in zip(shapes, next(readings))]
+
+    monkeypatch.setattr(headslim.speedup, "time_pair", fake_time)
+    monkeypatch.setattr(headslim.speedup, "export_for", lambda *a, **k: None)
+    monkeypatch.setattr("headslim.io.save_pruned", lambda *a, **k: None)
+    monkeypatch.setattr("headslim.surgery.prune_heads", lambda model, plan: model)
+    target = SpeedTarget.__new__(SpeedTarget)  # timing only: no tables
+    import tempfile
+
+    target._tmp, target._measured = tempfile.TemporaryDirectory(), 0
+    target.src, target.runtime, target.shapes, target.threads = "dense", "torch-cpu", ((1, 128), (32, 128)), 1
+    target.measure_seconds, target.onnx_dense, target.max_length, target.tokenizer = 0.0, None, 128, None
+    got = target.trial(object(), None, goal=1.5)
+    assert [m["speedup"] for m in got] == [1.51, 1.58] and [m["timings"] for m in got] == [3, 3]
+    # met the first time: one timing, as read
+    assert [m["speedup"] for m in target.trial(object(), None, goal=1.5)] == [1.70, 1.66]
+    target.close()
+
+
 def test_time_pair_covers_every_shape_in_order(tmp_path):
     """Shapes sharing a length are timed in one bench run; every shape comes back, in the order asked."""
     from headslim.io import save_pruned
@@ -224,7 +252,7 @@ def test_a_raised_target_that_overshoots_steps_back_and_keeps_the_met_plan(step_
         def __init__(self):
             self.tables, self.rest_ms, self.scale, self.trials = tables, [0.0, 0.0], [1.0, 1.0], 0
 
-        def trial(self, model, plan):
+        def trial(self, model, plan, goal=None):
             est = [t.model_ms(plan.num_heads, plan.num_neurons) / t.model_ms(plan.heads_after, plan.neurons_after)
                    for t in tables]
             self.trials += 1
