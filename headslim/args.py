@@ -37,6 +37,23 @@ def add_ffn_arguments(opt, prune_type, prune_help: str) -> None:
                      help="FFN neurons every layer keeps (default 0: a layer may lose its whole FFN)")
 
 
+def add_speed_arguments(opt) -> None:
+    """The settings of ``--target-speedup`` (its own flag differs: one target for shrink, a list for
+    sweep): ``--target-structures``, ``--speed-method``, ``--exchange``, ``--runtime``, ``--shapes``."""
+    opt.add_argument("--target-structures", default="both", choices=["both", "heads", "ffn"],
+                     help="what --target-speedup may remove (default both)")
+    opt.add_argument("--speed-method", default="obs",
+                     help="costs --target-speedup spends: obs (default; repair-aware, headslim.scoring."
+                          "reconstruction), fisher or gradient")
+    opt.add_argument("--exchange", type=float, default=None,
+                     help="price of a head relative to its estimated cost in --target-speedup's ranking (default: "
+                          "fitted per target on held-out calibration batches over 1, 2, 4, ..., 128)")
+    opt.add_argument("--runtime", default="ort-cpu", help="runtime of --target-speedup: ort-cpu (default), "
+                                                          "ort-int8-cpu, torch-cpu or cuda")
+    opt.add_argument("--shapes", default="1x128,32x128",
+                     help="BATCHxSEQ shapes --target-speedup must be met at (default 1x128,32x128)")
+
+
 def config_from_args(cls, args: argparse.Namespace, **values):
     """The dataclass ``cls`` built from the parsed ``args``: every field that has an argument of the
     same name (``dest``) takes its value; ``values`` gives the fields whose options are named otherwise.

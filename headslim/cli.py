@@ -7,7 +7,7 @@ import json
 import sys
 
 from headslim._version import __version__
-from headslim.args import add_ffn_arguments, config_from_args, prune_arg
+from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_args, prune_arg
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
@@ -35,18 +35,7 @@ def _add_shrink(sub) -> None:
                      help="plan for this speed-up on --runtime instead of --prune/--prune-ffn: heads and FFN "
                           "neurons ranked together by quality cost per unit of latency saved (per-layer latency "
                           "tables measured on the runtime and cached), then dense and pruned timed side by side")
-    opt.add_argument("--target-structures", default="both", choices=["both", "heads", "ffn"],
-                     help="what --target-speedup may remove (default both)")
-    opt.add_argument("--speed-method", default="obs",
-                     help="costs --target-speedup spends: obs (default; repair-aware, headslim.scoring."
-                          "reconstruction), fisher or gradient")
-    opt.add_argument("--exchange", type=float, default=None,
-                     help="price of a head relative to its estimated cost in --target-speedup's ranking (default: "
-                          "fitted on held-out calibration batches over 1, 2, 4, ..., 128)")
-    opt.add_argument("--runtime", default="ort-cpu", help="runtime of --target-speedup: ort-cpu (default), "
-                                                          "ort-int8-cpu, torch-cpu or cuda")
-    opt.add_argument("--shapes", default="1x128,32x128",
-                     help="BATCHxSEQ shapes --target-speedup must be met at (default 1x128,32x128)")
+    add_speed_arguments(opt)
     opt.add_argument("--threads", type=int, default=None, help="CPU threads for latency tables and timings")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")

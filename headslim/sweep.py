@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from headslim.args import add_ffn_arguments, config_from_args, prune_arg
+from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_args, prune_arg
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 from headslim.speedup import DEFAULT_SHAPES
@@ -604,18 +604,7 @@ def add_parser(subparsers) -> None:
                           "cost per unit of latency saved (per-layer latency tables measured on the runtime once "
                           "and cached, costs scored once for every target), then each result timed against the "
                           "dense model side by side at every --shapes shape (for --min-time seconds)")
-    opt.add_argument("--target-structures", default="both", choices=["both", "heads", "ffn"],
-                     help="what --target-speedup may remove (default both)")
-    opt.add_argument("--speed-method", default="obs",
-                     help="costs --target-speedup spends: obs (default; repair-aware, headslim.scoring."
-                          "reconstruction), fisher or gradient")
-    opt.add_argument("--exchange", type=float, default=None,
-                     help="price of a head relative to its estimated cost in --target-speedup's ranking (default: "
-                          "fitted per target on held-out calibration batches over 1, 2, 4, ..., 128)")
-    opt.add_argument("--runtime", default="ort-cpu", help="runtime of --target-speedup: ort-cpu (default), "
-                                                          "ort-int8-cpu, torch-cpu or cuda")
-    opt.add_argument("--shapes", default="1x128,32x128",
-                     help="BATCHxSEQ shapes every --target-speedup must be met at (default 1x128,32x128)")
+    add_speed_arguments(opt)
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
     opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
                      help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES})")
