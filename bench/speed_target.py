@@ -61,11 +61,10 @@ def main(argv=None) -> int:
     from headslim.io import load_model, resolve_model_path, save_pruned
     from headslim.plan import PrunePlan
     from headslim.quality import embeddings
-    from headslim.pipeline import PruneConfig, Scores, prune_model
+    from headslim.pipeline import PruneConfig, Scores, prune_model, speed_scores
     from headslim.scoring.neurons import score_structures
     from headslim.selection import select_heads
     from headslim.speedup import SpeedTarget, parse_shapes
-    from headslim.tradeoff import split_heldout
 
     torch.set_num_threads(args.threads)
     src = resolve_model_path(args.model)
@@ -90,9 +89,9 @@ def main(argv=None) -> int:
                         threads=args.threads, max_length=128, measure_seconds=args.measure_seconds, progress=False)
     tables_s = time.perf_counter() - t
     t = time.perf_counter()
-    # one scoring pass for every target: the costs come from the batches the head price is not fitted on
-    scored = score_structures(dense, split_heldout(calib)[0], method=args.speed_method, heads=True, seed=args.seed,
-                              progress=False)
+    # the costs prune_model would score for a joint target (on the batches the head price is not fitted on)
+    scored = speed_scores(dense, calib, PruneConfig(target_speedup=2.0, speed_method=args.speed_method, seed=args.seed,
+                                                    progress=False)).structures
     score_s = time.perf_counter() - t
     print(f"tables + calibration {tables_s:.0f} s, scoring ({args.speed_method}) {score_s:.0f} s", flush=True)
 
