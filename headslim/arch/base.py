@@ -167,6 +167,12 @@ class Adapter(abc.ABC):
     def check(self, config) -> None:
         """Raise a one-line :class:`HeadslimError` for variants of the family it cannot handle."""
 
+    @abc.abstractmethod
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer layers, in forward order. Each takes the residual stream as its first
+        argument (or ``hidden_states=``) and returns the next one (alone, or first in a tuple), and
+        nothing runs between two layers (``headslim.layerwise`` carries the stream layer by layer)."""
+
     # ---- attention heads ------------------------------------------------------------------------
 
     @abc.abstractmethod

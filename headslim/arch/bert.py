@@ -31,8 +31,11 @@ class BertFamilyAdapter(Adapter):
     model_types = ("bert", "roberta", "xlm-roberta", "electra")
     keeps_bias_projection = True
 
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.base_model.encoder.layer)
+
     def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.attention for layer in model.base_model.encoder.layer]
+        return [layer.attention for layer in self.layers(model)]
 
     def head_dim(self, model: nn.Module) -> int:
         return self.attention_blocks(model)[0].self.attention_head_size
@@ -75,7 +78,7 @@ class BertFamilyAdapter(Adapter):
 
     # FFN neurons: ``layer.intermediate.dense`` rows and ``layer.output.dense`` columns.
     def mlp_blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.base_model.encoder.layer)
+        return self.layers(model)
 
     def num_neurons(self, model: nn.Module) -> list[int]:
         return [getattr(layer.intermediate, "dense", layer.intermediate).out_features

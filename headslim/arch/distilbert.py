@@ -32,8 +32,11 @@ class DistilBertAdapter(Adapter):
     model_types = ("distilbert",)
     keeps_bias_projection = True
 
-    def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
+    def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.transformer.layer)
+
+    def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return self.layers(model)
 
     def head_dim(self, model: nn.Module) -> int:
         return int(self.attention_blocks(model)[0].attention.attention_head_size)

@@ -29,6 +29,9 @@ class GPT2Adapter(Adapter):
         if getattr(config, "add_cross_attention", False):
             raise HeadslimError("gpt2 with add_cross_attention=True: cross-attention layers are not supported")
 
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return self.attention_blocks(model)
+
     def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
         blocks = getattr(model.base_model, "h", None)
         if blocks is None:

@@ -1,0 +1,128 @@
+"""Carry calibration batches through a model one layer at a time, so that work done per layer (the
+repair fit; layer-wise scores) costs one pass over the model, not one pass per layer.
+
+:func:`layer_calls` runs the model once per batch and records, for every layer, what the model
+passes it besides the residual stream (attention masks, rotary position embeddings, per-layer masks
+of sliding-window models), and the stream entering the first layer. :func:`run_layer` then calls a
+layer on any stream with those arguments. A :class:`Stream` holds one stream per batch and is
+advanced a layer at a time; two streams (the dense model's and the pruned model's) share one set of
+calls, since what the model passes its layers depends on the inputs and the config, not on how many
+heads or neurons a layer kept.
+
+What a family must guarantee is in ``Adapter.layers``: the residual stream is the layer's first
+argument (or ``hidden_states=``), it comes back alone or first in a tuple, and nothing runs between
+two layers. The calls are recorded with ``use_cache=False`` so no layer appends to a KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from headslim.arch import get_adapter
+from headslim.errors import HeadslimError
+
+_CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class Call:
+    """What one layer is given besides the stream: the other positional arguments, the keyword
+    arguments, and the keyword that carries the stream (None: it is the first positional one)."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    key: str | None = None
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The batch as keyword arguments of ``model`` (labels dropped), with ``use_cache=False`` where the
+    model takes it."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Call]:
+    kwargs = {k: (None if k in _CACHE_KEYS else v) for k, v in kwargs.items()}
+    if args:
+        return args[0], Call(tuple(args[1:]), kwargs, None)
+    if "hidden_states" not in kwargs:
+        raise HeadslimError("a layer was called without its hidden states (no first argument, no hidden_states=)")
+    return kwargs.pop("hidden_states"), Call((), kwargs, "hidden_states")
+
+
+@torch.no_grad()
+def layer_calls(model, batch: dict, *, every_layer: bool = True) -> tuple[torch.Tensor, list[Call]]:
+    """``(stream entering layer 0, [Call per layer])`` for one batch: one forward pass, stopped when the
+    last layer is entered (``every_layer`` False: when the first is, and only its call is returned)."""
+    layers = get_adapter(model).layers(model)
+    calls: list = [None] * len(layers)
+    first: list = []
+    stop_at = len(layers) - 1 if every_layer else 0
+
+    def hook(index):
+        def pre(module, args, kwargs):
+            hidden, calls[index] = _split_call(args, kwargs)
+            if index == 0:
+                first.append(hidden)
+            if index == stop_at:
+                raise _Stop
+        return pre
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers[:stop_at + 1])]
+    try:
+        model(**model_inputs(model, batch))
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not first or any(c is None for c in calls[:stop_at + 1]):
+        raise HeadslimError(f"{type(model).__name__}: not every layer ran in a forward pass")
+    return first[0], calls[:stop_at + 1]
+
+
+def run_layer(layer, hidden: torch.Tensor, call: Call) -> torch.Tensor:
+    """The stream after ``layer`` given the stream ``hidden`` entering it."""
+    out = layer(hidden, *call.args, **call.kwargs) if call.key is None else layer(*call.args, **{**call.kwargs,
+                                                                                                 call.key: hidden})
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Stream:
+    """Per batch, the residual stream entering layer ``self.layer`` of ``model``.
+
+    Args:
+        model: whose layers advance the stream.
+        batches: the calibration batches (on the model's device).
+        calls: per batch, the layers' :class:`Call` list (:func:`layer_calls`); another stream's may be
+            shared. None: recorded here (one forward pass per batch).
+    """
+
+    def __init__(self, model, batches: list, calls: list | None = None):
+        self.model, self.layer = model, 0
+        self.layers = get_adapter(model).layers(model)
+        self.hidden, recorded = [], []
+        for batch in batches:
+            hidden, own = layer_calls(model, batch, every_layer=calls is None)
+            self.hidden.append(hidden)
+            recorded.append(own)
+        self.calls = calls if calls is not None else recorded
+
+    @torch.no_grad()
+    def run(self, index: int) -> torch.Tensor:
+        """The current layer's output for batch ``index`` (the stream is not advanced)."""
+        return run_layer(self.layers[self.layer], self.hidden[index], self.calls[index][self.layer])
+
+    def advance(self, outputs: list | None = None) -> None:
+        """Move every batch past the current layer (``outputs``: its outputs, already computed)."""
+        self.hidden = outputs if outputs is not None else [self.run(i) for i in range(len(self.hidden))]
+        self.layer += 1

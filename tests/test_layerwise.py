@@ -1,0 +1,125 @@
+"""Layer-at-a-time streams: they reproduce the model's own forward pass, and repair through them equals
+the sequential repair computed with full forward passes per site, at a cost linear in depth."""
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from headslim.arch import get_adapter
+from headslim.layerwise import Stream, model_inputs
+from headslim.repair import _add, _capture, _has_bias, _o_weight, _set_o_weight, _site_modules, _solve, _Stop, repair
+from headslim.surgery import prune_heads
+from tests.conftest import tiny_batches
+from tests.test_mlp import CASES, build, joint_plans
+
+
+def _last_layer_output(model, batch):
+    got = {}
+    last = get_adapter(model).layers(model)[-1]
+    handle = last.register_forward_hook(lambda m, a, out: got.update(h=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(**model_inputs(model, batch))
+    handle.remove()
+    return got["h"]
+
+
+@pytest.mark.parametrize("model_type,class_name", CASES)
+def test_stream_through_every_layer_is_the_forward_pass(model_type, class_name):
+    for model in (build(model_type, class_name), prune_heads(build(model_type, class_name),
+                                                             joint_plans(build(model_type, class_name), 1)[1])):
+        batches = tiny_batches(2)
+        stream = Stream(model, batches)
+        for _ in range(len(stream.layers)):
+            stream.advance()
+        for batch, hidden in zip(batches, stream.hidden):
+            torch.testing.assert_close(hidden, _last_layer_output(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def _sites(plan, bias_only: bool):
+    """Every projection repair fits, in forward order (a layer that kept nothing: where the family keeps
+    a bias-only projection)."""
+    sites = []
+    for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
+        if len(kept) < n and (kept or bias_only):
+            sites.append((layer, "attention"))
+        kept = plan.kept_neurons[layer]
+        if len(kept) < plan.num_neurons[layer] and (kept or bias_only):
+            sites.append((layer, "mlp"))
+    return sites
+
+
+@torch.no_grad()
+def _full_pass_to(model, site, batch):
+    """The site's captures from a whole forward pass of ``model`` from its embeddings (the old way)."""
+    got, handles = _capture(model, site, want_input=True)
+    try:
+        model(**model_inputs(model, batch))
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _reference_repair(model, dense, plan, batches, ridge=1e-2):
+    """Sequential repair with a full forward pass of both models per site and batch (quadratic in depth)."""
+    for site in _sites(plan, get_adapter(model).keeps_bias_projection):
+        proj = _site_modules(model, site)[0]
+        stats = {}
+        for batch in batches:
+            mask = batch["attention_mask"].bool()
+            ref, cur = _full_pass_to(dense, site, batch), _full_pass_to(model, site, batch)
+            kept = plan.kept_heads[site[0]] if site[1] == "attention" else plan.kept_neurons[site[0]]
+            x = cur["c"][mask] if kept else cur["c"][mask][:, :0]
+            _add(stats, x, (ref["y"] + ref["x"] - cur["x"])[mask], _has_bias(proj))
+        _set_o_weight(proj, _solve(stats, _o_weight(proj), ridge, _has_bias(proj)))
+
+
+@pytest.mark.parametrize("model_type,class_name", CASES)
+def test_streamed_repair_equals_the_full_pass_reference(model_type, class_name):
+    dense = build(model_type, class_name)
+    plan = joint_plans(dense, 2)[2]
+    ours, ref = prune_heads(copy.deepcopy(dense), plan), prune_heads(copy.deepcopy(dense), plan)
+    batches = tiny_batches(3)
+    report = repair(ours, dense, plan, batches, holdout=0.0, check=False, progress=False)
+    _reference_repair(ref, dense, plan, batches)
+    sites = _sites(plan, get_adapter(dense).keeps_bias_projection)
+    assert [(e["layer"], e["kind"]) for e in report.layers] == sites and all(e["applied"] for e in report.layers)
+    for site in sites:
+        torch.testing.assert_close(_o_weight(_site_modules(ours, site)[0]), _o_weight(_site_modules(ref, site)[0]),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def _layer_runs(depth):
+    """How often each layer of the dense and the pruned model runs during one repair, per batch."""
+    dense = build("bert", "BertModel")
+    dense.config.num_hidden_layers = depth
+    layers = get_adapter(dense).layers(dense)
+    encoder = dense.base_model.encoder
+    encoder.layer = torch.nn.ModuleList([copy.deepcopy(layers[i % len(layers)]) for i in range(depth)])
+    heads, widths = get_adapter(dense).num_heads(dense), get_adapter(dense).num_neurons(dense)
+    from headslim.plan import PrunePlan
+
+    plan = PrunePlan(heads, [list(range(n - 1)) for n in heads], num_neurons=widths,
+                     kept_neurons=[list(range(w // 2)) for w in widths])
+    model = prune_heads(copy.deepcopy(dense), plan)
+    runs = Counter()
+    for name, m in (("dense", dense), ("pruned", model)):
+        for i, layer in enumerate(get_adapter(m).layers(m)):
+            layer.register_forward_pre_hook(lambda mod, a, name=name, i=i: runs.update([(name, i)]))
+    batches = tiny_batches(2)
+    repair(model, dense, plan, batches, holdout=0.0, check=False, progress=False)
+    return {k: v / len(batches) for k, v in runs.items()}
+
+
+def test_repair_runs_each_layer_a_fixed_number_of_times_whatever_the_depth():
+    shallow, deep = _layer_runs(3), _layer_runs(12)
+    # dense: once to record the layers' arguments, once to carry the stream; pruned: once per site
+    # (attention, FFN) and once to carry the stream (layer 0 is also entered, not run, to take its input)
+    assert max(v for (name, _), v in deep.items() if name == "dense") == 2
+    assert max(v for (name, i), v in deep.items() if name == "pruned" and i > 0) == 3
+    assert deep[("pruned", 0)] == 4
+    assert sum(deep.values()) / sum(shallow.values()) <= 12 / 3 + 0.01
