@@ -60,6 +60,7 @@ import torch
 from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.errors import HeadslimError
 from headslim.plan import PrunePlan
+from headslim.scoring.common import fidelity
 
 INPUTS = ("pruned", "dense")
 
@@ -236,34 +237,6 @@ def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + i for h in kept for i in range(head_dim)], dtype=torch.long)
 
 
-@torch.no_grad()
-def _fidelity(model, dense, batches: list) -> tuple[str, float]:
-    """How close ``model``'s outputs are to ``dense``'s on ``batches``, as ``(metric, value)``:
-    ``("kl", mean KL(dense || model))`` for a model with logits (per sample for a sequence head, per
-    real token for a token head or a causal LM; lower is closer), else ``("cosine", mean embedding
-    cosine)`` of the mean-pooled sentence embeddings (higher is closer). The dense outputs are
-    recomputed batch by batch, so nothing vocabulary-sized is kept between batches."""
-    from headslim.quality import pool
-    from headslim.scoring.common import dense_target, discrepancy, forward
-
-    metric, total, count = "cosine", 0.0, 0.0
-    for b in batches:
-        ref, res = forward(dense, b), forward(model, b)
-        if getattr(res, "logits", None) is None:
-            mask = b["attention_mask"]
-            cos = torch.nn.functional.cosine_similarity(pool(ref.hidden_states[-1], mask).float(),
-                                                        pool(res.hidden_states[-1], mask).float(), dim=-1)  # (B,)
-            total += float(cos.sum())
-            count += len(cos)
-        else:  # the summed KL, over real tokens for a token head
-            metric = "kl"
-            target = dense_target(ref, b)  # (B, [T,] C)
-            total += float(discrepancy(res, b, "dense", target))
-            count += float(b["attention_mask"].sum()) if target.dim() == 3 else len(target)
-            del target
-    return metric, total / max(count, 1.0)
-
-
 def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ridge: float = 1e-2,
            holdout: float = 0.25, check: bool = True, progress: bool = True) -> RepairReport:
     """Re-fit the output projection of every layer that lost heads, in place; see the module docstring.
@@ -328,7 +301,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     originals = {site: _o_weight(proj[site]) for site in sites}
     checked = check and bool(val_batches)
     if checked:
-        metric, before = _fidelity(model, dense, val_batches)
+        metric, before = fidelity(model, dense, val_batches)
     from headslim.layerwise import Stream
 
     # every layer's inputs computed once and carried forward: the dense model's stream, and the pruned
@@ -388,7 +361,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     bar.close()
     report.applied = any(e["applied"] for e in report.layers)
     if checked:  # recorded even when no layer kept its fit: the report says the repair was checked
-        after = _fidelity(model, dense, val_batches)[1] if report.applied else before
+        after = fidelity(model, dense, val_batches)[1] if report.applied else before
         report.check = {"metric": metric, "before": before, "after": after, "n_batches": len(val_batches),
                         "n_held_out": held_out["n_held_out"], "unit": held_out["unit"]}
         if report.applied and ((after <= before) if metric == "cosine" else (after >= before)):

@@ -123,15 +123,33 @@ def test_fit_exchange_picks_the_lowest_heldout_objective():
 
     alpha, trials = fit_exchange(model, result["moments"], plan_for, held, grid=(1.0, 2.0, 3.0))
     assert [t["alpha"] for t in trials] == [1.0, 2.0]
-    from headslim.scoring.common import dense_reference
+    # the judge is the embedding the model delivers: 1 - mean pooled cosine to dense, computed plainly
+    from headslim.quality import pool
+    from headslim.scoring.reconstruction import compensate
+    from headslim.surgery import prune_heads
 
-    refs = dense_reference(model, held)
-    direct = {a: heldout_objective(model, p, result["moments"], held, "dense", refs) / len(held) for a, p in plans.items()}
+    def plain(plan):
+        trial = prune_heads(compensate_copy(model, plan, result["moments"]), plan)
+        with torch.no_grad():
+            cos = torch.cat([torch.nn.functional.cosine_similarity(
+                pool(model(**b).last_hidden_state, b["attention_mask"]).double(),
+                pool(trial(**b).last_hidden_state, b["attention_mask"]).double(), dim=-1) for b in held])
+        return 1.0 - float(cos.mean())
+
+    def compensate_copy(m, plan, moments):
+        m = copy.deepcopy(m)
+        compensate(m, plan, moments)
+        return m
+
+    direct = {a: plain(p) for a, p in plans.items()}
     assert alpha == min(direct, key=direct.get)
-    assert [t["objective"] for t in trials] == [pytest.approx(direct[1.0], rel=1e-5), pytest.approx(direct[2.0], rel=1e-5)]
-    # the objective is the dense model's own: an empty plan costs nothing
+    assert [t["metric"] for t in trials] == ["cosine", "cosine"]
+    assert [t["objective"] for t in trials] == [pytest.approx(direct[1.0], rel=1e-4, abs=1e-9),
+                                                pytest.approx(direct[2.0], rel=1e-4, abs=1e-9)]
+    assert heldout_objective(model, plans[1.0], result["moments"], held, "dense") == ("cosine", pytest.approx(direct[1.0], rel=1e-5))
+    # the judge is the dense model's own: an empty plan costs nothing
     full = PrunePlan(heads, [list(range(n)) for n in heads], num_neurons=neurons, kept_neurons=[list(range(n)) for n in neurons])
-    assert heldout_objective(model, full, result["moments"], held, "dense", refs) == pytest.approx(0.0, abs=1e-8)
+    assert heldout_objective(model, full, result["moments"], held, "dense")[1] == pytest.approx(0.0, abs=1e-6)
     # no price gives a plan: the budget's own reason reaches the user, not a generic one
     with pytest.raises(HeadslimError, match="^unreachable$"):
         fit_exchange(model, result["moments"], plan_for, held, grid=(3.0, 4.0))

@@ -103,6 +103,34 @@ def dense_target(out, batch: dict) -> torch.Tensor:
     return hidden * batch["attention_mask"][..., None].to(hidden.dtype)
 
 
+@torch.no_grad()
+def fidelity(model, dense, batches: list) -> tuple[str, float]:
+    """How close ``model``'s outputs are to ``dense``'s on ``batches``, as ``(metric, value)``:
+    ``("kl", mean KL(dense || model))`` for a model with logits (per sample for a sequence head, per
+    real token for a token head or a causal LM; lower is closer), else ``("cosine", mean embedding
+    cosine)`` of the mean-pooled sentence embeddings (higher is closer). The dense outputs are
+    recomputed batch by batch, so nothing vocabulary-sized is kept between batches. What repair's
+    check and the fitted head price (``headslim.tradeoff``) both judge by."""
+    from headslim.quality import pool
+
+    metric, total, count = "cosine", 0.0, 0.0
+    for b in batches:
+        ref, res = forward(dense, b), forward(model, b)
+        if getattr(res, "logits", None) is None:
+            mask = b["attention_mask"]
+            cos = torch.nn.functional.cosine_similarity(pool(ref.hidden_states[-1], mask).double(),
+                                                        pool(res.hidden_states[-1], mask).double(), dim=-1)  # (B,)
+            total += float(cos.sum())
+            count += len(cos)
+        else:  # the summed KL, over real tokens for a token head
+            metric = "kl"
+            target = dense_target(ref, b)  # (B, [T,] C)
+            total += float(discrepancy(res, b, "dense", target))
+            count += float(b["attention_mask"].sum()) if target.dim() == 3 else len(target)
+            del target
+    return metric, total / max(count, 1.0)
+
+
 def task_losses(out, batch: dict) -> torch.Tensor:
     """Per-sample task loss ``(B,)`` from the labels of ``batch``."""
     if "labels" not in batch:
