@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from headslim._version import __version__
 from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_args, prune_arg
@@ -136,7 +137,16 @@ def _run_shrink(args) -> int:
     if args.prune is None:
         args.prune = 0 if args.target_speedup is not None else 0.5
     config = config_from_args(ShrinkConfig, args)
+    from headslim import distributed
+
+    if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
+        if config.target_speedup is not None:
+            raise HeadslimError("--target-speedup times models on this machine: run it in one process, not under torchrun")
+        if not distributed.is_main():
+            config = replace(config, progress=False)
     result = shrink(args.model, args.out, config)
+    if result is None:  # another rank than 0: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -258,24 +258,32 @@ def load_pruned(path: str | Path, *, attn_implementation: str | None = None):
     config.pruned_heads = {}  # 4.x would prune at construction; the plan is applied below instead
     if attn_implementation:
         config._attn_implementation = attn_implementation
-    model = _new_model(config)
-    prune_heads(model, plan)
-    model.tie_weights()  # tied parameters share storage, so the saved copy fills both
+    # the dense model is never materialised: its parameters are built on the meta device (buffers,
+    # small and computed at construction, are real), cut to the plan's shapes there, and the pruned
+    # weights are then read straight into those shapes
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = _new_model(config)
+        prune_heads(model, plan)
+    params = model.state_dict(keep_vars=True)
     state = {}
     for file in files:
         state.update(load_file(str(file)))
     _refuse_non_finite(state.items(), path)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise HeadslimError(f"weights in {path} do not match its prune plan: {first_line(e)}") from None
-    if result.unexpected_keys:
-        raise HeadslimError(f"{path}: unexpected weights {result.unexpected_keys[:3]}")
-    params = model.state_dict(keep_vars=True)
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
-    if untied:
-        raise HeadslimError(f"{path}: weights missing from {SAFE_FILE}: {untied[:3]}")
+    unexpected = [k for k in state if k not in params]
+    if unexpected:
+        raise HeadslimError(f"{path}: unexpected weights {unexpected[:3]}")
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(params[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise HeadslimError(f"weights in {path} do not match its prune plan: {k} is {tuple(state[k].shape)}, "
+                            f"the plan gives {tuple(params[k].shape)}")
+    model.load_state_dict({k: v.to(params[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()  # tied parameters share storage, so the saved copy fills both
+    missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
+    if missing:
+        raise HeadslimError(f"{path}: weights missing from {SAFE_FILE}: {missing[:3]}")
     return model.eval()
 
 

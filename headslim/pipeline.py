@@ -312,6 +312,7 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
+REFINE = 3  # head-price candidates judged after real repair (``headslim.tradeoff.fit_exchange``)
 OVERSHOOT = 1.05  # a corrected plan measured this far past the target at every shape is worth a step back
 
 
@@ -516,10 +517,15 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
     targets, rounds = [config.target_speedup] * len(speed.tables), []
     exchange = {"alpha": config.exchange if config.exchange is not None else 1.0, "fitted": False}
     if fitting:
-        alpha, trials = fit_exchange(model, scored.get("moments", {}), lambda a: plan_of(spent(a, targets)), held_out,
-                                     objective=config.objective)
+        # judged as the result will be: repaired (a closed-form proxy for every candidate, then real
+        # repair for the best REFINE), or plainly pruned without repair
+        alpha, trials = fit_exchange(model, scored.get("moments", {}) if config.repair else None,
+                                     lambda a: plan_of(spent(a, targets)), held_out, objective=config.objective,
+                                     refine=REFINE if config.repair else 0, fit_batches=fit_batches,
+                                     repair_options={"inputs": config.repair_inputs, "ridge": config.repair_ridge})
         exchange = {"alpha": alpha, "fitted": True, "held_out_batches": len(held_out), "in_sample": in_sample,
-                    "compensated": "moments" in scored, "trials": trials}
+                    "compensated": config.repair and "moments" in scored,
+                    "repaired": REFINE if config.repair else 0, "trials": trials}
         if in_sample:
             warn(f"fewer than 4 calibration batches: the head price was chosen on the batches it was estimated "
                  f"from ({len(held_out)})")
@@ -637,8 +643,11 @@ def prune_model(model, calib_batches, config: PruneConfig, *, plan=None, scores:
                        {"score": t_chosen - t0, "repair": time.perf_counter() - t_chosen})
 
 
-def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None = None) -> ShrinkResult:
+def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None = None) -> ShrinkResult | None:
     """Score heads, remove the least important, check quality on held-out text, write ``out``.
+
+    Under ``torchrun`` (``headslim.distributed``) every rank scores and repairs on its share of the
+    calibration batches; rank 0 checks quality, writes and returns the result, the others return None.
 
     Example:
         >>> result = shrink("all-MiniLM-L6-v2", "slim/", ShrinkConfig(prune=0.5))   # doctest: +SKIP
@@ -711,6 +720,11 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         if speed is not None:
             speed.close()
     plan = pruned.plan
+    from headslim import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 checks quality and writes; the plan is the same
+        distributed.barrier()
+        return None
     if pruned.repair.get("warning"):
         warn(pruned.repair["warning"])
     if causal:
@@ -726,7 +740,10 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     quality["source"] = held_out.source if held_out is not calib else f"{held_out.source} (in-sample)"
     plan.provenance["quality"] = quality
     speedup = plan.provenance.get("speed_target", {}) if speed is not None else {}
-    save_pruned(model, out, plan, tokenizer=tokenizer, source=src, overwrite=config.overwrite)
+    try:
+        save_pruned(model, out, plan, tokenizer=tokenizer, source=src, overwrite=config.overwrite)
+    finally:
+        distributed.barrier()
     t_end = time.perf_counter()
     return ShrinkResult(
         out=str(out), plan=plan.to_dict(), heads_before=num_heads, heads_after=plan.heads_after,

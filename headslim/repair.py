@@ -126,6 +126,12 @@ def _error(w: torch.Tensor, stats: dict) -> float:
     return float((w @ a * w).sum() - 2 * (w * b.T).sum() + c)
 
 
+def _empty(w0: torch.Tensor) -> dict:
+    """Zero moments for a projection whose current ``[W | b]`` is ``w0`` ``(d, q)``."""
+    d, q = w0.shape
+    return {"A": torch.zeros(q, q, dtype=torch.float64), "B": torch.zeros(q, d, dtype=torch.float64), "C": 0.0}
+
+
 def _solve(stats: dict, w0: torch.Tensor, ridge: float, bias: bool = True) -> torch.Tensor:
     a, b = stats["A"], stats["B"]  # (p+1, p+1), (p+1, d); (p, p), (p, d) without a bias
     p = a.shape[0] - int(bias)
@@ -302,13 +308,18 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     checked = check and bool(val_batches)
     if checked:
         metric, before = fidelity(model, dense, val_batches)
+    from headslim import distributed
     from headslim.layerwise import Stream
 
+    # under torchrun each rank fits on its own batches and the moments are summed over the ranks
+    distributed.check_batches(len(batches))
+    own = [i for i in range(len(batches)) if distributed.mine(i)]
+    local, local_val = [batches[i] for i in own], [is_val[i] for i in own]
     # every layer's inputs computed once and carried forward: the dense model's stream, and the pruned
     # model's through the layers already repaired (cost linear in depth, not quadratic)
-    dense_stream = Stream(dense, batches)
-    pruned_stream = Stream(model, batches, calls=dense_stream.calls) if inputs == "pruned" else None
-    masks = [batch["attention_mask"].bool() for batch in batches]  # (B, T)
+    dense_stream = Stream(dense, local)
+    pruned_stream = Stream(model, local, calls=dense_stream.calls) if inputs == "pruned" else None
+    masks = [batch["attention_mask"].bool() for batch in local]  # (B, T)
     bar = tqdm(total=len(sites), desc="repairing layers", unit="projection", disable=not progress, leave=False)
     last = max(layer for layer, _ in sites)
     with torch.no_grad():
@@ -325,8 +336,9 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                 _, kind = site
                 bias = _has_bias(proj[site])
                 kept = plan.kept_heads[layer] if kind == "attention" else plan.kept_neurons[layer]
-                fit, val = {}, {}
-                for i, (mask, v) in enumerate(zip(masks, is_val)):
+                w0 = originals[site]
+                fit, val = _empty(w0), _empty(w0)
+                for i, (mask, v) in enumerate(zip(masks, local_val)):
                     if inputs == "pruned":
                         cur = _run_layer(pruned_stream, i, [site], want_input=True, stop=True)[1][site]
                         x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
@@ -337,13 +349,14 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                         x = c[:, cols.to(device)]  # (N, p)
                     _add(val if v else fit, x, t, bias)
                 refs[site] = None
-                w0 = originals[site]
+                for stats in (fit, val):
+                    stats["A"], stats["B"], stats["C"] = distributed.all_sum(stats["A"], stats["B"], stats["C"])
                 w_fit = _solve(fit, w0, ridge, bias)
                 entry = {"layer": layer, "kind": kind, ("heads" if kind == "attention" else "neurons"): len(kept),
                          "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
                          "fit_after": _error(w_fit, fit) / max(fit["C"], 1e-30)}
                 apply = True
-                if val:
+                if any(is_val):
                     entry["val_before"] = _error(w0, val) / max(val["C"], 1e-30)
                     entry["val_after"] = _error(w_fit, val) / max(val["C"], 1e-30)
                     apply = entry["val_after"] < entry["val_before"]

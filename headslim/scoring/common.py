@@ -113,8 +113,12 @@ def fidelity(model, dense, batches: list) -> tuple[str, float]:
     check and the fitted head price (``headslim.tradeoff``) both judge by."""
     from headslim.quality import pool
 
+    from headslim import distributed
+
     metric, total, count = "cosine", 0.0, 0.0
-    for b in batches:
+    for i, b in enumerate(batches):
+        if not distributed.mine(i):  # under torchrun: this rank's share, summed over the ranks below
+            continue
         ref, res = forward(dense, b), forward(model, b)
         if getattr(res, "logits", None) is None:
             mask = b["attention_mask"]
@@ -128,6 +132,9 @@ def fidelity(model, dense, batches: list) -> tuple[str, float]:
             total += float(discrepancy(res, b, "dense", target))
             count += float(b["attention_mask"].sum()) if target.dim() == 3 else len(target)
             del target
+    total, count = distributed.all_sum(total, count)
+    if distributed.active():  # a rank that held no batch cannot tell the metric: every rank takes the one with logits
+        metric = "kl" if distributed.all_sum(float(metric == "kl")) > 0 else "cosine"
     return metric, total / max(count, 1.0)
 
 
@@ -187,21 +194,34 @@ def discrepancy(out, batch: dict, objective: str, target: torch.Tensor | None) -
     return 0.5 * (current - target.to(current.dtype)).pow(2).sum()
 
 
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The random draws of batch ``index``: seeded by the batch itself, so a batch draws the same
+    numbers whichever rank runs it (``headslim.distributed``)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
 def gate_gradients(model, batches, *, objective: str, seed: int, progress: bool, desc: str,
-                   mask: torch.Tensor | None = None, probes: int = 1, reference: list | None = None):
+                   mask: torch.Tensor | None = None, probes: int = 1, reference: list | None = None,
+                   shard: bool = False):
     """Yield ``(probe_grads, first)`` per batch at gates ``mask`` (default all ones).
 
     ``probe_grads`` is ``(probes, layers, max_heads)``: each ``g`` has ``E[g g^T]`` = the batch's
     Fisher / Gauss-Newton matrix (see ``probe``); ``probes`` > 1 re-uses the forward pass.
     ``first`` is the exact gradient of ``discrepancy`` against ``reference[i]`` (the i-th batch's
     dense target; ``None`` for the task objective), or ``None`` when no ``reference`` is given.
+    ``shard``: under ``torchrun``, only this rank's batches (``headslim.distributed.mine``); the caller
+    sums what it accumulates over the ranks.
     """
+    from headslim import distributed
+
     heads = head_counts(model)
     device = model_device(model)
-    gen = torch.Generator().manual_seed(seed)
     base = mask if mask is not None else torch.ones(len(heads), max(heads))
     with frozen(model):
         for i, batch in enumerate(progress_bar(batches, desc, progress)):
+            if shard and not distributed.mine(i):
+                continue
+            gen = batch_generator(seed, i)
             batch = to_device(batch, device)
             gates = base.detach().clone().to(device).requires_grad_(True)
             with gated(model, gates):

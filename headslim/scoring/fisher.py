@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from headslim.distributed import all_sum
 from headslim.errors import HeadslimError
 from headslim.scoring.common import check_nonempty, finish, gate_gradients, head_counts
 
@@ -111,12 +112,16 @@ def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, pro
     grad = torch.zeros(n, dtype=torch.float64)
     seen = 0
     for grads, first in gate_gradients(model, batches, objective=objective, seed=seed, progress=progress,
-                                       desc="scoring heads (fisher)", probes=probes, reference=reference):
+                                       desc="scoring heads (fisher)", probes=probes, reference=reference,
+                                       shard=diagonal == "fisher"):
         flat = grads.flatten(1)  # (probes, N)
         curv += flat.T @ flat / len(flat)
         if first is not None:
             grad += first.flatten()
         seen += 1
+    if diagonal == "fisher":  # each rank scored its own batches (headslim.distributed)
+        curv, grad, seen = all_sum(curv, grad, seen)
+        seen = int(seen)
     check_nonempty(seen)
     curv, grad = curv / seen, grad / seen
     if diagonal == "exact":
