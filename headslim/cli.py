@@ -144,7 +144,10 @@ def _run_shrink(args) -> int:
             raise HeadslimError("--target-speedup times models on this machine: run it in one process, not under torchrun")
         if not distributed.is_main():
             config = replace(config, progress=False)
-    result = shrink(args.model, args.out, config)
+    try:
+        result = shrink(args.model, args.out, config)
+    finally:
+        distributed.teardown()
     if result is None:  # another rank than 0: rank 0 reports
         return 0
     if args.json:

@@ -61,6 +61,14 @@ def setup_from_env() -> bool:
     return active()
 
 
+def teardown() -> None:
+    """Leave the process group :func:`setup_from_env` joined (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def mine(index: int) -> bool:
     """Whether batch ``index`` (its position in the whole calibration list) is this rank's."""
     return index % world_size() == rank()

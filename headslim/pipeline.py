@@ -312,7 +312,6 @@ def _jsonable_scores(scores) -> list[list[float | None]]:
     return [[None if math.isinf(v) else round(v, 8) for v in row] for row in scores.tolist()]
 
 
-REFINE = 3  # head-price candidates judged after real repair (``headslim.tradeoff.fit_exchange``)
 OVERSHOOT = 1.05  # a corrected plan measured this far past the target at every shape is worth a step back
 
 
@@ -517,15 +516,11 @@ def _choose_for_speed(model, calib_batches, config: PruneConfig, num_heads, num_
     targets, rounds = [config.target_speedup] * len(speed.tables), []
     exchange = {"alpha": config.exchange if config.exchange is not None else 1.0, "fitted": False}
     if fitting:
-        # judged as the result will be: repaired (a closed-form proxy for every candidate, then real
-        # repair for the best REFINE), or plainly pruned without repair
+        # judged as the result will be: with the closed-form proxy of repair, or plainly pruned without repair
         alpha, trials = fit_exchange(model, scored.get("moments", {}) if config.repair else None,
-                                     lambda a: plan_of(spent(a, targets)), held_out, objective=config.objective,
-                                     refine=REFINE if config.repair else 0, fit_batches=fit_batches,
-                                     repair_options={"inputs": config.repair_inputs, "ridge": config.repair_ridge})
+                                     lambda a: plan_of(spent(a, targets)), held_out, objective=config.objective)
         exchange = {"alpha": alpha, "fitted": True, "held_out_batches": len(held_out), "in_sample": in_sample,
-                    "compensated": config.repair and "moments" in scored,
-                    "repaired": REFINE if config.repair else 0, "trials": trials}
+                    "compensated": config.repair and "moments" in scored, "trials": trials}
         if in_sample:
             warn(f"fewer than 4 calibration batches: the head price was chosen on the batches it was estimated "
                  f"from ({len(held_out)})")

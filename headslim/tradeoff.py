@@ -22,11 +22,10 @@ from the embeddings: at a 2.25x target on MiniLM it preferred a price of 32 (15 
 test cosine 0.843) to 128 (34 heads; 0.905), where the held-out embedding cosine ranks them as the
 repaired test cosine does.
 
-The closed-form compensation is only a proxy of repair (it fits on the dense model's inputs; repair
-also absorbs the drift earlier layers leave), and near the top of the ranking the two disagree at
-large targets. So with repair on, the best few candidates by the proxy (``refine``) are then pruned
-and repaired for real on the fitting batches and judged again on the held-out ones; the best
-repaired plan wins. Without repair the plans are judged as they are, uncompensated.
+Without repair the plans are judged as they are, uncompensated. Judging the best few candidates
+after real repair instead of the closed form was tried and dropped: on MiniLM it did not pick better
+plans (1.5x: test cosine 0.933 with it, 0.956 without, in runs whose latency calibrations also
+differed; bench/README.md).
 """
 
 from __future__ import annotations
@@ -86,21 +85,8 @@ def heldout_objective(model, plan, moments: dict | None, held_out, objective: st
     return result
 
 
-def repaired_objective(model, plan, fit_batches, held_out, objective: str, **repair_options) -> tuple[str, float]:
-    """:func:`judge` of ``model`` pruned by ``plan`` and repaired (``headslim.repair``, on ``fit_batches``)."""
-    from headslim.repair import repair
-    from headslim.surgery import prune_heads
-
-    trial = prune_heads(copy.deepcopy(model), plan)
-    repair(trial, model, plan, fit_batches, progress=False, **repair_options)
-    result = judge(trial, model, held_out, objective)
-    del trial
-    return result
-
-
 def fit_exchange(model, moments: dict | None, plan_for, held_out, *, objective: str = "dense",
-                 grid=EXCHANGE_GRID, refine: int = 0, fit_batches=None,
-                 repair_options: dict | None = None) -> tuple[float, list[dict]]:
+                 grid=EXCHANGE_GRID) -> tuple[float, list[dict]]:
     """``(alpha, trials)``: the head price on ``grid`` whose plan has the lowest held-out objective.
 
     Args:
@@ -111,16 +97,11 @@ def fit_exchange(model, moments: dict | None, plan_for, held_out, *, objective: 
             ``HeadslimError`` from it skips that candidate.
         held_out: tokenised batches the costs were not estimated from.
         objective: ``dense`` or ``task`` (``headslim.scoring``).
-        refine: the plans this many best candidates give are then pruned and *repaired* (on
-            ``fit_batches``, with ``repair_options``) and judged again; the best repaired one wins. The
-            closed-form compensation is a cheap proxy of repair that ranks the candidates near the top
-            unlike the repaired models at large targets (MiniLM 2.25x: 22 heads kept ranked above 34,
-            whose repaired cosine is higher).
     Returns: the chosen ``alpha`` and, per candidate, ``{"alpha", "heads", "neurons", "metric",
     "objective"}`` (:func:`heldout_objective`'s loss, lower is better; candidates with the same plan
-    are scored once), and ``"repaired"`` (:func:`repaired_objective`'s loss) for the refined ones.
+    are scored once).
     """
-    trials, seen, plans, keys, refusal = [], {}, {}, [], None
+    trials, seen, refusal = [], {}, None
     for alpha in grid:
         try:
             plan = plan_for(alpha)
@@ -129,21 +110,11 @@ def fit_exchange(model, moments: dict | None, plan_for, held_out, *, objective: 
             continue
         key = (tuple(map(tuple, plan.kept_heads)), tuple(map(tuple, plan.kept_neurons or [])))
         if key not in seen:
-            seen[key], plans[key] = heldout_objective(model, plan, moments, held_out, objective), plan
-        keys.append(key)
+            seen[key] = heldout_objective(model, plan, moments, held_out, objective)
         metric, loss = seen[key]
         trials.append({"alpha": alpha, "heads": sum(plan.heads_after), "neurons": sum(plan.neurons_after or []),
                        "metric": metric, "objective": float(f"{loss:.6g}")})
     if not trials:  # the budget's own reason (e.g. "cannot be reached: ... estimated 1.44x") says more
         raise refusal or HeadslimError("no head price on the grid gives a plan for this target")
-    if refine > 0:
-        ranked = sorted(seen, key=lambda k: seen[k][1])[:refine]
-        repaired = {k: repaired_objective(model, plans[k], fit_batches, held_out, objective,
-                                          **(repair_options or {}))[1] for k in ranked}
-        for t, k in zip(trials, keys):
-            if k in repaired:
-                t["repaired"] = float(f"{repaired[k]:.6g}")
-        best = min((t for t in trials if "repaired" in t), key=lambda t: (t["repaired"], t["alpha"]))
-    else:
-        best = min(trials, key=lambda t: (t["objective"], t["alpha"]))
+    best = min(trials, key=lambda t: (t["objective"], t["alpha"]))
     return best["alpha"], trials

@@ -155,30 +155,6 @@ def test_fit_exchange_picks_the_lowest_heldout_objective():
         fit_exchange(model, result["moments"], plan_for, held, grid=(3.0, 4.0))
 
 
-def test_fit_exchange_refines_the_best_candidates_with_real_repair():
-    from headslim.tradeoff import repaired_objective
-
-    model = tiny_model("bert", "BertModel")
-    fit, held, _ = split_heldout(tiny_batches(8))
-    result = score_obs_structures(model, fit, progress=False)
-    heads, neurons = get_adapter(model).num_heads(model), get_adapter(model).num_neurons(model)
-    every_n = [list(range(n)) for n in neurons]
-    plans = {1.0: PrunePlan(heads, [[0], *[list(range(n)) for n in heads[1:]]], num_neurons=neurons, kept_neurons=every_n),
-             2.0: PrunePlan(heads, [list(range(n)) for n in heads], num_neurons=neurons,
-                            kept_neurons=[list(range(neurons[0] // 2)), *every_n[1:]]),
-             3.0: PrunePlan(heads, [list(range(n)) for n in heads[:-1]] + [[1]], num_neurons=neurons,
-                            kept_neurons=[*every_n[:-1], [0, 1]])}
-    alpha, trials = fit_exchange(model, result["moments"], plans.__getitem__, held, grid=(1.0, 2.0, 3.0), refine=2,
-                                 fit_batches=fit, repair_options={"ridge": 1e-2})
-    refined = [t for t in trials if "repaired" in t]
-    # the two best by the closed-form proxy are repaired for real, and the best repaired one wins
-    assert {t["alpha"] for t in refined} == {t["alpha"] for t in sorted(trials, key=lambda t: t["objective"])[:2]}
-    direct = {t["alpha"]: repaired_objective(model, plans[t["alpha"]], fit, held, "dense", ridge=1e-2)[1] for t in refined}
-    assert alpha == min(direct, key=direct.get)
-    assert all(t["repaired"] == pytest.approx(direct[t["alpha"]], rel=1e-4, abs=1e-9) for t in refined)
-    assert model.config.num_attention_heads == heads[0]  # the dense model is left as it was
-
-
 def test_scaled_prices_only_heads():
     seqs = {"attention": [[(0, 1.0)]], "mlp": [[(0, 1.0)]]}
     assert scaled(seqs, 4.0) == {"attention": [[(0, 4.0)]], "mlp": [[(0, 1.0)]]}
