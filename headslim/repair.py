@@ -36,7 +36,8 @@ repaired) are computed once and carried forward (``headslim.layerwise``): the de
 layer twice per batch (once to record what the model passes its layers, once to carry the stream), the
 pruned model once per fitted site and once to carry it, so repair costs a few forward passes whatever
 the depth. The fit's moments are accumulated per site, so memory is the two streams plus one layer's
-references.
+references. Under ``torchrun`` each rank runs its own batches and the moments (and the held-out
+check's sums) are summed over the ranks before each solve (``headslim.distributed``).
 
 With too few batches to hold one out (fewer than ``1 / holdout``: 4 by default), the same share of
 *samples* is held out instead, split off every batch: a fit on a handful of texts overfits easily
@@ -57,8 +58,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from headslim import distributed
 from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.errors import HeadslimError
+from headslim.layerwise import Stream
 from headslim.plan import PrunePlan
 from headslim.scoring.common import fidelity
 
@@ -308,9 +311,6 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     checked = check and bool(val_batches)
     if checked:
         metric, before = fidelity(model, dense, val_batches)
-    from headslim import distributed
-    from headslim.layerwise import Stream
-
     # under torchrun each rank fits on its own batches and the moments are summed over the ranks
     distributed.check_batches(len(batches))
     own = [i for i in range(len(batches)) if distributed.mine(i)]
