@@ -169,6 +169,8 @@ def make_ragged(attn: nn.Module, kv_head_of_q: list[int] | None) -> None:
         return
     register()
     device = next(attn.parameters()).device
+    if device.type == "meta":  # built without weights (headslim.load_pruned): the map is data, not a weight
+        device = torch.device("cpu")
     # not persistent: the map is rebuilt from the saved plan, so checkpoints stay stock-shaped
     attn.register_buffer("headslim_kv_head_of_q", torch.tensor(kv_head_of_q, dtype=torch.long, device=device),
                          persistent=False)

@@ -29,7 +29,7 @@ import torch
 from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
-from headslim.scoring.common import (check_nonempty, finish, forward, frozen, merge_path, model_device, order_scores,
+from headslim.scoring.common import (batch_generator, check_nonempty, finish, forward, frozen, merge_path, model_device, order_scores,
                                      probe, progress_bar, run_hooked, to_device)
 
 NEURON_METHODS = ("fisher", "gradient", "magnitude", "obs", "random")
@@ -47,9 +47,9 @@ def structure_gradients(model, batches, *, objective: str, seed: int, progress: 
     adapter = get_adapter(model)
     n_heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
     device = model_device(model)
-    gen = torch.Generator().manual_seed(seed)
     with frozen(model):
-        for batch in progress_bar(batches, desc, progress):
+        for i, batch in enumerate( progress_bar(batches, desc, progress)):
+            gen = batch_generator(seed, i)  # the draws of this batch, whoever runs it (headslim.distributed)
             batch = to_device(batch, device)
             head_gates = torch.ones(len(n_heads), max(n_heads), device=device, requires_grad=True) if heads else None
             neuron_gates = torch.ones(len(widths), max(widths), device=device, requires_grad=True)

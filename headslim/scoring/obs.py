@@ -38,7 +38,7 @@ import torch
 from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 from headslim.gates import gated
-from headslim.scoring.common import (check_nonempty, forward, frozen, head_counts, model_device, probe,
+from headslim.scoring.common import (batch_generator, check_nonempty, forward, frozen, head_counts, model_device, probe,
                                      progress_bar, to_device)
 from headslim.scoring.fisher import layer_mask_search, path_scores
 
@@ -58,7 +58,6 @@ def layer_moments(model, batches, *, objective: str = "dense", seed: int = 0, pr
     heads = head_counts(model)
     head_dim = adapter.head_dim(model)
     device = model_device(model)
-    gen = torch.Generator().manual_seed(seed)
     live = [layer for layer, n in enumerate(heads) if n > 0]
     moments: list[dict | None] = [None] * len(heads)
     for layer in live:
@@ -67,7 +66,8 @@ def layer_moments(model, batches, *, objective: str = "dense", seed: int = 0, pr
     captured: dict[int, torch.Tensor] = {}
     seen = 0
     with frozen(model):
-        for batch in progress_bar(batches, "scoring heads (obs)", progress):
+        for i, batch in enumerate(progress_bar(batches, "scoring heads (obs)", progress)):
+            gen = batch_generator(seed, i)  # the draws of this batch, whoever runs it (headslim.distributed)
             batch = to_device(batch, device)
             mask = batch["attention_mask"].bool()  # (B, T)
             gates = torch.ones(len(heads), max(heads), device=device, requires_grad=True)

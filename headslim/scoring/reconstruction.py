@@ -32,7 +32,7 @@ from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.arch.stubs import head_rows
 from headslim.errors import HeadslimError
 from headslim.gates import gated
-from headslim.scoring.common import (check_nonempty, forward, frozen, merged_scores, model_device, probe, progress_bar,
+from headslim.scoring.common import (batch_generator, check_nonempty, forward, frozen, merged_scores, model_device, probe, progress_bar,
                                      to_device)
 
 
@@ -52,10 +52,10 @@ def projection_moments(model, batches, *, objective: str = "dense", seed: int = 
     stats = {k: [None if p is None else {"sum_c": 0, "sum_cc": 0, "n": 0, "m": 0} for p in ps]
              for k, ps in projections.items()}
     device = model_device(model)
-    gen = torch.Generator().manual_seed(seed)
     seen = 0
     with frozen(model):
-        for batch in progress_bar(batches, "scoring heads and FFN neurons (obs)", progress):
+        for i, batch in enumerate( progress_bar(batches, "scoring heads and FFN neurons (obs)", progress)):
+            gen = batch_generator(seed, i)  # the draws of this batch, whoever runs it (headslim.distributed)
             batch = to_device(batch, device)
             mask = batch["attention_mask"].bool()
             outputs, handles = [], []
