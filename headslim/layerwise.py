@@ -27,8 +27,8 @@ from headslim.errors import HeadslimError
 _CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past")
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
+class Stop(Exception):
+    """Raised by a hook to end a forward pass early (``headslim.repair``'s hooks raise it too)."""
 
 
 @dataclass
@@ -74,13 +74,13 @@ def layer_calls(model, batch: dict, *, every_layer: bool = True) -> tuple[torch.
             if index == 0:
                 first.append(hidden)
             if index == stop_at:
-                raise _Stop
+                raise Stop
         return pre
 
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers[:stop_at + 1])]
     try:
         model(**model_inputs(model, batch))
-    except _Stop:
+    except Stop:
         pass
     finally:
         for h in handles:

@@ -61,7 +61,7 @@ import torch
 from headslim import distributed
 from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.errors import HeadslimError
-from headslim.layerwise import Stream
+from headslim.layerwise import Stop, Stream
 from headslim.plan import PrunePlan
 from headslim.scoring.common import fidelity
 
@@ -93,10 +93,6 @@ class RepairReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer being repaired has run."""
 
 
 def _has_bias(o_proj) -> bool:
@@ -184,7 +180,7 @@ def _capture(model, site: tuple[int, str], want_input: bool, stop: bool = True):
         got["c"] = args[0]  # (B, T, p): context of the kept heads, or kept neurons' activations
         got["y"] = output  # (B, T, d)
         if stop:
-            raise _Stop
+            raise Stop
 
     handles = [proj.register_forward_hook(on_proj)]
     if want_input:
@@ -200,7 +196,7 @@ def _run_layer(stream, index: int, sites: list, want_input: bool, stop: bool):
     out = None
     try:
         out = stream.run(index)
-    except _Stop:
+    except Stop:
         pass
     finally:
         for _, handles in hooks.values():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from headslim.arch import get_adapter
-from headslim.layerwise import Stream, model_inputs
-from headslim.repair import _add, _capture, _has_bias, _o_weight, _set_o_weight, _site_modules, _solve, _Stop, repair
+from headslim.layerwise import Stop, Stream, model_inputs
+from headslim.repair import _add, _capture, _has_bias, _o_weight, _set_o_weight, _site_modules, _solve, repair
 from headslim.surgery import prune_heads
 from tests.conftest import tiny_batches
 from tests.test_mlp import CASES, build, joint_plans
@@ -56,7 +56,7 @@ def _full_pass_to(model, site, batch):
     got, handles = _capture(model, site, want_input=True)
     try:
         model(**model_inputs(model, batch))
-    except _Stop:
+    except Stop:
         pass
     finally:
         for h in handles:
