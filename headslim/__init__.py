@@ -12,6 +12,12 @@ from importlib import import_module
 from headslim._version import __version__
 from headslim.errors import HeadslimError
 
+# transformers' Auto classes (AutoModel*, pipeline, SentenceTransformer) rebuild pruned dirs once
+# headslim is imported; registration waits until transformers loads them (headslim/autoload.py)
+from headslim import autoload as _autoload
+
+_autoload.install()
+
 _LAZY = {
     "load_pruned": "headslim.io",
     "load_model": "headslim.io",

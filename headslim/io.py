@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from headslim.arch import ADAPTERS, get_adapter
+from headslim.autoload import CONFIG_KEY, config_record
 from headslim.errors import HeadslimError, first_line
 from headslim.plan import PLAN_FILE, PrunePlan
 
@@ -256,6 +257,8 @@ def load_pruned(path: str | Path, *, attn_implementation: str | None = None):
     config = _load_config(path)
     get_adapter(config)
     config.pruned_heads = {}  # 4.x would prune at construction; the plan is applied below instead
+    # built as the stock class would be; the plan file is the reference, the config's record follows it
+    config.__dict__.pop(CONFIG_KEY, None)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     # the dense model is never materialised: its parameters are built on the meta device (buffers,
@@ -284,6 +287,7 @@ def load_pruned(path: str | Path, *, attn_implementation: str | None = None):
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
     if missing:
         raise HeadslimError(f"{path}: weights missing from {SAFE_FILE}: {missing[:3]}")
+    setattr(model.config, CONFIG_KEY, config_record(model.headslim_plan))
     return model.eval()
 
 
@@ -519,6 +523,8 @@ def save_pruned(model, out: str | Path, plan: PrunePlan, *, tokenizer=None, sour
         elif (plan.kept_heads, plan.kept_neurons) != (recorded.kept_heads, recorded.kept_neurons):
             raise HeadslimError("the plan to save is not the one this model was pruned with")
     inputs = (source,) if source else ()
+    # the plan's shapes in config.json too: the stock Auto classes rebuild them from it (headslim.autoload)
+    setattr(model.config, CONFIG_KEY, config_record(plan))
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         plan.save(tmp / PLAN_FILE)
