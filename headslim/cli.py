@@ -188,7 +188,7 @@ def _run_inspect(args) -> int:
 
 # Sub-commands that live beside the code they drive: each module has ``add_parser(subparsers)``,
 # which adds its parser and sets ``func``; importing the module must stay cheap (no torch/onnx).
-COMMAND_MODULES = ("headslim.export", "headslim.bench", "headslim.evaluate", "headslim.sweep", "headslim.latency")
+COMMAND_MODULES = ("headslim.export", "headslim.export_decoder", "headslim.bench", "headslim.evaluate", "headslim.sweep", "headslim.latency")
 
 
 def build_parser() -> argparse.ArgumentParser:

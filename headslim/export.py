@@ -420,6 +420,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
     model_config = load_config(source)
     model_type = model_config.model_type
     spec = _export_spec(model_config, source)
+    if spec.decoder_layout:  # a causal LM: one graph with a KV cache (headslim.export_decoder)
+        return _export_decoder(source, out, config)
     if config.optimize and spec.optimizer_model_type is None:
         raise HeadslimError(f"--optimize: onnxruntime's transformer optimizer does not apply to {model_type} "
                             "graphs; export without it")
@@ -499,6 +501,19 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
     return report
 
 
+def _export_decoder(source: Path, out, config: ExportConfig):
+    from headslim.export_decoder import DecoderExportConfig, export_decoder
+
+    unsupported = [flag for flag, on in (("--optimize", config.optimize), ("--quantize", config.quantize),
+                                         ("--exporter dynamo", config.exporter != "torchscript"),
+                                         ("--task", config.task != "auto"), ("--calib", config.calib)) if on]
+    if unsupported:
+        raise HeadslimError(f"decoder export does not take {', '.join(unsupported)} yet")
+    return export_decoder(source, out, DecoderExportConfig(opset=config.opset, atol=config.atol,
+                                                           overwrite=config.overwrite,
+                                                           allow_pickle=config.allow_pickle))
+
+
 def _choose_default(config: ExportConfig, fusion: dict, files: dict, feeds: dict) -> dict:
     """Which fp32 graph becomes ``model.onnx``: the fused one only when it is measurably faster here.
 
@@ -571,6 +586,11 @@ def run(args) -> int:
     report = export_onnx(args.model, args.out, config)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    if report.task == "text-generation-with-past":
+        from headslim.export_decoder import print_summary
+
+        print_summary(report)
         return 0
     print(f"{report.architecture} ({report.model_type}), task {report.task}, heads per layer "
           f"{report.heads_per_layer}, FFN neurons per layer {report.neurons_per_layer}, opset {report.opset}")

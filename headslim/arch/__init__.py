@@ -10,10 +10,10 @@ Example:
     True
 """
 
-from headslim.arch.base import (ADAPTERS, DECODER_NOT_EXPORTED, TINY, Adapter, ExportSpec, TinyConfig, TinySizes,
+from headslim.arch.base import (ADAPTERS, TINY, Adapter, ExportSpec, TinyConfig, TinySizes,
                                 adapters, get_adapter, kv_maps, register_adapter,
                                 set_weight_out_in, supported_model_types, weight_out_in)
 
-__all__ = ["ADAPTERS", "DECODER_NOT_EXPORTED", "TINY", "Adapter", "ExportSpec", "TinyConfig", "TinySizes",
+__all__ = ["ADAPTERS", "TINY", "Adapter", "ExportSpec", "TinyConfig", "TinySizes",
            "adapters", "get_adapter", "kv_maps", "register_adapter", "set_weight_out_in",
            "supported_model_types", "weight_out_in"]

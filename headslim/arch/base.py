@@ -42,6 +42,9 @@ class ExportSpec:
         reason: why the model type is not exported (one line), when ``inputs`` is empty.
         dense_alternative, pruned_alternative: what a user can do instead, for a dense and for a
             pruned checkpoint (appended to ``reason``).
+        decoder_layout: for a causal LM exported with a KV cache (``headslim.export_decoder``), how
+            its layers are run: ``llama`` (pre-RMSNorm, q/k/v/o projections, RoPE, gated MLP) or
+            ``gpt2`` (fused ``c_attn``, learned positions); empty for encoders.
 
     Example:
         >>> ExportSpec(("input_ids", "attention_mask"), "bert").exportable
@@ -53,6 +56,7 @@ class ExportSpec:
     reason: str = ""
     dense_alternative: str = ""
     pruned_alternative: str = ""
+    decoder_layout: str = ""
 
     @property
     def exportable(self) -> bool:
@@ -62,15 +66,6 @@ class ExportSpec:
         """The one-line reason export refuses this model type, with what to do instead."""
         instead = self.pruned_alternative if pruned else self.dense_alternative
         return f"{self.reason}; {instead}" if instead else self.reason
-
-
-DECODER_NOT_EXPORTED = ExportSpec(
-    reason="decoder LLM export (KV cache, generation) is not supported yet",
-    # stock exporters rebuild a model from config.json, which cannot describe a pruned decoder's
-    # smaller (possibly uneven) attention, so they are named for dense decoders only
-    dense_alternative="optimum-cli export onnx (or onnxruntime-genai) exports the dense model",
-    pruned_alternative="run the pruned model in PyTorch with headslim.load_pruned",
-)
 
 
 @dataclass(frozen=True)
@@ -253,6 +248,31 @@ class Adapter(abc.ABC):
     def export_spec(self, model_type: str) -> ExportSpec:
         """How ``headslim export`` treats ``model_type`` (one of ``model_types``)."""
         return ExportSpec(reason=f"headslim export does not support the {self.name} family yet")
+
+    def sliding_window(self, block: nn.Module, config) -> int | None:
+        """The attention window of a decoder layer (a query at index q sees keys ``q - w < k <= q``),
+        or None for full causal attention. Read by the decoder export's mask."""
+        return None
+
+    # ---- decoder export (headslim.export_decoder): the family's layer written with plain tensor ops ----
+
+    def export_embed(self, model: nn.Module, input_ids, position_ids):
+        """``(x, rotary)``: the embedded input ``(B, T, d)`` and what ``export_layer`` needs for positions."""
+        raise HeadslimError(f"{self.name}: no decoder export")
+
+    def export_layer(self, block: nn.Module, info, x, rotary, mask, past, attend):
+        """One decoder layer for the export graph: ``(x, present)``, ``present`` the ``(key, value)``
+        with this layer's own KV heads ``(B, kv, past + T, D)`` (None for a layer with no heads).
+
+        ``info``: the layer's ``n_q``, ``n_kv``, ``head_dim``, ``index``; ``past``: its ``(key, value)``;
+        ``attend(info, q, k, v, mask, scaling)``: the shared attention (KV gather by the layer's map,
+        additive ``mask``), ``q`` ``(B, n_q, T, D)``, ``k``/``v`` ``(B, n_kv, S, D)`` -> ``(B, T, n_q * D)``.
+        """
+        raise HeadslimError(f"{self.name}: no decoder export")
+
+    def export_final(self, model: nn.Module, x):
+        """The final norm before the LM head."""
+        raise HeadslimError(f"{self.name}: no decoder export")
 
     def prepare_export(self, model: nn.Module, slot) -> None:
         """Swap in the export attention (``headslim.onnx_utils.ExportSelfAttention``, which reads the

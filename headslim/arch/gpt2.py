@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from headslim.arch.base import DECODER_NOT_EXPORTED, TINY, Adapter, ExportSpec, TinyConfig, register_adapter
+from headslim.arch.base import TINY, Adapter, ExportSpec, TinyConfig, register_adapter
 from headslim.errors import HeadslimError
 
 if TYPE_CHECKING:
@@ -111,7 +111,36 @@ class GPT2Adapter(Adapter):
         return int(getattr(config, "n_inner", None) or 4 * config.n_embd)
 
     def export_spec(self, model_type: str) -> ExportSpec:
-        return DECODER_NOT_EXPORTED
+        return ExportSpec(("input_ids", "attention_mask", "position_ids"), decoder_layout="gpt2")
+
+    def export_embed(self, model, input_ids, position_ids):
+        return model.base_model.wte(input_ids) + model.base_model.wpe(position_ids), None
+
+    def export_layer(self, block, info, x, rotary, mask, past, attend):
+        """ln_1, the fused ``c_attn`` split into q/k/v, cache concat, ``c_proj``, ln_2 + MLP."""
+        import torch
+
+        h = block.ln_1(x)
+        attn = block.attn
+        present = None
+        if info.n_q == 0:
+            a = attn(h)[0]
+        else:
+            b, t, d = h.shape[0], h.shape[1], info.head_dim
+            q, k, v = attn.c_attn(h).split(info.n_q * d, dim=2)
+            q, k, v = (z.view(b, t, info.n_q, d).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+            present = (k, v)
+            scaling = d ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
+            if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
+                scaling /= float(info.index + 1)
+            a = attn.c_proj(attend(info, q, k, v, mask, scaling))
+        x = x + a
+        return x + block.mlp(block.ln_2(x)), present
+
+    def export_final(self, model, x):
+        return model.base_model.ln_f(x)
 
     def transposed(self, proj: nn.Module) -> bool:
         from transformers.pytorch_utils import Conv1D

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from headslim.arch.base import DECODER_NOT_EXPORTED, TINY, Adapter, ExportSpec, TinyConfig, register_adapter
+from headslim.arch.base import TINY, Adapter, ExportSpec, TinyConfig, register_adapter
 from headslim.errors import HeadslimError
 
 if TYPE_CHECKING:
@@ -144,7 +144,49 @@ class LlamaFamilyAdapter(Adapter):
         return int(config.intermediate_size)
 
     def export_spec(self, model_type: str) -> ExportSpec:
-        return DECODER_NOT_EXPORTED
+        return ExportSpec(("input_ids", "attention_mask", "position_ids"), decoder_layout="llama")
+
+    def export_embed(self, model, input_ids, position_ids):
+        x = model.base_model.embed_tokens(input_ids)  # (B, T, d)
+        return x, model.base_model.rotary_emb(x, position_ids)
+
+    def export_layer(self, block, info, x, rotary, mask, past, attend):
+        """Pre-RMSNorm, q/k/v, Qwen3's q/k norms over ``head_dim``, RoPE, cache concat, o, gated MLP."""
+        import torch
+
+        h = block.input_layernorm(x)
+        attn = block.self_attn
+        present = None
+        if info.n_q == 0:
+            a = attn(h)[0]  # NoHeadsDecoderAttention: o_proj's bias, or nothing
+        else:
+            b, t, d = h.shape[0], h.shape[1], info.head_dim
+            q = attn.q_proj(h).view(b, t, info.n_q, d)
+            k = attn.k_proj(h).view(b, t, info.n_kv, d)
+            v = attn.v_proj(h).view(b, t, info.n_kv, d).transpose(1, 2)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
+            cos, sin = (r.unsqueeze(1) for r in rotary)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k = torch.cat([past[0], k], dim=2)  # (B, n_kv, S, D)
+            v = torch.cat([past[1], v], dim=2)
+            present = (k, v)
+            a = attn.o_proj(attend(info, q, k, v, mask, getattr(attn, "scaling", d ** -0.5)))
+        x = x + a
+        return x + block.mlp(block.post_attention_layernorm(x)), present
+
+    def export_final(self, model, x):
+        return model.base_model.norm(x)
+
+    def sliding_window(self, block: nn.Module, config) -> int | None:
+        # Qwen2/Qwen3 keep it per layer on the module (None for full-attention layers); Mistral reads
+        # config.sliding_window in every layer
+        attn = block.self_attn
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window
+        return getattr(config, "sliding_window", None)
 
     def tiny_configs(self) -> list[TinyConfig]:
         # 8 query heads of head_dim 8 over 2 KV heads; Qwen3's q width 64 != hidden 32, Mistral's
@@ -157,3 +199,10 @@ class LlamaFamilyAdapter(Adapter):
             TinyConfig("qwen2", "Qwen2Config", dict(_DECODER), ("Qwen2ForCausalLM",)),
             TinyConfig("qwen3", "Qwen3Config", {**_DECODER, "head_dim": 8}, ("Qwen3ForCausalLM",)),
         ]
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,695 @@
+"""``headslim export`` for decoder LLMs (Llama, Mistral, Qwen2, Qwen3, GPT-2) and ``headslim generate``.
+
+One ONNX graph with a KV cache runs the prefill (past length 0) and every decode step::
+
+    headslim export slim-llama/ --out slim-llama-onnx/
+    headslim generate slim-llama-onnx/ --prompt "Once upon a time" --max-new-tokens 40   # greedy, ORT
+
+Graph (the names optimum and onnxruntime-genai use):
+
+* inputs ``input_ids`` (B, T), ``attention_mask`` (B, past + T: 1 = real token, left padding),
+  ``position_ids`` (B, T), and for every layer that keeps a head ``past_key_values.{i}.key`` /
+  ``past_key_values.{i}.value`` (B, that layer's own KV heads, past, head_dim);
+* outputs ``logits`` (B, T, vocab) and ``present.{i}.key`` / ``present.{i}.value`` (B, kv_i, past + T, D).
+
+Batch, sequence and past length are dynamic. How it is built, and why:
+
+* :class:`DecoderExportModule` runs the model's own submodules (embeddings, norms, q/k/v/o
+  projections, Qwen3's q/k norms, the rotary embedding, the MLP whatever its width, ``lm_head``)
+  with plain tensor ops: concat the past, gather K/V heads per query head by the layer's
+  query→KV-head map (``index_select`` with the map as a constant: uniform GQA, kv-groups and ragged
+  layers are the same graph), causal + padding (+ sliding window) additive mask, softmax attention.
+  transformers' own cache and mask code does not trace to a graph with a dynamic past, and it
+  cannot express per-layer KV head counts. Exported with the TorchScript exporter, like the encoder.
+* A layer with no heads left has **no** cache tensors: it is left out of the graph's inputs and
+  outputs (zero-size tensors are fragile in ORT) and adds only its output bias. The past length
+  is read from ``attention_mask``, never from a cache tensor, so even a model with no attention at
+  all decodes. ``export_report.json`` lists the layers that have a cache (``cache_layers``).
+* A sliding window (Mistral, Qwen2's sliding layers) is applied in the mask: a query at index q
+  sees keys ``q - window < k <= q`` (transformers' rule); the full past is kept.
+
+Validation before the output directory appears: logits on a left-padded batch of different
+lengths (prefill, and a prefill + multi-token decode against the past) against the PyTorch model
+at real tokens, and greedy generation of ``generate_tokens`` new tokens in ONNX Runtime (numpy
+loop, :func:`greedy_generate`) equal token for token to ``model.generate(do_sample=False)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from headslim.errors import HeadslimError, first_line
+
+REPORT_FILE = "export_report.json"
+MODEL_FILE = "model.onnx"
+ATOL = 1e-4
+GENERATE_TOKENS = 40
+DEFAULT_OPSET = 17
+INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+PROMPTS = [
+    "Pruned heads, same answers.",
+    "The quick brown fox jumps over the lazy dog while the band plays on.",
+    "Export it once, run it anywhere.",
+]
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+# --------------------------------------------------------------------------------------------------
+# the export module
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+@dataclass
+class _LayerInfo:
+    """One layer as the export module runs it: query heads, own KV heads, the query→KV-head map,
+    head width and sliding window (None: full causal). ``n_q == 0``: no attention, no cache."""
+
+    index: int
+    n_q: int
+    n_kv: int
+    kv_map: list[int]
+    head_dim: int
+    window: int | None
+
+
+@lru_cache(maxsize=None)
+def _module_class():
+    """The export module's class, defined on first use so that importing this module (the CLI does)
+    does not import torch."""
+    from torch import nn
+
+    class DecoderExportModule(nn.Module):
+        """``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *presents)``.
+
+        ``past`` holds a (key, value) pair, each (B, kv_i, past, D), for every layer in
+        ``cache_layers`` (the layers that keep a head), in layer order.
+        """
+
+        def __init__(self, model):
+            super().__init__()
+            from headslim.arch import get_adapter
+
+            adapter = get_adapter(model)
+            spec = adapter.export_spec(model.config.model_type)
+            if not spec.decoder_layout:
+                raise HeadslimError(f"no decoder export layout for {model.config.model_type}")
+            self.adapter = adapter
+            if model.get_output_embeddings() is None:
+                raise HeadslimError(f"{type(model).__name__} has no language-model head: decoders export as causal LMs "
+                                    "(…ForCausalLM / GPT2LMHeadModel)")
+            self.model = model
+            self.blocks = adapter.layers(model)
+            maps = adapter.kv_maps(model)
+            self.layers = []
+            for i, (block, kv_map) in enumerate(zip(self.blocks, maps)):
+                head_dim = adapter.head_dim(model)
+                n_kv = len(set(kv_map))  # surgery keeps exactly the KV heads some query head reads
+                self.layers.append(_LayerInfo(i, len(kv_map), n_kv, list(kv_map), head_dim,
+                                              adapter.sliding_window(block, model.config) if kv_map else None))
+            self.cache_layers = [info.index for info in self.layers if info.n_q > 0]
+            torch = _torch()
+            for info in self.layers:  # the maps as buffers: constants in the graph
+                if info.n_q:
+                    self.register_buffer(f"kv_map_{info.index}", torch.tensor(info.kv_map, dtype=torch.long),
+                                         persistent=False)
+
+        # ---- masks ----------------------------------------------------------------------------------
+
+        def _mask(self, attention_mask, q_len, window: int | None, dtype):
+            """Additive mask (B, 1, T, S): causal over the concatenated sequence, padding, sliding window."""
+            torch = _torch()
+            total = attention_mask.shape[1]
+            q_pos = torch.arange(q_len, device=attention_mask.device) + (total - q_len)  # (T,)
+            k_pos = torch.arange(total, device=attention_mask.device)  # (S,)
+            allowed = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+            if window is not None:
+                allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+            allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)  # (B, 1, T, S)
+            zero = torch.zeros((), dtype=dtype)
+            return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+
+        def _attend(self, info, q, k, v, mask, scaling):
+            """q (B, n_q, T, D); k, v (B, n_kv, S, D) -> (B, T, n_q * D)."""
+            torch = _torch()
+            if info.n_kv != info.n_q or info.kv_map != list(range(info.n_q)):
+                index = getattr(self, f"kv_map_{info.index}")
+                k, v = k.index_select(1, index), v.index_select(1, index)  # (B, n_q, S, D)
+            scores = torch.matmul(q, k.transpose(2, 3)) * scaling + mask  # (B, n_q, T, S)
+            weights = torch.softmax(scores, dim=-1)
+            out = torch.matmul(weights, v).transpose(1, 2)  # (B, T, n_q, D)
+            return out.reshape(out.shape[0], out.shape[1], info.n_q * info.head_dim)
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            # the family's own layer code (headslim.arch: export_embed / export_layer / export_final)
+            x, rotary = self.adapter.export_embed(self.model, input_ids, position_ids)  # (B, T, d)
+            masks = {w: self._mask(attention_mask, input_ids.shape[1], w, x.dtype)
+                     for w in {info.window for info in self.layers if info.n_q}}
+            presents = []
+            slot = 0
+            for block, info in zip(self.blocks, self.layers):
+                pair = None
+                if info.n_q:
+                    pair = (past[2 * slot], past[2 * slot + 1])
+                    slot += 1
+                x, present = self.adapter.export_layer(block, info, x, rotary, masks.get(info.window), pair,
+                                                       self._attend)
+                if present is not None:
+                    presents.extend(present)
+            logits = self.model.get_output_embeddings()(self.adapter.export_final(self.model, x))
+            return (logits, *presents)
+
+    return DecoderExportModule
+
+
+def build_export_module(model):
+    """A ``DecoderExportModule`` around a causal LM (not copied: it shares the weights).
+
+    ``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *presents)``; ``past``
+    holds a (key, value) pair, each (B, kv_i, past, D), for every layer in ``cache_layers`` (the
+    layers that keep a head), in layer order.
+    """
+    return _module_class()(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# running the graph (numpy)
+
+
+def graph_layout(sess) -> list[tuple[int, int, int]]:
+    """(layer, kv heads, head_dim) of every cache input of an ONNX session, in order."""
+    out = []
+    for inp in sess.get_inputs():
+        if inp.name.startswith("past_key_values.") and inp.name.endswith(".key"):
+            out.append((int(inp.name.split(".")[1]), int(inp.shape[1]), int(inp.shape[3])))
+    return out
+
+
+def position_ids_of(mask):
+    """transformers' generate rule: cumsum of the mask − 1, padding positions set to 1."""
+    import numpy as np
+
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def greedy_generate(sess, input_ids, attention_mask, max_new_tokens: int, *, eos_token_id=None,
+                    suppress_eos: bool = False, pad_token_id: int = 0):
+    """Greedy decoding with the KV cache in ONNX Runtime (numpy).
+
+    Args:
+        sess: an ``onnxruntime.InferenceSession`` of a headslim decoder export.
+        input_ids, attention_mask: (B, T) int64, left-padded.
+        eos_token_id: an id or list of ids; a row that produced one gets ``pad_token_id`` afterwards
+            and generation stops when every row has (unless ``suppress_eos``: eos is never chosen,
+            as ``min_new_tokens`` does in transformers).
+
+    Returns:
+        (B, T + n) int64: the prompt and the new tokens.
+    """
+    import numpy as np
+
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    layout = graph_layout(sess)
+    ids = np.asarray(input_ids, dtype=np.int64)
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    batch = ids.shape[0]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_of(mask)}
+    for layer, kv, d in layout:
+        for name in past_names(layer):
+            feeds[name] = np.zeros((batch, kv, 0, d), dtype=np.float32)
+    out_names = [o.name for o in sess.get_outputs()]
+    tokens = ids
+    done = np.zeros(batch, dtype=bool)
+    for _ in range(max_new_tokens):
+        results = dict(zip(out_names, sess.run(None, feeds)))
+        logits = results["logits"][:, -1].astype(np.float64)  # (B, V)
+        if suppress_eos and eos:
+            logits[:, eos] = -np.inf
+        nxt = logits.argmax(-1).astype(np.int64)
+        nxt = np.where(done, pad_token_id, nxt)
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        if eos and not suppress_eos:
+            done |= np.isin(nxt, eos)
+            if done.all():
+                break
+        last_pos = feeds["position_ids"][:, -1:]
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        feeds = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": last_pos + 1}
+        for layer, _, _ in layout:
+            for past, present in zip(past_names(layer), present_names(layer)):
+                feeds[past] = results[present]
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+@dataclass
+class DecoderExportConfig:
+    """Options of :func:`export_decoder`.
+
+    Args:
+        opset: ONNX opset (14-20; default 17).
+        atol: logits must satisfy |onnx - torch| <= atol + 1e-4 * |torch| at real tokens.
+        generate_tokens: new tokens of the greedy-generation check (>= 1; default 40).
+        overwrite, allow_pickle: as for the encoder export.
+    """
+
+    opset: int = DEFAULT_OPSET
+    atol: float = ATOL
+    generate_tokens: int = GENERATE_TOKENS
+    overwrite: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        if not 14 <= int(self.opset) <= 20:
+            raise HeadslimError(f"opset {self.opset} is not supported for decoder export (use 14-20)")
+        if not self.atol > 0:
+            raise HeadslimError(f"atol must be > 0, not {self.atol}")
+        if self.generate_tokens < 1:
+            raise HeadslimError(f"generate_tokens must be >= 1, not {self.generate_tokens}")
+
+
+@dataclass
+class DecoderExportReport:
+    """What :func:`export_decoder` wrote and checked (``export_report.json``)."""
+
+    out: str
+    source: str
+    model_type: str
+    architecture: str
+    task: str
+    pruned: bool
+    heads_per_layer: list[int]
+    kv_heads_per_layer: list[int]
+    kv_head_of_q: list[list[int]]
+    neurons_per_layer: list[int]
+    cache_layers: list[int]
+    sliding_window: list[int | None]
+    inputs: list[str]
+    outputs: list[str]
+    opset: int
+    exporter: str
+    graphs: dict[str, str]
+    validation: dict
+    calibration: dict
+    zero_head_layers: str = ("layers with no heads have no past/present tensors (left out of the graph, "
+                             "not zero-size); the past length comes from attention_mask")
+    versions: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _probes(tokenizer, config):
+    """A left-padded batch of 3 prompts of different lengths: token ids and mask (numpy int64)."""
+    import numpy as np
+
+    if tokenizer is None:
+        rng = np.random.default_rng(0)
+        lengths = (9, 5, 7)
+        seq = max(lengths)
+        ids = rng.integers(3, config.vocab_size, size=(len(lengths), seq)).astype(np.int64)
+        mask = np.zeros_like(ids)
+        for r, n in enumerate(lengths):
+            mask[r, seq - n:] = 1
+        pad = getattr(config, "pad_token_id", None) or 0
+        return np.where(mask == 1, ids, pad), mask, {"source": "synthetic token ids (no tokenizer)"}
+    enc = tokenizer(PROMPTS, padding=True, return_tensors="np")
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    mask = np.asarray(enc["attention_mask"], dtype=np.int64)
+    return ids, mask, {"source": "built-in prompts"}
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer in ``path`` set up for batched generation (left padding, a pad token), or None."""
+    from headslim.export import _tokenizer
+
+    tok = _tokenizer(path)
+    if tok is not None:
+        tok.padding_side = "left"
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+    return tok
+
+
+def _pad_id(config, tokenizer) -> int:
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, list) else eos
+    return int(pad or 0)
+
+
+def _export_graph(module, path: Path, opset: int) -> tuple[list[str], list[str]]:
+    import warnings
+
+    torch = _torch()
+    batch, seq, past = 2, 3, 4
+    ids = torch.randint(3, 10, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    pasts, in_names, out_names = [], list(INPUTS), ["logits"]
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"}}
+    for info in module.layers:
+        if not info.n_q:
+            continue
+        for name in past_names(info.index):
+            pasts.append(torch.zeros(batch, info.n_kv, past, info.head_dim))
+            in_names.append(name)
+            axes[name] = {0: "batch_size", 2: "past_sequence_length"}
+        for name in present_names(info.index):
+            out_names.append(name)
+            axes[name] = {0: "batch_size", 2: "total_sequence_length"}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (ids, mask, pos, *pasts), str(path), input_names=in_names,
+                              output_names=out_names, dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+    except HeadslimError:
+        raise
+    except Exception as e:
+        raise HeadslimError(f"torch.onnx.export (torchscript) failed for the decoder: {first_line(e)}") from e
+    return in_names, out_names
+
+
+def _check_logits(sess, model, ids, mask, atol: float) -> dict:
+    """Logits of a prefill, and of a prefill + 3-token decode against the past, vs PyTorch at real tokens."""
+    import numpy as np
+
+    torch = _torch()
+    pos = position_ids_of(mask)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos)).logits.double().numpy()  # (B, T, V)
+    layout = graph_layout(sess)
+    out_names = [o.name for o in sess.get_outputs()]
+    batch, seq = ids.shape
+    split = seq - 3
+
+    def run(lo, hi, past):
+        feeds = {"input_ids": ids[:, lo:hi], "attention_mask": mask[:, :hi], "position_ids": pos[:, lo:hi]}
+        for layer, kv, d in layout:
+            for j, name in enumerate(past_names(layer)):
+                feeds[name] = past[layer][j] if past else np.zeros((batch, kv, 0, d), dtype=np.float32)
+        res = dict(zip(out_names, sess.run(None, feeds)))
+        cache = {layer: (res[present_names(layer)[0]], res[present_names(layer)[1]]) for layer, _, _ in layout}
+        return res["logits"].astype(np.float64), cache
+
+    full, _ = run(0, seq, None)
+    first, cache = run(0, split, None)
+    step, _ = run(split, seq, cache)
+    real = mask == 1
+    result = {}
+    for name, got, lo in (("prefill", full, 0), ("prefill+decode", np.concatenate([first, step], axis=1), 0)):
+        diff = np.abs(got - ref)[real]
+        bound = (atol + 1e-4 * np.abs(ref))[real]
+        result[name] = {"max_abs_diff": float(diff.max()), "ok": bool((diff <= bound).all())}
+        if not result[name]["ok"]:
+            raise HeadslimError(f"ONNX logits differ from PyTorch ({name}, left-padded batch {list(ids.shape)}): "
+                                f"max |diff| {diff.max():.2e} > {atol:g} + 1e-4*|ref|")
+    result["atol"] = atol
+    result["shape"] = [int(batch), int(seq)]
+    result["split"] = int(split)
+    return result
+
+
+def _check_generation(sess, model, ids, mask, tokens: int, pad: int) -> dict:
+    import numpy as np
+
+    torch = _torch()
+    from transformers import GenerationConfig
+
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens,
+                           min_new_tokens=tokens if eos is not None else 0, pad_token_id=pad, eos_token_id=eos,
+                           use_cache=True)
+    with torch.no_grad():
+        try:
+            expected = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                      generation_config=gen).numpy()
+        except Exception as e:
+            raise HeadslimError(f"the PyTorch model fails to generate: {first_line(e)}") from None
+    got = greedy_generate(sess, ids, mask, tokens, eos_token_id=eos, suppress_eos=True, pad_token_id=pad)
+    if got.shape != expected.shape or not np.array_equal(got, expected):
+        same = int((got[:, ids.shape[1]:] == expected[:, ids.shape[1]:]).all(0).cumprod().sum()) \
+            if got.shape == expected.shape else 0
+        raise HeadslimError(f"ONNX greedy generation differs from PyTorch's generate after {same} of {tokens} "
+                            f"tokens (left-padded batch {list(ids.shape)})")
+    return {"new_tokens": tokens, "batch": int(ids.shape[0]), "prompt_lengths": mask.sum(1).tolist(),
+            "equal": True, "left_padded": True}
+
+
+def _refuse_short_positions(config, ids, tokens: int) -> None:
+    from headslim.io import position_limit
+
+    limit = position_limit(config)
+    if limit is not None and ids.shape[1] + tokens > limit:
+        raise HeadslimError(f"validation needs {ids.shape[1] + tokens} positions but the model has {limit}; "
+                            "lower generate_tokens")
+
+
+def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExportConfig | None = None,
+                   **options) -> DecoderExportReport:
+    """Export a dense or pruned causal LM to one ONNX graph with a KV cache, validated.
+
+    Args:
+        model_dir: a headslim pruned dir (``headslim_plan.json``) or a dense Hugging Face dir.
+        out: the output directory (must not exist unless ``overwrite``).
+        config: a :class:`DecoderExportConfig`, or its fields as keyword ``options``.
+
+    Returns:
+        the :class:`DecoderExportReport`, also written to ``out/export_report.json``.
+
+    Raises:
+        HeadslimError with a one-line message; nothing is left at ``out`` then.
+
+    Example:
+        >>> report = export_decoder("slim-llama/", "slim-llama-onnx/")   # doctest: +SKIP
+        >>> report.validation["generation"]["equal"]                      # doctest: +SKIP
+        True
+    """
+    if config is None:
+        config = DecoderExportConfig(**options)
+    elif options:
+        raise HeadslimError("pass either a DecoderExportConfig or keyword options, not both")
+    started = time.perf_counter()
+    from headslim.arch import get_adapter
+    from headslim.export import _versions
+    from headslim.io import atomic_output_dir, check_output_dir, load_config, load_model, resolve_model_path
+    from headslim.plan import PLAN_FILE
+
+    source = resolve_model_path(model_dir)
+    check_output_dir(out, overwrite=config.overwrite, inputs=(source,))
+    model_config = load_config(source)
+    spec = get_adapter(model_config).export_spec(model_config.model_type)
+    if not spec.decoder_layout:
+        raise HeadslimError(f"{model_config.model_type} is not a decoder headslim exports")
+    model = load_model(source, allow_pickle=config.allow_pickle).float().eval()
+    adapter = get_adapter(model)
+    module = build_export_module(model).eval()
+    tokenizer = load_tokenizer(source)
+    ids, mask, calibration = _probes(tokenizer, model.config)
+    _refuse_short_positions(model.config, ids, config.generate_tokens)
+    pad = _pad_id(model.config, tokenizer)
+    pruned = (source / PLAN_FILE).is_file()
+
+    with atomic_output_dir(out, overwrite=config.overwrite, inputs=(source,)) as tmp:
+        import onnxruntime as ort
+
+        from headslim import onnx_utils as ox
+
+        path = tmp / MODEL_FILE
+        in_names, out_names = _export_graph(module, path, config.opset)
+        # a model with no heads left never reads attention_mask / position_ids (Llama family): the
+        # exporter drops them, but every graph takes the same inputs
+        ox.ensure_inputs(path, in_names, template="input_ids")
+        ox.check_graph(path)
+        options_ = ort.SessionOptions()
+        options_.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(str(path), options_, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise HeadslimError(f"onnxruntime cannot load the exported decoder: {first_line(e)}") from None
+        validation = {"logits": _check_logits(sess, model, ids, mask, config.atol),
+                      "generation": _check_generation(sess, model, ids, mask, config.generate_tokens, pad)}
+        model.config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if pruned:
+            shutil.copy2(source / PLAN_FILE, tmp / PLAN_FILE)
+        calibration["shape"] = list(ids.shape)
+        calibration["prompt_lengths"] = mask.sum(1).tolist()
+        report = DecoderExportReport(
+            out=str(Path(out)), source=str(source), model_type=model_config.model_type,
+            architecture=type(model).__name__, task="text-generation-with-past", pruned=pruned,
+            heads_per_layer=[i.n_q for i in module.layers], kv_heads_per_layer=[i.n_kv for i in module.layers],
+            kv_head_of_q=[i.kv_map for i in module.layers], neurons_per_layer=adapter.num_neurons(model),
+            cache_layers=module.cache_layers, sliding_window=[i.window for i in module.layers],
+            inputs=in_names, outputs=out_names, opset=config.opset, exporter="torchscript",
+            graphs={"fp32": MODEL_FILE}, validation=validation, calibration=calibration, versions=_versions(),
+        )
+        report.seconds = round(time.perf_counter() - started, 2)
+        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# headslim generate
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise HeadslimError(f"--ids takes comma-separated token ids, not {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise HeadslimError(f"--ids takes comma-separated non-negative token ids, not {text!r}")
+    return ids
+
+
+def generate(onnx_dir: str | Path, prompts: list[str] | None = None, ids: list[list[int]] | None = None,
+             max_new_tokens: int = 40) -> list[dict]:
+    """Greedy decoding of ``prompts`` (or token ``ids``) with a decoder export in ONNX Runtime.
+
+    Returns one dict per prompt: ``prompt``, ``new_ids`` and ``text`` (None without a tokenizer).
+    Stops a row at the config's eos token.
+    """
+    import numpy as np
+
+    path = Path(onnx_dir)
+    if not (path / MODEL_FILE).is_file() or not (path / "config.json").is_file():
+        raise HeadslimError(f"{path} is not a headslim decoder export (no {MODEL_FILE} / config.json)")
+    report = {}
+    if (path / REPORT_FILE).is_file():
+        report = json.loads((path / REPORT_FILE).read_text())
+    if report.get("task") != "text-generation-with-past":
+        raise HeadslimError(f"{path} is not a decoder export (headslim generate runs `headslim export` of a decoder)")
+    if max_new_tokens < 1:
+        raise HeadslimError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
+    if bool(prompts) == bool(ids):
+        raise HeadslimError("give --prompt TEXT (with a tokenizer in the dir) or --ids 1,2,3, not both or neither")
+    config = json.loads((path / "config.json").read_text())
+    tokenizer = load_tokenizer(path) if prompts else None
+    if prompts and tokenizer is None:
+        raise HeadslimError(f"{path} has no tokenizer: pass token ids with --ids 1,2,3")
+    vocab = int(config.get("vocab_size", 0) or 0)
+    if prompts:
+        enc = tokenizer(list(prompts), padding=True, return_tensors="np")
+        tok_ids, mask = np.asarray(enc["input_ids"], np.int64), np.asarray(enc["attention_mask"], np.int64)
+        pad = int(tokenizer.pad_token_id or 0)
+    else:
+        if vocab and max(max(r) for r in ids) >= vocab:
+            raise HeadslimError(f"--ids: token ids must be below the vocabulary size {vocab}")
+        pad = config.get("pad_token_id")
+        pad = 0 if pad is None else int(pad)
+        seq = max(len(r) for r in ids)
+        tok_ids = np.full((len(ids), seq), pad, dtype=np.int64)
+        mask = np.zeros((len(ids), seq), dtype=np.int64)
+        for r, row in enumerate(ids):
+            tok_ids[r, seq - len(row):] = row
+            mask[r, seq - len(row):] = 1
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if limit and tok_ids.shape[1] + max_new_tokens > int(limit):
+        raise HeadslimError(f"prompt ({tok_ids.shape[1]} tokens) + {max_new_tokens} new tokens exceed the model's "
+                            f"{limit} positions")
+    eos = config.get("eos_token_id")
+    if (path / "generation_config.json").is_file():
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id", eos)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise HeadslimError(f"onnxruntime cannot load {path / MODEL_FILE}: {first_line(e)}") from None
+    tokens = greedy_generate(sess, tok_ids, mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    eos_set = set([] if eos is None else ([eos] if isinstance(eos, int) else eos))
+    results = []
+    for r in range(tokens.shape[0]):
+        new = []
+        for t in tokens[r, tok_ids.shape[1]:].tolist():
+            new.append(int(t))
+            if t in eos_set:
+                break
+        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+        results.append({"prompt": prompts[r] if prompts else ids[r], "new_ids": new, "text": text})
+    return results
+
+
+EXAMPLE = """examples:
+  headslim export slim-llama/ --out slim-llama-onnx/
+  headslim generate slim-llama-onnx/ --prompt "Once upon a time" --max-new-tokens 40
+  headslim generate slim-llama-onnx/ --ids 1,15,27 --ids 1,9 --max-new-tokens 8 --json
+"""
+
+
+def add_parser(subparsers) -> None:
+    """Register ``headslim generate`` (called by ``headslim.cli``)."""
+    p = subparsers.add_parser("generate", help="greedy text generation with a decoder ONNX export (ONNX Runtime)",
+                              epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    req = p.add_argument_group("required")
+    req.add_argument("model", help="a dir written by `headslim export` from a decoder")
+    opt = p.add_argument_group("optional")
+    opt.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; needs a tokenizer)")
+    opt.add_argument("--ids", action="append", help="comma-separated prompt token ids (repeat for a batch)")
+    opt.add_argument("--max-new-tokens", type=int, default=40, help="new tokens per prompt (default 40)")
+    opt.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    ids = [_parse_ids(t) for t in args.ids] if args.ids else None
+    results = generate(args.model, prompts=args.prompt, ids=ids, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["text"] if r["text"] is not None else ",".join(str(t) for t in r["new_ids"]))
+    return 0
+
+
+def print_summary(report: DecoderExportReport) -> None:
+    """The lines ``headslim export`` prints for a decoder."""
+    val = report.validation
+    print(f"{report.architecture} ({report.model_type}), heads per layer {report.heads_per_layer}, KV heads "
+          f"{report.kv_heads_per_layer}, FFN neurons {report.neurons_per_layer}, opset {report.opset}")
+    print(f"  KV cache tensors for layers {report.cache_layers} (layers with no heads have none)")
+    print(f"  logits vs PyTorch (left-padded batch {val['logits']['shape']}): max |diff| prefill "
+          f"{val['logits']['prefill']['max_abs_diff']:.1e}, prefill+decode "
+          f"{val['logits']['prefill+decode']['max_abs_diff']:.1e} <= {val['logits']['atol']:g}")
+    print(f"  greedy generation: {val['generation']['new_tokens']} new tokens equal to PyTorch's generate "
+          f"(batch {val['generation']['batch']}, prompt lengths {val['generation']['prompt_lengths']})")
+    print(f"wrote {report.out} in {report.seconds:.1f} s")

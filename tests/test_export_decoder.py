@@ -1,0 +1,251 @@
+"""Decoder LLM export to ONNX with a KV cache (``headslim.export_decoder``) and ``headslim generate``.
+
+Every decoder family, dense and pruned under every ``--gqa`` mode (and with a layer left with no
+heads, and pruned FFN widths): the export's own validation must pass, the graph's cache inputs must
+have each layer's own KV head count, and greedy generation in ONNX Runtime must equal PyTorch's
+``generate`` on a left-padded batch this test builds itself (not the one the export validated on).
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from headslim.arch import kv_maps
+from headslim.cli import main
+from headslim.errors import HeadslimError
+from headslim.export_decoder import export_decoder, greedy_generate, past_names, present_names
+from headslim.gqa import select_gqa
+from headslim.io import save_pruned
+from headslim.plan import PrunePlan
+from headslim.surgery import prune_heads
+from tests.conftest import DEC_HEADS, LAYERS, TINY_DECODERS, tiny_decoder
+
+ort = pytest.importorskip("onnxruntime")
+
+FAMILIES = {t: classes[0] for t, (_, _, classes) in TINY_DECODERS.items()}  # the causal LM class of each
+MODES = ("dense", "uniform", "kv-groups", "ragged", "zero-head-layer")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_decoder_family_is_covered():
+    from headslim.arch import adapters
+
+    decoders = {t for a in adapters() if a.decoder for t in a.model_types}
+    assert decoders == set(FAMILIES)
+    for t in decoders:
+        from headslim.arch import get_adapter
+
+        class Cfg:
+            model_type = t
+        assert get_adapter(Cfg).export_spec(t).decoder_layout
+
+
+def _plan(model, mode: str) -> PrunePlan | None:
+    maps = kv_maps(model)
+    n = [len(m) for m in maps]
+    if mode == "dense":
+        return None
+    if mode == "zero-head-layer":  # layer 0 (where transformers reads the cache length) has no heads
+        return PrunePlan(n, [[], [0, 3], [1, 2, n[2] - 1]], kv_head_of_q=maps)
+    scores = torch.rand(LAYERS, DEC_HEADS, generator=torch.Generator().manual_seed(len(mode)))
+    prune = {"uniform": 0.5, "kv-groups": 0.5, "ragged": 0.4}[mode]
+    return select_gqa(scores, maps, prune=prune, mode=mode, min_per_layer=1)
+
+
+def _save(model, plan, path):
+    if plan is None:
+        model.save_pretrained(path)
+        return model
+    pruned = prune_heads(copy.deepcopy(model), plan)
+    save_pruned(pruned, path, plan)
+    return pruned
+
+
+def _session(path):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
+def _prompts(batch=2, seq=6, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def _check_exported(model, out, report, new_tokens: int):
+    """Cache inputs per layer with its own KV heads; ORT greedy == PyTorch generate (eos suppressed)."""
+    sess = _session(out)
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    outputs = {o.name for o in sess.get_outputs()}
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer, (n_q, n_kv) in enumerate(zip(report.heads_per_layer, report.kv_heads_per_layer)):
+        key, value = past_names(layer)
+        if n_q == 0:
+            assert key not in inputs and present_names(layer)[0] not in outputs
+            continue
+        assert inputs[key][1] == inputs[value][1] == n_kv
+        assert inputs[key][3] == head_dim
+        assert set(present_names(layer)) <= outputs
+    ids, mask = _prompts()
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0).numpy()
+    got = greedy_generate(sess, ids.numpy(), mask.numpy(), new_tokens, eos_token_id=eos, suppress_eos=True)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_export_parity_and_greedy(tmp_path, model_type, mode):
+    dense = tiny_decoder(model_type, FAMILIES[model_type])
+    plan = _plan(dense, mode)
+    model = _save(dense, plan, tmp_path / "src")
+    tokens = 40 if mode in ("ragged", "zero-head-layer") else 12
+    report = export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=tokens)
+    val = report.validation
+    assert val["logits"]["prefill"]["ok"] and val["logits"]["prefill+decode"]["ok"]
+    assert val["generation"]["equal"] and val["generation"]["new_tokens"] == tokens
+    assert val["generation"]["batch"] >= 2 and len(set(val["generation"]["prompt_lengths"])) > 1
+    if plan is not None:
+        assert report.heads_per_layer == plan.heads_after
+        assert report.kv_heads_per_layer == [len(k) for k in plan.kv_heads_after]
+    if mode == "zero-head-layer":
+        assert report.cache_layers == [1, 2]
+    assert report.kv_head_of_q == kv_maps(model)
+    saved = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    assert saved["validation"]["generation"]["equal"] is True
+    assert (tmp_path / "onnx" / "headslim_plan.json").is_file() == (plan is not None)
+    _check_exported(model, tmp_path / "onnx", report, new_tokens=tokens)
+
+
+def test_ragged_layer_is_really_ragged(tmp_path):
+    """A hand-made ragged map (3 query heads over 2 KV heads: 2 + 1) goes through the gather."""
+    dense = tiny_decoder("llama", FAMILIES["llama"])
+    maps = kv_maps(dense)  # [0]*4 + [1]*4 per layer
+    plan = PrunePlan([len(m) for m in maps], [[0, 1, 5], [0, 2, 4, 6], [3, 4, 5, 6, 7]], kv_head_of_q=maps)
+    model = _save(dense, plan, tmp_path / "src")
+    report = export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=40)
+    assert report.kv_head_of_q[0] == [0, 0, 1] and report.kv_heads_per_layer == [2, 2, 2]
+    _check_exported(model, tmp_path / "onnx", report, new_tokens=40)
+
+
+def test_no_attention_at_all_and_pruned_ffn(tmp_path):
+    """Every layer without heads (no cache tensors at all) plus per-layer FFN widths, one empty."""
+    dense = tiny_decoder("qwen3", FAMILIES["qwen3"])
+    maps = kv_maps(dense)
+    width = dense.config.intermediate_size
+    plan = PrunePlan([len(m) for m in maps], [[], [], []], kv_head_of_q=maps, num_neurons=[width] * LAYERS,
+                     kept_neurons=[list(range(0, width, 2)), [], list(range(5))])
+    model = _save(dense, plan, tmp_path / "src")
+    report = export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=12)
+    assert report.cache_layers == [] and report.neurons_per_layer == [len(range(0, width, 2)), 0, 5]
+    _check_exported(model, tmp_path / "onnx", report, new_tokens=12)
+
+    dense = tiny_decoder("gpt2", FAMILIES["gpt2"])
+    maps = kv_maps(dense)
+    width = 4 * dense.config.n_embd
+    plan = PrunePlan([len(m) for m in maps], [[0, 5], [1, 2, 3], [7]], kv_head_of_q=None,
+                     num_neurons=[width] * LAYERS, kept_neurons=[list(range(7)), list(range(width)), []])
+    model = _save(dense, plan, tmp_path / "src2")
+    report = export_decoder(tmp_path / "src2", tmp_path / "onnx2", generate_tokens=12)
+    assert report.heads_per_layer == [2, 3, 1] and report.neurons_per_layer == [7, width, 0]
+    _check_exported(model, tmp_path / "onnx2", report, new_tokens=12)
+
+
+def test_a_wrong_graph_fails_validation_and_leaves_nothing(tmp_path, monkeypatch):
+    """Validation is not vacuous: a graph with a broken rotary embedding is refused, no dir left."""
+    import headslim.arch.llama as llama
+
+    dense = tiny_decoder("llama", FAMILIES["llama"])
+    dense.save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(llama, "_rotate_half", lambda x: x)
+    with pytest.raises(HeadslimError, match="ONNX logits differ from PyTorch"):
+        export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=4)
+    assert not (tmp_path / "onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_sliding_window_is_applied(tmp_path, monkeypatch):
+    """Mistral's window (5) is shorter than the validation prompts: dropping it from the mask fails."""
+    import headslim.export_decoder as ed
+    from headslim.arch import get_adapter
+
+    dense = tiny_decoder("mistral", FAMILIES["mistral"])
+    assert get_adapter(dense).sliding_window(dense.model.layers[0], dense.config) == 5
+    dense.save_pretrained(tmp_path / "src")
+    adapter_cls = type(get_adapter(dense))
+    monkeypatch.setattr(adapter_cls, "sliding_window", lambda self, block, config: None)
+    with pytest.raises(HeadslimError, match="differ from PyTorch"):
+        ed.export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=4)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_cli_export_then_generate(tmp_path, capsys):
+    dense = tiny_decoder("qwen2", FAMILIES["qwen2"])
+    plan = _plan(dense, "ragged")
+    model = _save(dense, plan, tmp_path / "src")
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "greedy generation: 40 new tokens equal" in out
+    assert main(["generate", str(tmp_path / "onnx"), "--ids", "5,6,7,8", "--ids", "9,10",
+                 "--max-new-tokens", "6", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 2
+    with torch.no_grad():  # row 0 unpadded: PyTorch's greedy continuation up to eos
+        ref = model.generate(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)[0, 4:].tolist()
+    assert results[0]["new_ids"] == ref[: len(results[0]["new_ids"])] and results[0]["new_ids"]
+    # bad input: one line on stderr, exit 2, no traceback
+    for argv, msg in ((["generate", str(tmp_path / "onnx"), "--prompt", "hi"], "no tokenizer"),
+                      (["generate", str(tmp_path / "onnx"), "--ids", "1,x"], "comma-separated"),
+                      (["generate", str(tmp_path / "onnx"), "--ids", "1", "--max-new-tokens", "0"], ">= 1"),
+                      (["generate", str(tmp_path / "onnx"), "--ids", "1", "--max-new-tokens", "500"], "positions"),
+                      (["generate", str(tmp_path / "src"), "--ids", "1"], "not a headslim decoder export"),
+                      (["export", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--optimize"],
+                       "does not take --optimize")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_generate_with_a_tokenizer(tmp_path, capsys, minilm_dir):
+    """Prompts through the checkpoint's tokenizer (left-padded batch of two), text back, as PyTorch."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))  # any real tokenizer: the bundled WordPiece one
+    model = tiny_decoder("llama", FAMILIES["llama"], vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    report = export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=20)
+    assert report.calibration["source"] == "built-in prompts" and report.validation["generation"]["equal"]
+    assert (tmp_path / "onnx" / "tokenizer.json").is_file() or (tmp_path / "onnx" / "vocab.txt").is_file()
+    prompts = ["a long first prompt about pruned attention heads", "short"]
+    assert main(["generate", str(tmp_path / "onnx"), "--prompt", prompts[0], "--prompt", prompts[1],
+                 "--max-new-tokens", "8", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    tok.padding_side = "left"
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=8,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    for r, row in enumerate(results):
+        expected = ref[r, enc["input_ids"].shape[1]:].tolist()
+        assert row["new_ids"] == expected[: len(row["new_ids"])] and row["new_ids"]
+        assert row["text"] == tok.decode(row["new_ids"], skip_special_tokens=True)
