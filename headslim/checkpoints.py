@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headslim.errors import HeadslimError
+from headslim.errors import HeadslimError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
@@ -95,3 +95,15 @@ def load_pair(dense_dir, pruned_dir):
     dense, pruned = load_model(dense_dir), load_model(pruned_dir)
     check_compatible(dense, pruned, dense_dir, pruned_dir)
     return dense_dir, pruned_dir, dense, pruned
+
+
+def optional_tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None when it has no tokenizer files."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise HeadslimError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None

@@ -260,18 +260,6 @@ def _resolve_task(model, requested: str) -> tuple[str, object]:
     return requested, model
 
 
-def _tokenizer(path: Path):
-    """The checkpoint's tokenizer, or None when it has no tokenizer files."""
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise HeadslimError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
-
-
 def _calibration(tokenizer, config, input_names: list[str], cfg: ExportConfig) -> tuple[list[dict], dict]:
     """Two probes with different shapes, the first padded: the real batch, then one short text.
 
@@ -348,22 +336,6 @@ def _reference_outputs(module, probes: list[dict], output_names: list[str]) -> l
     return refs
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    from headslim._version import __version__
-    from headslim.onnx_utils import cpu_name
-
-    out = {"headslim": __version__, "python": platform.python_version(), "cpu": cpu_name()}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # the API
 
@@ -412,7 +384,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
 
     from headslim.arch import get_adapter
     from headslim.io import atomic_output_dir, check_output_dir, copy_sentence_transformers_files, load_model
+    from headslim.checkpoints import optional_tokenizer
     from headslim.io import check_length, load_config, resolve_model_path
+    from headslim.onnx_utils import export_versions
     from headslim.plan import PLAN_FILE
 
     source = resolve_model_path(model_dir)
@@ -432,7 +406,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
     task = TASKS[task_name]
     input_names = list(spec.inputs)
     output_names = list(task.outputs)
-    tokenizer = _tokenizer(source)
+    tokenizer = optional_tokenizer(source)
     probes, calibration = _calibration(tokenizer, model.config, input_names, config)
     references = _reference_outputs(module, probes, output_names)
     pruned = (source / PLAN_FILE).is_file()
@@ -493,7 +467,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
             opset=config.opset, exporter=config.exporter, graphs={k: p.name for k, p in files.items()},
             default={"file": MODEL_FILE, **default}, validation=validation, agreement=agreement,
             calibration=calibration, fusion=fusion, timing=timing, quantization=quantization,
-            versions=_versions(),
+            versions=export_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
         report.neurons_per_layer = get_adapter(model).num_neurons(model)

@@ -344,9 +344,9 @@ def _probes(tokenizer, config):
 
 def load_tokenizer(path: Path):
     """The tokenizer in ``path`` set up for batched generation (left padding, a pad token), or None."""
-    from headslim.export import _tokenizer
+    from headslim.checkpoints import optional_tokenizer
 
-    tok = _tokenizer(path)
+    tok = optional_tokenizer(path)
     if tok is not None:
         tok.padding_side = "left"
         if tok.pad_token is None and tok.eos_token is not None:
@@ -504,7 +504,7 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
         raise HeadslimError("pass either a DecoderExportConfig or keyword options, not both")
     started = time.perf_counter()
     from headslim.arch import get_adapter
-    from headslim.export import _versions
+    from headslim.onnx_utils import export_versions
     from headslim.io import atomic_output_dir, check_output_dir, load_config, load_model, resolve_model_path
     from headslim.plan import PLAN_FILE
 
@@ -558,7 +558,7 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             kv_head_of_q=[i.kv_map for i in module.layers], neurons_per_layer=adapter.num_neurons(model),
             cache_layers=module.cache_layers, sliding_window=[i.window for i in module.layers],
             inputs=in_names, outputs=out_names, opset=config.opset, exporter="torchscript",
-            graphs={"fp32": MODEL_FILE}, validation=validation, calibration=calibration, versions=_versions(),
+            graphs={"fp32": MODEL_FILE}, validation=validation, calibration=calibration, versions=export_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

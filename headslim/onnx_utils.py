@@ -418,3 +418,19 @@ def quantize_int8(src: Path, dst: Path) -> dict:
         raise HeadslimError(f"onnxruntime int8 quantisation failed: {first_line(e)}") from None
     return {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "weights": "int8",
             "per_channel": True, "quantized_from": src.name}
+
+
+def export_versions() -> dict:
+    """Versions an export report records (headslim, python, CPU, torch, transformers, ONNX, ORT, optimum)."""
+    import importlib.metadata as md
+    import platform
+
+    from headslim._version import __version__
+
+    out = {"headslim": __version__, "python": platform.python_version(), "cpu": cpu_name()}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "optimum", "optimum-onnx"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
