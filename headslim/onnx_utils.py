@@ -423,7 +423,6 @@ def quantize_int8(src: Path, dst: Path) -> dict:
 def export_versions() -> dict:
     """Versions an export report records (headslim, python, CPU, torch, transformers, ONNX, ORT, optimum)."""
     import importlib.metadata as md
-    import platform
 
     from headslim._version import __version__
 

@@ -91,3 +91,12 @@ def tiny_decoder(model_type: str, class_name: str, num_kv_heads: int | None = No
     config.architectures = [class_name]
     torch.manual_seed(seed)
     return getattr(transformers, class_name)(config).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster and immune to a busy CI machine's spin-waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ from headslim.scoring import score_heads
 from headslim.surgery import prune_heads
 from tests.conftest import DEC_HEADS, DECODER_CASES, LAYERS, TF_MAJOR, TINY_DECODERS, VOCAB, main_output, tiny_decoder
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster and immune to a busy CI machine's spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASE_IDS = [f"{cls}-kv{kv}" if kv else cls for _, cls, kv in DECODER_CASES]

@@ -29,12 +29,7 @@ FAMILIES = {t: classes[0] for t, (_, _, classes) in TINY_DECODERS.items()}  # th
 MODES = ("dense", "uniform", "kv-groups", "ragged", "zero-head-layer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_decoder_family_is_covered():
