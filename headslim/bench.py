@@ -32,7 +32,7 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from headslim.errors import HeadslimError, first_line
 
 BENCH_EXAMPLE = """example:
   headslim bench slim/ --baseline all-MiniLM-L6-v2 --backend torch,ort --batch 1,8,32 --seq 128,512 --out bench-out/
+  headslim bench slim-llama/ --baseline my-llama/ --task causal-lm --backend torch,ort-cpu --batch 1,8 --prompt 128 --new-tokens 32
   headslim bench slim/ --backend ort-cpu --onnx-dense dense-onnx/ --onnx-pruned slim-onnx/ --threads 4
 """
 
@@ -416,6 +417,8 @@ BACKENDS = {
     "triton-cuda": lambda: TritonBackend("triton-cuda"),
 }
 DTYPES = ("float32", "float16", "bfloat16")  # of the torch backends (--dtype); ORT runs its graph's precision
+# what is timed: one forward pass (encoders, classifiers) or prefill + decode steps (causal LMs)
+TASKS = ("auto", "forward", "causal-lm")
 
 
 def _gpu_present() -> bool:
@@ -547,6 +550,9 @@ class BenchConfig:
         seed: seed of the synthetic token ids.
         dtype: what the torch and triton backends compute in (``float32``, ``float16``, ``bfloat16``);
             the ORT backends run their graph's own precision.
+        task: ``forward`` (one forward pass per run: ``batches`` x ``seqs``), ``causal-lm`` (prefill
+            of ``prompt`` tokens + ``new_tokens`` decode steps per run: ``batches``;
+            :mod:`headslim.bench_decoder`) or ``auto`` (``causal-lm`` for decoders with an LM head).
     """
 
     backends: str | tuple = "torch"
@@ -561,8 +567,15 @@ class BenchConfig:
     onnx_pruned: str | None = None
     seed: int = 0
     dtype: str = "float32"
+    task: str = "auto"
+    prompt: int = 128
+    new_tokens: int = 32
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise HeadslimError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.prompt < 1 or self.new_tokens < 1:
+            raise HeadslimError(f"--prompt and --new-tokens must be >= 1, not {self.prompt} and {self.new_tokens}")
         if self.dtype not in DTYPES:
             raise HeadslimError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         self.backends = tuple(expand_backends(self.backends))
@@ -638,7 +651,7 @@ def bench(pruned_dir, baseline_dir=None, config: BenchConfig | None = None, *, o
         >>> r = bench("slim/", "all-MiniLM-L6-v2", BenchConfig(backends="torch-sdpa-cpu", batches=(1,), seqs=(128,)))  # doctest: +SKIP
         >>> r["points"][0]["speedup_p50"]                                                                             # doctest: +SKIP
     """
-    from headslim.io import check_length, check_output_dir, load_config
+    from headslim.io import check_output_dir, load_config
 
     config = config or BenchConfig()
     log = log or (lambda *a, **k: None)
@@ -647,15 +660,42 @@ def bench(pruned_dir, baseline_dir=None, config: BenchConfig | None = None, *, o
                          inputs=(pruned_dir, baseline_dir, config.onnx_dense, config.onnx_pruned))
     baseline_dir = baseline_dir or default_baseline(pruned_dir)
     model_config = load_config(baseline_dir)
-    for seq in config.seqs:  # from config.json: refused before the weights load
-        check_length(model_config, seq, "--seq")
+    _check_lengths(config, model_config, resolve_task(config.task, model_config))  # before the weights load
     dense_dir, pruned_dir, dense, pruned = load_pair(baseline_dir, pruned_dir)
+    config = replace(config, task=resolve_task(config.task, model_config, dense))
+    _check_lengths(config, model_config, config.task)
     with fixed_threads(config.threads) as threads:
         result = _bench_all(config, dense_dir, pruned_dir, dense, pruned, threads, log)
     if out is not None:
         write_outputs(result, out, overwrite=overwrite)
         log(f"wrote {out}")
     return result
+
+
+def resolve_task(task: str, model_config, model=None) -> str:
+    """``causal-lm`` under ``auto`` for a decoder family (and, once ``model`` is loaded, one with a
+    language-model head); a causal-lm request for anything else is a one-line error."""
+    from headslim.arch import get_adapter
+
+    decoder = bool(get_adapter(model_config).export_spec(model_config.model_type).decoder_layout)
+    if model is not None:
+        decoder = decoder and model.get_output_embeddings() is not None
+    if task == "auto":
+        return "causal-lm" if decoder else "forward"
+    if task == "causal-lm" and not decoder:
+        what = type(model).__name__ if model is not None else model_config.model_type
+        raise HeadslimError(f"--task causal-lm needs a decoder with a language-model head, not a {what}")
+    return task
+
+
+def _check_lengths(config: BenchConfig, model_config, task: str) -> None:
+    from headslim.io import check_length
+
+    if task == "causal-lm":
+        check_length(model_config, config.prompt + config.new_tokens, "--prompt + --new-tokens")
+    else:
+        for seq in config.seqs:
+            check_length(model_config, seq, "--seq")
 
 
 def _bench_all(config: BenchConfig, dense_dir, pruned_dir, dense, pruned, threads: int, log) -> dict:
@@ -677,6 +717,13 @@ def _bench_all(config: BenchConfig, dense_dir, pruned_dir, dense, pruned, thread
                    for role, d, m in (("dense", dense_dir, dense), ("pruned", pruned_dir, pruned))},
         "backends": [], "points": [],
     }
+    if config.task == "causal-lm":
+        from headslim import bench_decoder
+
+        result["settings"]["run"] = (f"prefill of {config.prompt} tokens, then {config.new_tokens} greedy decode steps "
+                                     "against the KV cache")
+        for role, m in (("dense", dense), ("pruned", pruned)):
+            result["models"][role]["cache_kv_heads"] = bench_decoder.cache_heads(m)
     with tempfile.TemporaryDirectory(prefix="headslim-bench-") as tmp:
         ctx = BenchContext(dirs={"dense": dense_dir, "pruned": pruned_dir}, models={"dense": dense, "pruned": pruned},
                            threads=threads, onnx={"dense": config.onnx_dense, "pruned": config.onnx_pruned},
@@ -695,7 +742,12 @@ def _run_backend(backend, ctx: BenchContext, config: BenchConfig, shapes: dict, 
     entry = {"name": backend.name, "settings": backend.settings(), "status": "ok", "reason": None}
     result["backends"].append(entry)
     try:
-        sessions = backend.prepare(ctx)
+        if config.task == "causal-lm":
+            from headslim import bench_decoder
+
+            sessions = bench_decoder.prepare(backend, ctx)
+        else:
+            sessions = backend.prepare(ctx)
     except BackendUnavailable as e:
         entry.update(status="skipped", reason=first_line(e))
         log(f"{backend.name}: skipped: {entry['reason']}")
@@ -708,6 +760,11 @@ def _run_backend(backend, ctx: BenchContext, config: BenchConfig, shapes: dict, 
         return
     vocab = int(ctx.models["dense"].config.vocab_size)
     try:
+        if config.task == "causal-lm":
+            from headslim import bench_decoder
+
+            bench_decoder.run_points(backend, sessions, ctx, config, result, log)
+            return
         for seq in config.seqs:
             for batch in config.batches:
                 point = {"backend": backend.name, "batch": batch, "seq": seq,
@@ -788,7 +845,13 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--backend", default="torch",
                      help="comma-separated: " + ", ".join(BACKENDS) + "; aliases torch, ort, cuda, all (default torch)")
     opt.add_argument("--batch", type=_int_list, default=(1, 8, 32), help="batch sizes (default 1,8,32)")
-    opt.add_argument("--seq", type=_int_list, default=(128,), help="sequence lengths (default 128)")
+    opt.add_argument("--seq", type=_int_list, default=(128,), help="sequence lengths (default 128; --task forward)")
+    opt.add_argument("--task", default="auto", choices=TASKS,
+                     help="what one run is: forward (one forward pass per batch x seq) or causal-lm (prefill of "
+                          "--prompt tokens, then --new-tokens greedy decode steps with the KV cache); default auto: "
+                          "causal-lm for decoders with an LM head")
+    opt.add_argument("--prompt", type=int, default=128, help="causal-lm: prompt tokens of the prefill (default 128)")
+    opt.add_argument("--new-tokens", type=int, default=32, help="causal-lm: decode steps per run (default 32)")
     add_timing_arguments(opt)
     opt.add_argument("--onnx-dense", help="ONNX export dir (or model.onnx) of the baseline for the ort backends")
     opt.add_argument("--onnx-pruned", help="ONNX export dir (or model.onnx) of the pruned model")

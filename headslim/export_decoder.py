@@ -311,6 +311,7 @@ class DecoderExportReport:
     opset: int
     exporter: str
     graphs: dict[str, str]
+    external_data: str | None  # the weights' file beside the graph when the model is over 2 GB, else None
     validation: dict
     calibration: dict
     zero_head_layers: str = ("layers with no heads have no past/present tensors (left out of the graph, "
@@ -529,7 +530,9 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
         from headslim import onnx_utils as ox
 
         path = tmp / MODEL_FILE
+        before = set(tmp.iterdir())
         in_names, out_names = _export_graph(module, path, config.opset)
+        data_file = ox.gather_external_data(path, [f for f in tmp.iterdir() if f not in before])
         # a model with no heads left never reads attention_mask / position_ids (Llama family): the
         # exporter drops them, but every graph takes the same inputs
         ox.ensure_inputs(path, in_names, template="input_ids")
@@ -558,7 +561,7 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             kv_head_of_q=[i.kv_map for i in module.layers], neurons_per_layer=adapter.num_neurons(model),
             cache_layers=module.cache_layers, sliding_window=[i.window for i in module.layers],
             inputs=in_names, outputs=out_names, opset=config.opset, exporter="torchscript",
-            graphs={"fp32": MODEL_FILE}, validation=validation, calibration=calibration, versions=export_versions(),
+            graphs={"fp32": MODEL_FILE}, external_data=data_file, validation=validation, calibration=calibration, versions=export_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

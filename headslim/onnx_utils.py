@@ -141,6 +141,31 @@ def check_graph(path: Path) -> None:
         raise HeadslimError(f"{path.name} has zero-sized weights ({', '.join(empty[:3])}): a pruned layer leaked")
 
 
+def gather_external_data(path: Path, written: list[Path]) -> str | None:
+    """Move the weights an exporter wrote as one file per tensor into one ``<model>.onnx.data`` file.
+
+    Past protobuf's 2 GB limit (a 0.5B-parameter decoder in fp32 already) the TorchScript exporter
+    stores every large initializer as its own file beside the graph (hundreds of them); one data
+    file, as optimum and onnxruntime-genai ship, is what users expect to copy and load. ``written``
+    are the files the exporter created (nothing else in the directory is touched).
+
+    Returns:
+        the data file's name, or None when the exporter wrote no external data.
+    """
+    extra = [Path(f) for f in written if Path(f) != Path(path)]
+    if not extra:
+        return None
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    for f in extra:
+        f.unlink()
+    location = Path(path).name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=1024)
+    return location
+
+
 def ensure_inputs(path: Path, names: list[str], template: str) -> None:
     """Add back graph inputs the exporter dropped because nothing used them.
 
@@ -151,7 +176,7 @@ def ensure_inputs(path: Path, names: list[str], template: str) -> None:
 
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are (a model over 2 GB too)
     present = [i.name for i in model.graph.input]
     missing = [n for n in names if n not in present]
     if not missing:

@@ -54,6 +54,31 @@ BENCH_HEADERS = ["backend", "batch", "seq", "dense p50 ms", "pruned p50 ms", "pr
                  "ideal", "dense p90", "pruned p90", "dense samples/s", "pruned samples/s", "runs"]
 
 
+DECODER_HEADERS = ["backend", "batch", "prompt", "dense prefill ms", "pruned prefill ms", "prefill x", "FLOP-ideal",
+                   "dense tok/s", "pruned tok/s", "decode x", "byte-ideal", "runs"]
+
+
+def _causal_lm(result: dict) -> bool:
+    return result.get("settings", {}).get("task") == "causal-lm"
+
+
+def _decoder_rows(result: dict) -> list[list]:
+    """Prefill p50 (ms) and decode tokens/s (median run), dense vs pruned, with their ideals."""
+    rows = []
+    for p in result["points"]:
+        a = p["analytic"]
+        if p.get("status") != "ok":
+            rows.append([p["backend"], p["batch"], p["prompt"], "failed", "", "", a["ideal_prefill_speedup"], "", "",
+                         "", a["ideal_decode_speedup"], ""])
+            continue
+        d, q = p["dense"], p["pruned"]
+        rows.append([p["backend"], p["batch"], p["prompt"], d["prefill_p50_ms"], q["prefill_p50_ms"],
+                     p["prefill_speedup"], a["ideal_prefill_speedup"], d["decode_tokens_per_s"],
+                     q["decode_tokens_per_s"], p["decode_speedup"], a["ideal_decode_speedup"],
+                     f"{d['runs']}/{q['runs']}"])
+    return rows
+
+
 def _bench_rows(result: dict) -> list[list]:
     rows = []
     for p in result["points"]:
@@ -70,8 +95,8 @@ def _bench_rows(result: dict) -> list[list]:
 
 def _skipped(result: dict) -> list[str]:
     lines = [f"{b['name']}: {b['status']}: {b['reason']}" for b in result["backends"] if b["status"] != "ok"]
-    lines += [f"{p['backend']} batch {p['batch']} seq {p['seq']}: failed: {p['reason']}"
-              for p in result["points"] if p.get("status") != "ok"]
+    lines += [f"{p['backend']} batch {p['batch']} {'prompt ' + str(p['prompt']) if 'prompt' in p else 'seq ' + str(p['seq'])}: "
+              f"failed: {p['reason']}" for p in result["points"] if p.get("status") != "ok"]
     return lines
 
 
@@ -81,7 +106,11 @@ def bench_table(result: dict) -> str:
     head = (f"dense {m['dense']['path']} ({m['dense']['params']:,} params, {sum(m['dense']['heads'])} heads) vs "
             f"pruned {m['pruned']['path']} ({m['pruned']['params']:,} params, {sum(m['pruned']['heads'])} heads); "
             f"{result['settings']['threads']} threads")
-    lines = [head, text_table(BENCH_HEADERS, _bench_rows(result))]
+    if _causal_lm(result):
+        head += f"; {result['settings']['run']}"
+        lines = [head, text_table(DECODER_HEADERS, _decoder_rows(result))]
+    else:
+        lines = [head, text_table(BENCH_HEADERS, _bench_rows(result))]
     lines += _skipped(result)
     return "\n".join(lines)
 
@@ -97,13 +126,23 @@ def bench_markdown(result: dict, plot_name: str | None = None) -> str:
         f"Versions: {versions}.", "",
         f"Settings: torch/triton in {s.get('dtype', 'float32')}, {s['threads']} threads, {s['warmup']} warm-up runs, at least {s['min_runs']} runs and "
         f"{s['min_seconds']} s per point, {s['inputs']}, {s['order']}.", "",
-        markdown_table(["model", "path", "parameters", "heads", "encoder params (analytic)"],
+        markdown_table(["model", "path", "parameters", "heads", "layer params (analytic)"],
                        [[role, f"`{m[role]['path']}`", f"{m[role]['params']:,}", sum(m[role]["heads"]),
                          f"{m[role]['encoder_params']['total']:,}"] for role in ("dense", "pruned")]), "",
-        "Latency in ms (p50/p90 per forward pass); speed-up = dense p50 / pruned p50; ideal = dense / pruned "
-        "encoder FLOPs.", "",
-        markdown_table(BENCH_HEADERS, _bench_rows(result)), "",
     ]
+    if _causal_lm(result):
+        kv = ", ".join(f"{role} {m[role]['cache_kv_heads']}" for role in ("dense", "pruned"))
+        out += [f"Each run: {s['run']}. Prefill: p50 in ms, x = dense / pruned, FLOP-ideal = dense / pruned "
+                "prefill FLOPs (LM head at the positions the backend computes: the last one in torch, as "
+                "generate does; every prompt position in the exported ONNX graph). Decode: tokens/s of the median "
+                "run (batch x new tokens / decode time), x = pruned / dense, byte-ideal = dense / pruned bytes read "
+                "per step (weights + KV cache at the mean past length; decode at small batch is memory-bound).", "",
+                f"KV heads cached per layer: {kv}.", "",
+                markdown_table(DECODER_HEADERS, _decoder_rows(result)), ""]
+    else:
+        out += ["Latency in ms (p50/p90 per forward pass); speed-up = dense p50 / pruned p50; ideal = dense / pruned "
+                "encoder FLOPs.", "",
+                markdown_table(BENCH_HEADERS, _bench_rows(result)), ""]
     skipped = _skipped(result)
     if skipped:
         out += ["Not measured:", ""] + [f"- {line}" for line in skipped] + [""]
@@ -116,7 +155,7 @@ def bench_plot(result: dict, path: Path) -> Path | None:
     """Measured speed-up per shape for every backend, with the ideal (FLOP) speed-up as a dashed line."""
     plt = _pyplot()
     points = [p for p in result["points"] if p.get("status") == "ok"]
-    if plt is None or not points:
+    if plt is None or not points or _causal_lm(result):  # the decoder table carries two ratios per point
         return None
     shapes = sorted({(p["seq"], p["batch"]) for p in result["points"]})
     labels = [f"b{b}\ns{s}" for s, b in shapes]

@@ -244,3 +244,32 @@ def test_generate_with_a_tokenizer(tmp_path, capsys, minilm_dir):
         expected = ref[r, enc["input_ids"].shape[1]:].tolist()
         assert row["new_ids"] == expected[: len(row["new_ids"])] and row["new_ids"]
         assert row["text"] == tok.decode(row["new_ids"], skip_special_tokens=True)
+
+
+def test_weights_written_one_file_per_tensor_are_gathered_into_one_data_file(tmp_path):
+    """Past 2 GB the TorchScript exporter writes every large weight as its own file; the export
+    gathers them into ``model.onnx.data`` (what optimum and onnxruntime-genai ship), same outputs."""
+    import onnx
+
+    from headslim.onnx_utils import gather_external_data
+
+    model = tiny_decoder("llama", FAMILIES["llama"])
+    model.save_pretrained(tmp_path / "dense")
+    report = export_decoder(tmp_path / "dense", tmp_path / "onnx", generate_tokens=2)
+    assert report.external_data is None  # small: one self-contained graph
+    split = tmp_path / "split"
+    split.mkdir()
+    proto = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    onnx.save_model(proto, str(split / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)  # what the exporter does for a big model: a file per tensor
+    written = sorted(split.iterdir())
+    assert len(written) > 10
+    (split / "keep.txt").write_text("not the exporter's")
+    assert gather_external_data(split / "model.onnx", written) == "model.onnx.data"
+    assert sorted(p.name for p in split.iterdir()) == ["keep.txt", "model.onnx", "model.onnx.data"]
+    ids, mask = _prompts()
+    tokens = {}
+    for name, path in (("one graph", tmp_path / "onnx"), ("gathered", split)):
+        tokens[name] = greedy_generate(_session(path), ids.numpy(), mask.numpy(), 5)
+    np.testing.assert_array_equal(tokens["one graph"], tokens["gathered"])
+    assert gather_external_data(split / "model.onnx", []) is None
