@@ -12,7 +12,7 @@ as for encoders (:func:`headslim.bench.measure_interleaved`), so machine drift h
 
 Backends: the PyTorch ones (eager / SDPA attention, CPU / CUDA) run the model with transformers'
 ``DynamicCache`` and ``logits_to_keep=1`` in the prefill where the model takes it (what
-``generate`` does); ``ort-cpu`` / ``ort-cuda`` run the ``headslim export`` graph (one graph for
+``generate`` does); ``ort-cpu`` / ``ort-cuda`` (``ort-int8-cpu``: its int8 graph) run the ``headslim export`` graph (one graph for
 prefill and decode, per-layer KV heads, :mod:`headslim.export_decoder`) with plain
 ``InferenceSession.run``, each step feeding the ``present`` tensors back as ``past`` (what a user
 of onnxruntime without IO binding does). That graph returns logits at every prompt position.
@@ -70,7 +70,7 @@ def cache_heads(model) -> list[int]:
 
 
 def decoder_cost(model, batch: int, prompt: int, new_tokens: int, *, logits_positions: int = 1,
-                 bytes_per_value: int = BYTES_FP32) -> dict:
+                 bytes_per_value: int = BYTES_FP32, weight_bytes_per_value: int | None = None) -> dict:
     """FLOPs of the prefill and bytes read per decode step of one model.
 
     Args:
@@ -79,7 +79,8 @@ def decoder_cost(model, batch: int, prompt: int, new_tokens: int, *, logits_posi
 
     A FLOP is a multiply or an add; attention mixing counts the causal half of ``T x T``.
     Bytes per decode step: weights (see :func:`_weights`) + K and V of every layer's cache at the
-    mean past length over the ``new_tokens`` steps, at ``bytes_per_value`` a value.
+    mean past length over the ``new_tokens`` steps, at ``bytes_per_value`` a value
+    (``weight_bytes_per_value`` for the weights when they differ: 1 for an int8 graph).
 
     Example:
         >>> c = decoder_cost(model, batch=1, prompt=128, new_tokens=32)   # doctest: +SKIP
@@ -98,12 +99,13 @@ def decoder_cost(model, batch: int, prompt: int, new_tokens: int, *, logits_posi
     mix = sum(2 * 2 * batch * h * head_dim * prompt * (prompt + 1) // 2 for h in heads)
     mean_past = prompt + (new_tokens - 1) / 2 + 1  # step i reads prompt + i + 1 cached positions
     kv_values = sum(2 * kv * head_dim for kv in cache_heads(model)) * batch * mean_past
-    weight_bytes = read * bytes_per_value
+    weight_bytes = read * (bytes_per_value if weight_bytes_per_value is None else weight_bytes_per_value)
     return {"prefill_flops": int(layers_flops + mix), "prefill_matmul_flops": int(layers_flops),
             "prefill_attention_flops": int(mix), "weight_bytes": int(weight_bytes),
             "kv_cache_bytes_mean": int(kv_values * bytes_per_value),
             "decode_bytes_per_step": int(weight_bytes + kv_values * bytes_per_value),
-            "logits_positions": logits_positions, "bytes_per_value": bytes_per_value}
+            "logits_positions": logits_positions, "bytes_per_value": bytes_per_value,
+            "weight_bytes_per_value": bytes_per_value if weight_bytes_per_value is None else weight_bytes_per_value}
 
 
 def compare(dense, pruned, batch: int, prompt: int, new_tokens: int, **kw) -> dict:
@@ -242,8 +244,9 @@ class OrtDecoderSession:
 # Backends
 
 
-def _decoder_export(ctx, role: str):
-    """The decoder graph for ``role``: ``--onnx-ROLE`` (export dir or .onnx file), else exported now."""
+def _decoder_export(ctx, role: str, variant: str):
+    """The decoder graph of ``variant`` (``fp32`` / ``int8``) for ``role``: from ``--onnx-ROLE`` (export
+    dir, or an .onnx file for fp32), else exported now (fp32 and int8, once per run)."""
     import importlib
     import json
     from pathlib import Path
@@ -256,7 +259,7 @@ def _decoder_export(ctx, role: str):
             export_decoder = importlib.import_module("headslim.export_decoder")
             out = Path(ctx.tmp) / f"onnx-{role}"
             try:
-                export_decoder.export_decoder(ctx.dirs[role], out)
+                export_decoder.export_decoder(ctx.dirs[role], out, quantize="int8")
                 ctx._exports[role] = out
             except Exception as e:
                 ctx._exports[role] = BackendUnavailable(f"exporting the {role} decoder to ONNX failed: {first_line(e)}")
@@ -265,23 +268,29 @@ def _decoder_export(ctx, role: str):
         source = ctx._exports[role]
     source = Path(source)
     if source.is_file():
+        if variant != "fp32":
+            raise BackendUnavailable(f"--onnx-{role} is a single file; the {variant} graph needs an export dir "
+                                     f"(headslim export {ctx.dirs[role]} --out DIR --quantize int8)")
         return source
     if not source.is_dir():
         raise HeadslimError(f"--onnx-{role} {source} does not exist")
     report = source / EXPORT_REPORT
-    name = "model.onnx"
+    graphs = {"fp32": "model.onnx"}
     if report.is_file():
         try:
-            name = json.loads(report.read_text()).get("graphs", {}).get("fp32", name)
+            graphs = json.loads(report.read_text()).get("graphs", graphs)
         except json.JSONDecodeError:
             raise HeadslimError(f"{report} is not valid JSON") from None
-    if not (source / name).is_file():
-        raise HeadslimError(f"no {name} in --onnx-{role} {source}: export the decoder with headslim export")
-    return source / name
+    if variant not in graphs:
+        raise BackendUnavailable(f"the export in {source} has no {variant} graph (headslim export ... --quantize int8)")
+    if not (source / graphs[variant]).is_file():
+        raise HeadslimError(f"no {graphs[variant]} in --onnx-{role} {source}: export the decoder with headslim export")
+    return source / graphs[variant]
 
 
-def check_decoder_graph(session: OrtDecoderSession, model, model_dir) -> None:
-    """Refuse a graph that does not compute the model's logits on a short random prefill."""
+def check_decoder_graph(session: OrtDecoderSession, model, model_dir, *, exact: bool = True) -> None:
+    """Refuse a graph that does not compute the model's logits on a short random prefill (shape
+    only when not ``exact``: an int8 graph)."""
     import numpy as np
     import torch
 
@@ -298,7 +307,7 @@ def check_decoder_graph(session: OrtDecoderSession, model, model_dir) -> None:
         raise HeadslimError(f"{session.path}: logits shape {tuple(got.shape)} does not match the model's "
                             f"{tuple(ref.shape)}: not an export of {model_dir}")
     err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-6))
-    if err > 1e-3:
+    if exact and err > 1e-3:
         raise HeadslimError(f"{session.path} does not compute what {model_dir} computes "
                             f"(relative difference {err:.2g}): export it from that checkpoint")
 
@@ -311,9 +320,9 @@ def prepare(backend, ctx) -> dict:
 
     if backend.kind in ("torch", "triton"):
         return {role: TorchDecoderSession(s.model, s.device) for role, s in backend.prepare(ctx).items()}
-    if backend.variant != "fp32":
-        raise BackendUnavailable(f"decoder exports have one fp32 graph; {backend.name} (ORT-fused / int8) is not "
-                                 "built for decoders yet")
+    variant = {"optimized": None}.get(backend.variant, backend.variant)
+    if variant is None:
+        raise BackendUnavailable(f"decoder exports have no ORT-fused graph yet ({backend.name}); fp32 and int8 only")
     if importlib.util.find_spec("onnxruntime") is None:
         raise BackendUnavailable("onnxruntime is not installed (pip install 'headslim[onnx]')")
     import onnxruntime as ort
@@ -329,8 +338,8 @@ def prepare(backend, ctx) -> dict:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     sessions = {}
     for role in ROLES:
-        session = OrtDecoderSession(_decoder_export(ctx, role), providers, ctx.threads, backend.device)
-        check_decoder_graph(session, ctx.models[role], ctx.dirs[role])
+        session = OrtDecoderSession(_decoder_export(ctx, role, variant), providers, ctx.threads, backend.device)
+        check_decoder_graph(session, ctx.models[role], ctx.dirs[role], exact=variant == "fp32")
         sessions[role] = session
     return sessions
 
@@ -381,10 +390,11 @@ def run_points(backend, sessions: dict, ctx, config, result: dict, log) -> None:
     models = ctx.models
     vocab = int(models["dense"].config.vocab_size)
     positions = config.prompt if backend.kind == "ort" else 1
+    weight_bytes = 1 if getattr(backend, "variant", None) == "int8" else None
     for batch in config.batches:
         point = {"backend": backend.name, "batch": batch, "prompt": config.prompt, "new_tokens": config.new_tokens,
                  "analytic": compare(models["dense"], models["pruned"], batch, config.prompt, config.new_tokens,
-                                     logits_positions=positions)}
+                                     logits_positions=positions, weight_bytes_per_value=weight_bytes)}
         try:
             ids, mask = synthetic_inputs(batch, config.prompt, vocab, config.seed)
             feeds = {role: s.feed(ids, mask) for role, s in sessions.items()}

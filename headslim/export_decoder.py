@@ -48,6 +48,7 @@ from headslim.errors import HeadslimError, first_line
 
 REPORT_FILE = "export_report.json"
 MODEL_FILE = "model.onnx"
+QUANTIZED_FILE = "model_quantized.onnx"
 ATOL = 1e-4
 GENERATE_TOKENS = 40
 DEFAULT_OPSET = 17
@@ -272,12 +273,16 @@ class DecoderExportConfig:
         opset: ONNX opset (14-20; default 17).
         atol: logits must satisfy |onnx - torch| <= atol + 1e-4 * |torch| at real tokens.
         generate_tokens: new tokens of the greedy-generation check (>= 1; default 40).
+        quantize: ``int8`` to also write ``model_quantized.onnx`` (dynamic int8 weights, the same
+            inputs and outputs), judged by its agreement with the fp32 graph (reported, see
+            :func:`_int8_agreement`), not by closeness.
         overwrite, allow_pickle: as for the encoder export.
     """
 
     opset: int = DEFAULT_OPSET
     atol: float = ATOL
     generate_tokens: int = GENERATE_TOKENS
+    quantize: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
 
@@ -288,6 +293,8 @@ class DecoderExportConfig:
             raise HeadslimError(f"atol must be > 0, not {self.atol}")
         if self.generate_tokens < 1:
             raise HeadslimError(f"generate_tokens must be >= 1, not {self.generate_tokens}")
+        if self.quantize not in (None, "int8"):
+            raise HeadslimError(f"--quantize supports int8 only, not {self.quantize!r}")
 
 
 @dataclass
@@ -314,6 +321,7 @@ class DecoderExportReport:
     external_data: str | None  # the weights' file beside the graph when the model is over 2 GB, else None
     validation: dict
     calibration: dict
+    quantization: dict | None = None  # how the int8 graph was made and its agreement with fp32
     zero_head_layers: str = ("layers with no heads have no past/present tensors (left out of the graph, "
                              "not zero-size); the past length comes from attention_mask")
     versions: dict = field(default_factory=dict)
@@ -442,15 +450,50 @@ def _check_logits(sess, model, ids, mask, atol: float) -> dict:
     return result
 
 
+def _eos(model):
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    return getattr(model.config, "eos_token_id", None) if eos is None else eos
+
+
+def _prefill_logits(sess, ids, mask):
+    """Logits (B, T, V) of one prefill (no past) through an exported graph."""
+    import numpy as np
+
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_of(mask)}
+    for layer, kv, d in graph_layout(sess):
+        for name in past_names(layer):
+            feeds[name] = np.zeros((ids.shape[0], kv, 0, d), dtype=np.float32)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds)))["logits"]
+
+
+def _int8_agreement(sess, qsess, ids, mask, tokens: int, eos, pad: int) -> dict:
+    """How far the int8 graph agrees with the fp32 one on the validation prompts (left-padded).
+
+    ``next_token_top1``: share of real prompt positions where both pick the same next token;
+    ``greedy_equal_prefix``: per prompt, how many of ``tokens`` greedy new tokens (eos suppressed)
+    are equal before the first difference; ``max_abs_logit_diff`` at real positions.
+    """
+    import numpy as np
+
+    real = mask == 1
+    fp, q = _prefill_logits(sess, ids, mask), _prefill_logits(qsess, ids, mask)
+    top1 = float((fp.argmax(-1) == q.argmax(-1))[real].mean())
+    a = greedy_generate(sess, ids, mask, tokens, eos_token_id=eos, suppress_eos=True, pad_token_id=pad)[:, ids.shape[1]:]
+    b = greedy_generate(qsess, ids, mask, tokens, eos_token_id=eos, suppress_eos=True, pad_token_id=pad)[:, ids.shape[1]:]
+    prefix = [int(np.cumprod(row).sum()) for row in (a == b)]
+    return {"next_token_top1": top1, "max_abs_logit_diff": float(np.abs(fp - q)[real].max()),
+            "greedy_equal_prefix": prefix, "greedy_new_tokens": tokens, "prompts": int(ids.shape[0]),
+            "prompt_positions": int(real.sum())}
+
+
 def _check_generation(sess, model, ids, mask, tokens: int, pad: int) -> dict:
     import numpy as np
 
     torch = _torch()
     from transformers import GenerationConfig
 
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
+    eos = _eos(model)
     gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens,
                            min_new_tokens=tokens if eos is not None else 0, pad_token_id=pad, eos_token_id=eos,
                            use_cache=True)
@@ -545,6 +588,19 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             raise HeadslimError(f"onnxruntime cannot load the exported decoder: {first_line(e)}") from None
         validation = {"logits": _check_logits(sess, model, ids, mask, config.atol),
                       "generation": _check_generation(sess, model, ids, mask, config.generate_tokens, pad)}
+        graphs, quantization = {"fp32": MODEL_FILE}, None
+        if config.quantize == "int8":
+            quantized = tmp / QUANTIZED_FILE
+            quantization = ox.quantize_int8(path, quantized)
+            ox.ensure_inputs(quantized, in_names, template="input_ids")
+            ox.check_graph(quantized)
+            try:
+                qsess = ort.InferenceSession(str(quantized), options_, providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise HeadslimError(f"onnxruntime cannot load the int8 decoder: {first_line(e)}") from None
+            quantization["agreement"] = _int8_agreement(sess, qsess, ids, mask, config.generate_tokens,
+                                                        _eos(model), pad)
+            graphs["int8"] = QUANTIZED_FILE
         model.config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
@@ -561,7 +617,7 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             kv_head_of_q=[i.kv_map for i in module.layers], neurons_per_layer=adapter.num_neurons(model),
             cache_layers=module.cache_layers, sliding_window=[i.window for i in module.layers],
             inputs=in_names, outputs=out_names, opset=config.opset, exporter="torchscript",
-            graphs={"fp32": MODEL_FILE}, external_data=data_file, validation=validation, calibration=calibration, versions=export_versions(),
+            graphs=graphs, external_data=data_file, validation=validation, quantization=quantization, calibration=calibration, versions=export_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -695,4 +751,9 @@ def print_summary(report: DecoderExportReport) -> None:
           f"{val['logits']['prefill+decode']['max_abs_diff']:.1e} <= {val['logits']['atol']:g}")
     print(f"  greedy generation: {val['generation']['new_tokens']} new tokens equal to PyTorch's generate "
           f"(batch {val['generation']['batch']}, prompt lengths {val['generation']['prompt_lengths']})")
+    if report.quantization:
+        agree = report.quantization["agreement"]
+        print(f"  {QUANTIZED_FILE} (int8, {report.quantization['tool']}): next-token top-1 agreement with fp32 "
+              f"{agree['next_token_top1']:.3f} over {agree['prompt_positions']} prompt positions; greedy tokens equal "
+              f"before the first difference {agree['greedy_equal_prefix']} of {agree['greedy_new_tokens']}")
     print(f"wrote {report.out} in {report.seconds:.1f} s")
