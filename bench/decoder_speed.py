@@ -13,7 +13,8 @@ Steps (each skipped when its output already exists under ``--work``, so an inter
    2 KV heads, FFN 4864, vocab 151936, tied embeddings, q/k/v biases), seed 0, saved as safetensors;
 2. per mode, 50 % of the query heads removed with :func:`headslim.gqa.select_gqa` on random scores,
    cut with :func:`headslim.surgery.prune_heads` and saved with :func:`headslim.io.save_pruned`;
-3. ``headslim export`` of each (validated: logits parity and greedy generation equal to PyTorch);
+3. ``headslim export --optimize --quantize int8`` of each (fp32 validated: logits parity and greedy generation
+   equal to PyTorch; int8 agreement with fp32 recorded in its ``export_report.json``);
 4. ``headslim bench --task causal-lm`` per mode against the dense model, results into ``--out/<mode>/``.
 """
 
@@ -81,8 +82,10 @@ def exported(work: Path, model_dir: Path) -> Path:
     from headslim.export_decoder import export_decoder
 
     started = time.perf_counter()
-    report = export_decoder(model_dir, out)
-    log(f"exported {model_dir.name} in {time.perf_counter() - started:.0f} s: validation {json.dumps(report.validation)[:200]}")
+    report = export_decoder(model_dir, out, optimize=True, quantize="int8")
+    log(f"exported {model_dir.name} in {time.perf_counter() - started:.0f} s: validation {json.dumps(report.validation)}; "
+        f"fused: {json.dumps(report.fusion)}; int8 agreement {json.dumps(report.quantization['agreement'])}; "
+        f"external data {report.external_data}")
     return out
 
 
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="uniform,ragged")
     p.add_argument("--prune", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="ort-cpu")
+    p.add_argument("--backend", default="ort-cpu,ort-opt-cpu,ort-int8-cpu")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)

@@ -180,6 +180,7 @@ class BenchContext:
         threads: CPU threads for every runtime.
         onnx: ``{"dense": path or None, "pruned": ...}``: an export dir or an ``.onnx`` file.
         tmp: scratch dir (ONNX exports made on the fly go here).
+        task: ``forward`` or ``causal-lm`` (decoder graphs with a KV cache: :mod:`headslim.bench_decoder`).
     """
 
     dirs: dict
@@ -187,6 +188,7 @@ class BenchContext:
     threads: int
     onnx: dict = field(default_factory=lambda: {"dense": None, "pruned": None})
     tmp: Path | None = None
+    task: str = "forward"
     _exports: dict = field(default_factory=dict)
 
 
@@ -289,8 +291,14 @@ class OrtBackend:
         sessions = {}
         for role in ROLES:
             path = onnx_file(ctx, role, self.variant)
-            session = OrtSession(path, providers, ctx.threads, self.device)
-            check_onnx(session, ctx.models[role], ctx.dirs[role], exact=self.variant != "int8")
+            if ctx.task == "causal-lm":
+                from headslim.bench_decoder import OrtDecoderSession, check_decoder_graph
+
+                session = OrtDecoderSession(path, providers, ort_options(ctx.threads), self.device)
+                check_decoder_graph(session, ctx.models[role], ctx.dirs[role], exact=self.variant != "int8")
+            else:
+                session = OrtSession(path, providers, ctx.threads, self.device)
+                check_onnx(session, ctx.models[role], ctx.dirs[role], exact=self.variant != "int8")
             sessions[role] = session
         return sessions
 
@@ -338,7 +346,9 @@ def onnx_file(ctx: BenchContext, role: str, variant: str) -> Path:
         except json.JSONDecodeError:
             raise HeadslimError(f"{report} is not valid JSON") from None
         if EXPORT_KINDS[variant] not in graphs:
-            raise BackendUnavailable(f"the export in {source} has no {EXPORT_KINDS[variant]} graph "
+            fusion = json.loads(report.read_text()).get("fusion") or {}
+            why = f" ({fusion['reason']})" if variant == "optimized" and fusion.get("reason") else ""
+            raise BackendUnavailable(f"the export in {source} has no {EXPORT_KINDS[variant]} graph{why} "
                                      "(headslim export ... --optimize --quantize int8 writes every kind)")
         wanted = graphs[EXPORT_KINDS[variant]]
     if not (source / wanted).is_file():
@@ -727,7 +737,7 @@ def _bench_all(config: BenchConfig, dense_dir, pruned_dir, dense, pruned, thread
     with tempfile.TemporaryDirectory(prefix="headslim-bench-") as tmp:
         ctx = BenchContext(dirs={"dense": dense_dir, "pruned": pruned_dir}, models={"dense": dense, "pruned": pruned},
                            threads=threads, onnx={"dense": config.onnx_dense, "pruned": config.onnx_pruned},
-                           tmp=Path(tmp))
+                           tmp=Path(tmp), task=config.task)
         for name in config.backends:
             backend = BACKENDS[name]()
             if isinstance(backend, TorchBackend):
@@ -742,12 +752,11 @@ def _run_backend(backend, ctx: BenchContext, config: BenchConfig, shapes: dict, 
     entry = {"name": backend.name, "settings": backend.settings(), "status": "ok", "reason": None}
     result["backends"].append(entry)
     try:
-        if config.task == "causal-lm":
-            from headslim import bench_decoder
+        sessions = backend.prepare(ctx)
+        if config.task == "causal-lm" and backend.kind != "ort":  # a torch model, run with its KV cache
+            from headslim.bench_decoder import TorchDecoderSession
 
-            sessions = bench_decoder.prepare(backend, ctx)
-        else:
-            sessions = backend.prepare(ctx)
+            sessions = {role: TorchDecoderSession(s.model, s.device) for role, s in sessions.items()}
     except BackendUnavailable as e:
         entry.update(status="skipped", reason=first_line(e))
         log(f"{backend.name}: skipped: {entry['reason']}")
@@ -763,7 +772,8 @@ def _run_backend(backend, ctx: BenchContext, config: BenchConfig, shapes: dict, 
         if config.task == "causal-lm":
             from headslim import bench_decoder
 
-            bench_decoder.run_points(backend, sessions, ctx, config, result, log)
+            bench_decoder.run_points(backend, sessions, ctx.models, config, result, log,
+                                     inputs=lambda batch: synthetic_inputs(batch, config.prompt, vocab, config.seed))
             return
         for seq in config.seqs:
             for batch in config.batches:

@@ -12,7 +12,8 @@ as for encoders (:func:`headslim.bench.measure_interleaved`), so machine drift h
 
 Backends: the PyTorch ones (eager / SDPA attention, CPU / CUDA) run the model with transformers'
 ``DynamicCache`` and ``logits_to_keep=1`` in the prefill where the model takes it (what
-``generate`` does); ``ort-cpu`` / ``ort-cuda`` (``ort-int8-cpu``: its int8 graph) run the ``headslim export`` graph (one graph for
+``generate`` does); ``ort-cpu`` / ``ort-cuda`` (``ort-opt-cpu``: its GroupQueryAttention graph; ``ort-int8-cpu``: its
+int8 graph) run the ``headslim export`` graph (one graph for
 prefill and decode, per-layer KV heads, :mod:`headslim.export_decoder`) with plain
 ``InferenceSession.run``, each step feeding the ``present`` tensors back as ``past`` (what a user
 of onnxruntime without IO binding does). That graph returns logits at every prompt position.
@@ -38,17 +39,16 @@ BYTES_FP32 = 4
 
 
 def _weights(model):
-    """(matmul weight elements, bytes of weights read per decode step): every Linear / GPT-2 Conv1D
+    """(matmul weight elements, values of weights read per decode step): every Linear / GPT-2 Conv1D
     weight once (a tied LM head counts once, as the matrix it multiplies), every other parameter
     except embedding tables, of which a step reads only ``B`` rows."""
     from torch import nn
 
     embed_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
     matmul, seen, read = 0, set(), 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        is_matmul = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-        if is_matmul and weight is not None:
+    for module in model.modules():  # a module with a 2-D weight that is not a table multiplies by it
+        weight = getattr(module, "weight", None)  # (Linear, GPT-2's Conv1D, a tied LM head again)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 2 and not isinstance(module, nn.Embedding):
             matmul += weight.numel()
     output = model.get_output_embeddings()
     lm_head = id(output.weight) if output is not None else None
@@ -176,14 +176,13 @@ class TorchDecoderSession:
 class OrtDecoderSession:
     """A ``headslim export`` decoder graph in ONNX Runtime, run step by step with ``session.run``."""
 
-    def __init__(self, path, providers: list[str], threads: int, device: str):
+    def __init__(self, path, providers: list[str], options, device: str):
         import onnxruntime as ort
 
-        from headslim.bench import ort_options
         from headslim.export_decoder import graph_layout
 
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=ort_options(threads), providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:
             raise HeadslimError(f"ONNX Runtime cannot load {path}: {first_line(e)}") from None
         self.path, self.device = path, device
@@ -240,54 +239,6 @@ class OrtDecoderSession:
         self.session = None
 
 
-# ----------------------------------------------------------------------------------------------
-# Backends
-
-
-def _decoder_export(ctx, role: str, variant: str):
-    """The decoder graph of ``variant`` (``fp32`` / ``int8``) for ``role``: from ``--onnx-ROLE`` (export
-    dir, or an .onnx file for fp32), else exported now (fp32 and int8, once per run)."""
-    import importlib
-    import json
-    from pathlib import Path
-
-    from headslim.bench import EXPORT_REPORT, BackendUnavailable
-
-    source = ctx.onnx.get(role)
-    if source is None:
-        if role not in ctx._exports:
-            export_decoder = importlib.import_module("headslim.export_decoder")
-            out = Path(ctx.tmp) / f"onnx-{role}"
-            try:
-                export_decoder.export_decoder(ctx.dirs[role], out, quantize="int8")
-                ctx._exports[role] = out
-            except Exception as e:
-                ctx._exports[role] = BackendUnavailable(f"exporting the {role} decoder to ONNX failed: {first_line(e)}")
-        if isinstance(ctx._exports[role], BackendUnavailable):
-            raise ctx._exports[role]
-        source = ctx._exports[role]
-    source = Path(source)
-    if source.is_file():
-        if variant != "fp32":
-            raise BackendUnavailable(f"--onnx-{role} is a single file; the {variant} graph needs an export dir "
-                                     f"(headslim export {ctx.dirs[role]} --out DIR --quantize int8)")
-        return source
-    if not source.is_dir():
-        raise HeadslimError(f"--onnx-{role} {source} does not exist")
-    report = source / EXPORT_REPORT
-    graphs = {"fp32": "model.onnx"}
-    if report.is_file():
-        try:
-            graphs = json.loads(report.read_text()).get("graphs", graphs)
-        except json.JSONDecodeError:
-            raise HeadslimError(f"{report} is not valid JSON") from None
-    if variant not in graphs:
-        raise BackendUnavailable(f"the export in {source} has no {variant} graph (headslim export ... --quantize int8)")
-    if not (source / graphs[variant]).is_file():
-        raise HeadslimError(f"no {graphs[variant]} in --onnx-{role} {source}: export the decoder with headslim export")
-    return source / graphs[variant]
-
-
 def check_decoder_graph(session: OrtDecoderSession, model, model_dir, *, exact: bool = True) -> None:
     """Refuse a graph that does not compute the model's logits on a short random prefill (shape
     only when not ``exact``: an int8 graph)."""
@@ -310,38 +261,6 @@ def check_decoder_graph(session: OrtDecoderSession, model, model_dir, *, exact: 
     if exact and err > 1e-3:
         raise HeadslimError(f"{session.path} does not compute what {model_dir} computes "
                             f"(relative difference {err:.2g}): export it from that checkpoint")
-
-
-def prepare(backend, ctx) -> dict:
-    """``{role: session}`` for a causal LM on ``backend`` (a :mod:`headslim.bench` backend object)."""
-    import importlib.util
-
-    from headslim.bench import ROLES, BackendUnavailable
-
-    if backend.kind in ("torch", "triton"):
-        return {role: TorchDecoderSession(s.model, s.device) for role, s in backend.prepare(ctx).items()}
-    variant = {"optimized": None}.get(backend.variant, backend.variant)
-    if variant is None:
-        raise BackendUnavailable(f"decoder exports have no ORT-fused graph yet ({backend.name}); fp32 and int8 only")
-    if importlib.util.find_spec("onnxruntime") is None:
-        raise BackendUnavailable("onnxruntime is not installed (pip install 'headslim[onnx]')")
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if backend.device == "cuda":
-        from headslim.bench import _cuda_reason
-
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BackendUnavailable("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
-        if reason := _cuda_reason():
-            raise BackendUnavailable(reason)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    sessions = {}
-    for role in ROLES:
-        session = OrtDecoderSession(_decoder_export(ctx, role, variant), providers, ctx.threads, backend.device)
-        check_decoder_graph(session, ctx.models[role], ctx.dirs[role], exact=variant == "fp32")
-        sessions[role] = session
-    return sessions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,20 +302,20 @@ def summarize(times: dict, batch: int, new_tokens: int) -> dict:
             "decode_tokens_per_s": batch * new_tokens / decode_p50 if decode_p50 > 0 else float("inf")}
 
 
-def run_points(backend, sessions: dict, ctx, config, result: dict, log) -> None:
-    """Every batch size of ``config`` on one backend's sessions, appended to ``result["points"]``."""
-    from headslim.bench import synthetic_inputs
+def run_points(backend, sessions: dict, models: dict, config, result: dict, log, inputs) -> None:
+    """Every batch size of ``config`` on one backend's sessions, appended to ``result["points"]``.
 
-    models = ctx.models
-    vocab = int(models["dense"].config.vocab_size)
-    positions = config.prompt if backend.kind == "ort" else 1
+    ``backend``: a :mod:`headslim.bench` backend (``name``, ``kind``, ORT's ``variant``); ``inputs(batch)``
+    gives ``(input_ids, attention_mask)`` of ``config.prompt`` tokens.
+    """
+    positions = config.prompt if backend.kind == "ort" else 1  # the exported graph: logits at every position
     weight_bytes = 1 if getattr(backend, "variant", None) == "int8" else None
     for batch in config.batches:
         point = {"backend": backend.name, "batch": batch, "prompt": config.prompt, "new_tokens": config.new_tokens,
                  "analytic": compare(models["dense"], models["pruned"], batch, config.prompt, config.new_tokens,
                                      logits_positions=positions, weight_bytes_per_value=weight_bytes)}
         try:
-            ids, mask = synthetic_inputs(batch, config.prompt, vocab, config.seed)
+            ids, mask = inputs(batch)
             feeds = {role: s.feed(ids, mask) for role, s in sessions.items()}
             times = measure(sessions, feeds, config.new_tokens, warmup=config.warmup, min_runs=config.min_runs,
                             min_seconds=config.min_seconds, max_runs=config.max_runs)

@@ -478,13 +478,13 @@ def export_onnx(model_dir: str | Path, out: str | Path, config: ExportConfig | N
 def _export_decoder(source: Path, out, config: ExportConfig):
     from headslim.export_decoder import DecoderExportConfig, export_decoder
 
-    unsupported = [flag for flag, on in (("--optimize", config.optimize),
-                                         ("--exporter dynamo", config.exporter != "torchscript"),
+    unsupported = [flag for flag, on in (("--exporter dynamo", config.exporter != "torchscript"),
                                          ("--task", config.task != "auto"), ("--calib", config.calib)) if on]
     if unsupported:
         raise HeadslimError(f"decoder export does not take {', '.join(unsupported)} yet")
     return export_decoder(source, out, DecoderExportConfig(opset=config.opset, atol=config.atol,
-                                                           quantize=config.quantize, overwrite=config.overwrite,
+                                                           optimize=config.optimize, quantize=config.quantize,
+                                                           overwrite=config.overwrite,
                                                            allow_pickle=config.allow_pickle))
 
 

@@ -49,6 +49,7 @@ from headslim.errors import HeadslimError, first_line
 REPORT_FILE = "export_report.json"
 MODEL_FILE = "model.onnx"
 QUANTIZED_FILE = "model_quantized.onnx"
+OPTIMIZED_FILE = "model_optimized.onnx"
 ATOL = 1e-4
 GENERATE_TOKENS = 40
 DEFAULT_OPSET = 17
@@ -127,6 +128,7 @@ def _module_class():
                 self.layers.append(_LayerInfo(i, len(kv_map), n_kv, list(kv_map), head_dim,
                                               adapter.sliding_window(block, model.config) if kv_map else None))
             self.cache_layers = [info.index for info in self.layers if info.n_q > 0]
+            self.fused: set[int] = set()  # layers run as ORT GroupQueryAttention (fuse_gqa)
             torch = _torch()
             for info in self.layers:  # the maps as buffers: constants in the graph
                 if info.n_q:
@@ -148,22 +150,38 @@ def _module_class():
             zero = torch.zeros((), dtype=dtype)
             return torch.where(allowed, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype))
 
-        def _attend(self, info, q, k, v, mask, scaling):
-            """q (B, n_q, T, D); k, v (B, n_kv, S, D) -> (B, T, n_q * D)."""
+        def _attend(self, info, q, k, v, past, mask, scaling):
+            """q (B, n_q, T, D); this step's k, v (B, n_kv, T, D); past (key, value) (B, n_kv, P, D)
+            -> (out (B, T, n_q * D), present (key, value) (B, n_kv, P + T, D))."""
             torch = _torch()
+            k = torch.cat([past[0], k], dim=2)  # (B, n_kv, S, D)
+            v = torch.cat([past[1], v], dim=2)
+            if info.index in self.fused:  # ORT's GroupQueryAttention: the same math in one node
+                b, t = q.shape[0], q.shape[2]
+                flat = [z.transpose(1, 2).reshape(b, t, z.shape[1] * info.head_dim)
+                        for z in (q, k[:, :, -t:], v[:, :, -t:])]  # (B, T, heads * D)
+                out, key, value = _gqa_function().apply(*flat, past[0], past[1], self._seqlens_k, self._total,
+                                                        mask, info.n_q, info.n_kv, float(scaling))
+                return out, (key, value)
+            present = (k, v)
             if info.n_kv != info.n_q or info.kv_map != list(range(info.n_q)):
                 index = getattr(self, f"kv_map_{info.index}")
                 k, v = k.index_select(1, index), v.index_select(1, index)  # (B, n_q, S, D)
             scores = torch.matmul(q, k.transpose(2, 3)) * scaling + mask  # (B, n_q, T, S)
             weights = torch.softmax(scores, dim=-1)
             out = torch.matmul(weights, v).transpose(1, 2)  # (B, T, n_q, D)
-            return out.reshape(out.shape[0], out.shape[1], info.n_q * info.head_dim)
+            return out.reshape(out.shape[0], out.shape[1], info.n_q * info.head_dim), present
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
             # the family's own layer code (headslim.arch: export_embed / export_layer / export_final)
             x, rotary = self.adapter.export_embed(self.model, input_ids, position_ids)  # (B, T, d)
             masks = {w: self._mask(attention_mask, input_ids.shape[1], w, x.dtype)
                      for w in {info.window for info in self.layers if info.n_q}}
+            if self.fused:  # GroupQueryAttention's lengths: every row spans the whole (left-padded) total
+                torch = _torch()
+                total = torch.ones_like(attention_mask[0]).sum()  # the mask's width, traced as a value
+                self._total = total.to(torch.int32)  # scalar
+                self._seqlens_k = (torch.ones_like(attention_mask[:, 0]) * (total - 1)).to(torch.int32)  # (B,)
             presents = []
             slot = 0
             for block, info in zip(self.blocks, self.layers):
@@ -179,6 +197,59 @@ def _module_class():
             return (logits, *presents)
 
     return DecoderExportModule
+
+
+@lru_cache(maxsize=None)
+def _gqa_function():
+    """``apply(q, k, v, past_key, past_value, seqlens_k, total, mask, n_q, n_kv, scale) -> (out, key, value)``.
+
+    In PyTorch: the plain attention (cache concat, each KV head repeated for its ``n_q / n_kv``
+    consecutive query heads, additive ``mask``), so the traced graph computes what the node does.
+    In the ONNX graph: one ``com.microsoft.GroupQueryAttention`` node (``do_rotary=0``: q and k come
+    rotated; the padding, causal and sliding-window mask as its ``attention_bias``; ``seqlens_k`` =
+    total - 1 for every row, as left padding spans the whole width).
+    """
+    import torch
+
+    class GroupQueryAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, past_key, past_value, seqlens_k, total, mask, n_q, n_kv, scale):
+            b, t = q.shape[0], q.shape[1]
+            d = q.shape[2] // n_q
+            q = q.view(b, t, n_q, d).transpose(1, 2)
+            key = torch.cat([past_key, k.view(b, t, n_kv, d).transpose(1, 2)], dim=2)  # (B, n_kv, S, D)
+            value = torch.cat([past_value, v.view(b, t, n_kv, d).transpose(1, 2)], dim=2)
+            group = n_q // n_kv
+            scores = torch.matmul(q, key.repeat_interleave(group, dim=1).transpose(2, 3)) * scale + mask
+            out = torch.matmul(torch.softmax(scores, dim=-1), value.repeat_interleave(group, dim=1))
+            return out.transpose(1, 2).reshape(b, t, n_q * d), key, value
+
+        @staticmethod
+        def symbolic(g, q, k, v, past_key, past_value, seqlens_k, total, mask, n_q, n_kv, scale):
+            from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor as none
+
+            # inputs: query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+            # cos_cache, sin_cache, position_ids, attention_bias
+            return g.op("com.microsoft::GroupQueryAttention", q, k, v, past_key, past_value, seqlens_k, total,
+                        none(g), none(g), none(g), mask, num_heads_i=n_q, kv_num_heads_i=n_kv, scale_f=scale,
+                        do_rotary_i=0, local_window_size_i=-1, outputs=3)
+
+    return GroupQueryAttention
+
+
+def fusion_blocker(info) -> str | None:
+    """Why ORT's GroupQueryAttention cannot compute this layer, or None when it can: its query heads
+    must read their KV heads in equal consecutive groups (``kv_map == [h // (n_q / n_kv)]``: uniform
+    GQA, kv-groups, dense multi-head attention; not ragged layers), and ORT's CPU kernel needs a
+    head width that is a multiple of 8."""
+    if not info.n_q:
+        return "no heads"
+    group = info.n_q // info.n_kv
+    if info.n_q % info.n_kv or info.kv_map != [h // group for h in range(info.n_q)]:
+        return f"ragged: {info.n_q} query heads over {info.n_kv} KV heads in unequal groups (map {info.kv_map})"
+    if info.head_dim % 8:
+        return f"head_dim {info.head_dim} is not a multiple of 8 (GroupQueryAttention's requirement)"
+    return None
 
 
 def build_export_module(model):
@@ -273,6 +344,9 @@ class DecoderExportConfig:
         opset: ONNX opset (14-20; default 17).
         atol: logits must satisfy |onnx - torch| <= atol + 1e-4 * |torch| at real tokens.
         generate_tokens: new tokens of the greedy-generation check (>= 1; default 40).
+        optimize: also write ``model_optimized.onnx``, where every layer whose query heads read
+            their KV heads in equal consecutive groups runs ORT's fused ``GroupQueryAttention``
+            (:func:`fusion_blocker`; ragged layers keep the plain attention), validated like the plain graph.
         quantize: ``int8`` to also write ``model_quantized.onnx`` (dynamic int8 weights, the same
             inputs and outputs), judged by its agreement with the fp32 graph (reported, see
             :func:`_int8_agreement`), not by closeness.
@@ -282,6 +356,7 @@ class DecoderExportConfig:
     opset: int = DEFAULT_OPSET
     atol: float = ATOL
     generate_tokens: int = GENERATE_TOKENS
+    optimize: bool = False
     quantize: str | None = None
     overwrite: bool = False
     allow_pickle: bool = False
@@ -322,6 +397,7 @@ class DecoderExportReport:
     validation: dict
     calibration: dict
     quantization: dict | None = None  # how the int8 graph was made and its agreement with fp32
+    fusion: dict | None = None  # --optimize: which layers run GroupQueryAttention, and why the others do not
     zero_head_layers: str = ("layers with no heads have no past/present tensors (left out of the graph, "
                              "not zero-size); the past length comes from attention_mask")
     versions: dict = field(default_factory=dict)
@@ -374,6 +450,8 @@ def _pad_id(config, tokenizer) -> int:
 
 
 def _export_graph(module, path: Path, opset: int) -> tuple[list[str], list[str]]:
+    """Trace ``module`` to ``path`` (TorchScript exporter); ``module.fused`` layers become
+    ``com.microsoft.GroupQueryAttention`` nodes. Returns the input and output names."""
     import warnings
 
     torch = _torch()
@@ -401,7 +479,8 @@ def _export_graph(module, path: Path, opset: int) -> tuple[list[str], list[str]]
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (ids, mask, pos, *pasts), str(path), input_names=in_names,
                               output_names=out_names, dynamic_axes=axes, opset_version=opset,
-                              do_constant_folding=True, dynamo=False)
+                              do_constant_folding=True, dynamo=False,
+                              custom_opsets={"com.microsoft": 1} if module.fused else None)
     except HeadslimError:
         raise
     except Exception as e:
@@ -409,8 +488,10 @@ def _export_graph(module, path: Path, opset: int) -> tuple[list[str], list[str]]
     return in_names, out_names
 
 
-def _check_logits(sess, model, ids, mask, atol: float) -> dict:
-    """Logits of a prefill, and of a prefill + 3-token decode against the past, vs PyTorch at real tokens."""
+def _check_logits(sess, model, ids, mask, atol: float, step: int = 3) -> dict:
+    """Logits of a prefill, and of a prefill + a ``step``-token decode against the past, vs PyTorch at
+    real tokens (``step`` 1 for a fused graph: ORT's GroupQueryAttention takes several new tokens
+    with a past at batch size 1 only)."""
     import numpy as np
 
     torch = _torch()
@@ -421,7 +502,7 @@ def _check_logits(sess, model, ids, mask, atol: float) -> dict:
     layout = graph_layout(sess)
     out_names = [o.name for o in sess.get_outputs()]
     batch, seq = ids.shape
-    split = seq - 3
+    split = seq - step
 
     def run(lo, hi, past):
         feeds = {"input_ids": ids[:, lo:hi], "attention_mask": mask[:, :hi], "position_ids": pos[:, lo:hi]}
@@ -448,6 +529,49 @@ def _check_logits(sess, model, ids, mask, atol: float) -> dict:
     result["shape"] = [int(batch), int(seq)]
     result["split"] = int(split)
     return result
+
+
+def _fused_graph(module, tmp: Path, in_names, config, model, ids, mask, pad, options) -> dict:
+    """``model_optimized.onnx``: the fusable layers as ``GroupQueryAttention`` nodes, validated as the
+    plain graph is (logits, with single-token decode steps; greedy generation). Returns the report's
+    ``fusion`` entry (with ``validation`` to move into the report's validation)."""
+    import onnx
+    import onnxruntime as ort
+
+    from headslim import onnx_utils as ox
+
+    not_fused = {info.index: why for info in module.layers if (why := fusion_blocker(info))}
+    fused = [info.index for info in module.layers if info.index not in not_fused]
+    entry = {"op": "com.microsoft.GroupQueryAttention", "fused_layers": fused,
+             "not_fused": {str(k): v for k, v in not_fused.items()}}
+    if not fused:
+        entry["reason"] = "no layer can be fused: model_optimized.onnx not written"
+        return entry
+    path = tmp / OPTIMIZED_FILE
+    before = set(tmp.iterdir())
+    module.fused = set(fused)
+    try:
+        _export_graph(module, path, config.opset)
+    finally:
+        module.fused = set()
+    entry["external_data"] = ox.gather_external_data(path, [f for f in tmp.iterdir() if f not in before])
+    ox.ensure_inputs(path, in_names, template="input_ids")
+    ox.check_graph(path)
+    nodes = sum(n.op_type == "GroupQueryAttention" for n in onnx.load(str(path), load_external_data=False).graph.node)
+    if nodes != len(fused):
+        raise HeadslimError(f"the fused decoder graph has {nodes} GroupQueryAttention nodes, expected {len(fused)}")
+    try:
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise HeadslimError(f"onnxruntime cannot load the fused decoder graph: {first_line(e)}") from None
+    try:
+        entry["validation"] = {"logits": _check_logits(sess, model, ids, mask, config.atol, step=1),
+                               "generation": _check_generation(sess, model, ids, mask, config.generate_tokens, pad)}
+    except HeadslimError as e:
+        raise HeadslimError(f"the fused decoder graph ({OPTIMIZED_FILE}): {e}") from None
+    except Exception as e:  # an ORT kernel refusing these shapes
+        raise HeadslimError(f"the fused decoder graph ({OPTIMIZED_FILE}) fails in onnxruntime: {first_line(e)}") from None
+    return entry
 
 
 def _eos(model):
@@ -588,7 +712,12 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             raise HeadslimError(f"onnxruntime cannot load the exported decoder: {first_line(e)}") from None
         validation = {"logits": _check_logits(sess, model, ids, mask, config.atol),
                       "generation": _check_generation(sess, model, ids, mask, config.generate_tokens, pad)}
-        graphs, quantization = {"fp32": MODEL_FILE}, None
+        graphs, quantization, fusion = {"fp32-unfused": MODEL_FILE}, None, None
+        if config.optimize:
+            fusion = _fused_graph(module, tmp, in_names, config, model, ids, mask, pad, options_)
+            if fusion["fused_layers"]:
+                graphs["fp32-fused"] = OPTIMIZED_FILE
+                validation["fused"] = fusion.pop("validation")
         if config.quantize == "int8":
             quantized = tmp / QUANTIZED_FILE
             quantization = ox.quantize_int8(path, quantized)
@@ -617,7 +746,7 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             kv_head_of_q=[i.kv_map for i in module.layers], neurons_per_layer=adapter.num_neurons(model),
             cache_layers=module.cache_layers, sliding_window=[i.window for i in module.layers],
             inputs=in_names, outputs=out_names, opset=config.opset, exporter="torchscript",
-            graphs=graphs, external_data=data_file, validation=validation, quantization=quantization, calibration=calibration, versions=export_versions(),
+            graphs=graphs, external_data=data_file, validation=validation, quantization=quantization, fusion=fusion, calibration=calibration, versions=export_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -751,6 +880,18 @@ def print_summary(report: DecoderExportReport) -> None:
           f"{val['logits']['prefill+decode']['max_abs_diff']:.1e} <= {val['logits']['atol']:g}")
     print(f"  greedy generation: {val['generation']['new_tokens']} new tokens equal to PyTorch's generate "
           f"(batch {val['generation']['batch']}, prompt lengths {val['generation']['prompt_lengths']})")
+    if report.fusion is not None:
+        f = report.fusion
+        if f["fused_layers"]:
+            fv = report.validation["fused"]
+            print(f"  {OPTIMIZED_FILE}: GroupQueryAttention in layers {f['fused_layers']} "
+                  f"({len(f['fused_layers'])} of {len(report.heads_per_layer)}); logits max |diff| prefill "
+                  f"{fv['logits']['prefill']['max_abs_diff']:.1e}, prefill+decode "
+                  f"{fv['logits']['prefill+decode']['max_abs_diff']:.1e}; greedy generation equal")
+        else:
+            print(f"  --optimize: {f['reason']}")
+        for layer, why in f["not_fused"].items():
+            print(f"    layer {layer} not fused: {why}")
     if report.quantization:
         agree = report.quantization["agreement"]
         print(f"  {QUANTIZED_FILE} (int8, {report.quantization['tool']}): next-token top-1 agreement with fp32 "

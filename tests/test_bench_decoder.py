@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from headslim.arch import kv_maps
 from headslim.bench import BenchConfig, BenchContext, OrtBackend, bench
-from headslim.bench_decoder import OrtDecoderSession, TorchDecoderSession, decoder_cost, prepare
+from headslim.bench_decoder import TorchDecoderSession, decoder_cost
 from headslim.cli import main
 from headslim.compat import cache_kwargs, output_cache
 from headslim.errors import HeadslimError
@@ -93,9 +93,9 @@ def test_ort_decode_loop_picks_the_same_tokens_as_torch(tmp_path):
     dense, pruned = _pair(tmp_path)
     ctx = BenchContext(dirs={"dense": dense, "pruned": pruned},
                        models={"dense": load_model(dense), "pruned": load_model(pruned)}, threads=1,
-                       tmp=tmp_path / "scratch")
+                       tmp=tmp_path / "scratch", task="causal-lm")
     (tmp_path / "scratch").mkdir()
-    ort_sessions = prepare(OrtBackend("ort-cpu", "fp32", "cpu"), ctx)
+    ort_sessions = OrtBackend("ort-cpu", "fp32", "cpu").prepare(ctx)
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     for role in ("dense", "pruned"):
@@ -112,22 +112,20 @@ def test_ort_decode_loop_picks_the_same_tokens_as_torch(tmp_path):
 
 
 def test_bench_causal_lm_end_to_end(tmp_path):
-    dense, pruned = _pair(tmp_path, mode="kv-groups", prune=0.5)
+    dense, pruned = _pair(tmp_path, mode="kv-groups", prune=0.5)  # every layer fuses into GroupQueryAttention
     config = BenchConfig(backends="torch-sdpa-cpu,ort-cpu,ort-int8-cpu,ort-opt-cpu", batches=(1, 2), prompt=12, new_tokens=3,
                          warmup=1, min_runs=2, min_seconds=0)
     result = bench(pruned, dense, config, out=tmp_path / "out", log=None)
     assert result["settings"]["task"] == "causal-lm"
     points = [p for p in result["points"] if p["status"] == "ok"]
-    assert {(p["backend"], p["batch"]) for p in points} == {(b, n) for b in ("torch-sdpa-cpu", "ort-cpu", "ort-int8-cpu")
-                                                            for n in (1, 2)}
+    assert {(p["backend"], p["batch"]) for p in points} == {(b, n) for b in ("torch-sdpa-cpu", "ort-cpu", "ort-int8-cpu",
+                                                                       "ort-opt-cpu") for n in (1, 2)}
     for p in points:
         assert p["dense"]["runs"] == p["pruned"]["runs"] >= 2
         assert p["decode_speedup"] == pytest.approx(p["pruned"]["decode_tokens_per_s"] / p["dense"]["decode_tokens_per_s"])
         assert p["analytic"]["ideal_decode_speedup"] > 1 and p["analytic"]["ideal_prefill_speedup"] > 1
         # torch's prefill keeps the LM head at one position, the exported graph at all of them
         assert p["analytic"]["dense"]["logits_positions"] == (12 if p["backend"].startswith("ort") else 1)
-    skipped = {b["name"]: b for b in result["backends"]}["ort-opt-cpu"]
-    assert skipped["status"] == "skipped" and "decoder" in skipped["reason"]
     assert result["models"]["pruned"]["cache_kv_heads"] == [1] * LAYERS  # kv-groups: 50 % of 4 q / 2 kv heads
     md = (tmp_path / "out" / "bench.md").read_text()
     assert "byte-ideal" in md and "| ort-cpu | 2 | 12 |" in md

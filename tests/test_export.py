@@ -361,8 +361,9 @@ def test_decoder_export_refuses_encoder_only_options_in_one_line(tmp_path, model
 
     model = tiny_decoder(model_type, TINY_DECODERS[model_type][2][0])
     model.save_pretrained(str(tmp_path / "dec"))
-    with pytest.raises(HeadslimError, match="decoder export does not take --optimize, --quantize yet"):
-        export_onnx(tmp_path / "dec", tmp_path / "onnx", optimize=True, quantize="int8")
+    with pytest.raises(HeadslimError, match="decoder export does not take --exporter dynamo, --calib yet"):
+        export_onnx(tmp_path / "dec", tmp_path / "onnx", optimize=True, quantize="int8", exporter="dynamo",
+                    calib=str(tmp_path / "texts.txt"))
     assert _no_leftovers(tmp_path, "onnx")
 
 

@@ -66,10 +66,10 @@ def _save(model, plan, path):
     return pruned
 
 
-def _session(path):
+def _session(path, name="model.onnx"):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path / name), opts, providers=["CPUExecutionProvider"])
 
 
 def _prompts(batch=2, seq=6, seed=3):
@@ -81,9 +81,9 @@ def _prompts(batch=2, seq=6, seed=3):
     return ids, mask
 
 
-def _check_exported(model, out, report, new_tokens: int):
+def _check_exported(model, out, report, new_tokens: int, name="model.onnx"):
     """Cache inputs per layer with its own KV heads; ORT greedy == PyTorch generate (eos suppressed)."""
-    sess = _session(out)
+    sess = _session(out, name)
     inputs = {i.name: i.shape for i in sess.get_inputs()}
     outputs = {o.name for o in sess.get_outputs()}
     config = model.config
@@ -212,8 +212,8 @@ def test_cli_export_then_generate(tmp_path, capsys):
                       (["generate", str(tmp_path / "onnx"), "--ids", "1", "--max-new-tokens", "0"], ">= 1"),
                       (["generate", str(tmp_path / "onnx"), "--ids", "1", "--max-new-tokens", "500"], "positions"),
                       (["generate", str(tmp_path / "src"), "--ids", "1"], "not a headslim decoder export"),
-                      (["export", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--optimize"],
-                       "does not take --optimize")):
+                      (["export", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--exporter", "dynamo"],
+                       "does not take --exporter dynamo")):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -286,7 +286,7 @@ def test_int8_decoder_export_reports_agreement_and_decodes(tmp_path, mode, capsy
     assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "onnx"), "--quantize", "int8"]) == 0
     assert "int8" in capsys.readouterr().out
     report = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
-    assert report["graphs"] == {"fp32": "model.onnx", "int8": "model_quantized.onnx"}
+    assert report["graphs"] == {"fp32-unfused": "model.onnx", "int8": "model_quantized.onnx"}
     agree = report["quantization"]["agreement"]
     assert 0.0 <= agree["next_token_top1"] <= 1.0 and len(agree["greedy_equal_prefix"]) == agree["prompts"]
     graph = onnx.load(str(tmp_path / "onnx" / "model_quantized.onnx"))
@@ -304,3 +304,74 @@ def test_int8_decoder_export_reports_agreement_and_decodes(tmp_path, mode, capsy
     recount = _int8_agreement(fp32, sess, pids, pmask, agree["greedy_new_tokens"], pruned.generation_config.eos_token_id,
                               pruned.config.pad_token_id or 0)
     assert recount == agree
+
+
+FUSABLE = ("llama", "mistral", "qwen3")  # head_dim 8; the tiny GPT-2 and Qwen2 have 4 (GQA needs a multiple of 8)
+
+
+@pytest.mark.parametrize("mode", MODES + ("unequal-groups",))
+@pytest.mark.parametrize("model_type", FUSABLE)
+def test_optimize_fuses_grouped_layers_into_group_query_attention(tmp_path, model_type, mode):
+    """--optimize: exactly the layers whose query heads read their KV heads in equal consecutive groups
+    become one GroupQueryAttention node each; the graph decodes what PyTorch's generate does."""
+    import onnx
+
+    dense = tiny_decoder(model_type, FAMILIES[model_type])
+    maps = kv_maps(dense)
+    if mode == "unequal-groups":  # layer 0: 2 + 1 query heads over 2 KV heads; layer 1 equal; layer 2 ragged
+        plan = PrunePlan([len(m) for m in maps], [[0, 1, 5], [0, 2, 4, 6], [3, 4, 5, 6, 7]], kv_head_of_q=maps)
+    else:
+        plan = _plan(dense, mode)
+    model = _save(dense, plan, tmp_path / "src")
+    report = export_decoder(tmp_path / "src", tmp_path / "onnx", optimize=True, generate_tokens=12)
+    grouped = []
+    for layer, m in enumerate(kv_maps(model)):
+        n_kv = len(set(m))
+        if m and len(m) % n_kv == 0 and m == [h // (len(m) // n_kv) for h in range(len(m))]:
+            grouped.append(layer)
+    assert report.fusion["fused_layers"] == grouped
+    assert sorted(int(k) for k in report.fusion["not_fused"]) == sorted(set(range(LAYERS)) - set(grouped))
+    if mode == "unequal-groups":
+        assert grouped == [1] and "ragged" in report.fusion["not_fused"]["0"]
+    if mode == "zero-head-layer":
+        assert report.fusion["not_fused"]["0"] == "no heads"
+    if not grouped:  # every layer ragged: nothing to fuse, no second graph
+        assert "fp32-fused" not in report.graphs and not (tmp_path / "onnx" / "model_optimized.onnx").exists()
+        return
+    graph = onnx.load(str(tmp_path / "onnx" / "model_optimized.onnx"))
+    nodes = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == len(grouped) and all(n.domain == "com.microsoft" for n in nodes)
+    assert report.graphs["fp32-fused"] == "model_optimized.onnx"
+    fused = report.validation["fused"]
+    assert fused["logits"]["prefill+decode"]["ok"] and fused["generation"]["equal"]
+    _check_exported(model, tmp_path / "onnx", report, new_tokens=12, name="model_optimized.onnx")
+
+
+def test_optimize_says_why_nothing_fuses(tmp_path, capsys):
+    dense = tiny_decoder("gpt2", FAMILIES["gpt2"])  # head_dim 4
+    dense.save_pretrained(tmp_path / "src")
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "onnx"), "--optimize"]) == 0
+    out = capsys.readouterr().out
+    assert "no layer can be fused" in out and "head_dim 4 is not a multiple of 8" in out
+    assert not (tmp_path / "onnx" / "model_optimized.onnx").exists()
+    report = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    assert report["graphs"] == {"fp32-unfused": "model.onnx"} and report["fusion"]["fused_layers"] == []
+
+
+def test_fused_graph_limit_several_new_tokens_with_a_past_need_batch_1(tmp_path):
+    """ORT's GroupQueryAttention (1.32) takes a multi-token step against a past at batch size 1 only;
+    the README says so. Fails (and the README line goes) once ORT lifts the limit."""
+    dense = tiny_decoder("llama", FAMILIES["llama"])
+    dense.save_pretrained(tmp_path / "src")
+    export_decoder(tmp_path / "src", tmp_path / "onnx", optimize=True, generate_tokens=2)
+    sess = _session(tmp_path / "onnx", "model_optimized.onnx")
+    layout = [(i.name, i.shape) for i in sess.get_inputs() if i.name.startswith("past")]
+    mask = np.ones((2, 5), dtype=np.int64)
+    feeds = {"input_ids": np.ones((2, 2), dtype=np.int64), "attention_mask": mask,
+             "position_ids": np.array([[3, 4], [3, 4]], dtype=np.int64)}
+    for name, shape in layout:
+        feeds[name] = np.zeros((2, shape[1], 3, shape[3]), dtype=np.float32)
+    with pytest.raises(Exception, match="batch_size must be 1"):
+        sess.run(None, feeds)
+    one = {k: v[:1] for k, v in feeds.items()}
+    assert sess.run(None, one)[0].shape[:2] == (1, 2)

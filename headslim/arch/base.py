@@ -265,8 +265,10 @@ class Adapter(abc.ABC):
         with this layer's own KV heads ``(B, kv, past + T, D)`` (None for a layer with no heads).
 
         ``info``: the layer's ``n_q``, ``n_kv``, ``head_dim``, ``index``; ``past``: its ``(key, value)``;
-        ``attend(info, q, k, v, mask, scaling)``: the shared attention (KV gather by the layer's map,
-        additive ``mask``), ``q`` ``(B, n_q, T, D)``, ``k``/``v`` ``(B, n_kv, S, D)`` -> ``(B, T, n_q * D)``.
+        ``attend(info, q, k, v, past, mask, scaling) -> (out, present)``: the shared attention (cache
+        concat, KV gather by the layer's map or ORT's fused GroupQueryAttention, additive ``mask``),
+        ``q`` ``(B, n_q, T, D)`` and this step's ``k``/``v`` ``(B, n_kv, T, D)`` after any rotary
+        embedding -> ``out`` ``(B, T, n_q * D)``, ``present`` ``(key, value)`` ``(B, n_kv, past + T, D)``.
         """
         raise HeadslimError(f"{self.name}: no decoder export")
 

@@ -117,9 +117,7 @@ class GPT2Adapter(Adapter):
         return model.base_model.wte(input_ids) + model.base_model.wpe(position_ids), None
 
     def export_layer(self, block, info, x, rotary, mask, past, attend):
-        """ln_1, the fused ``c_attn`` split into q/k/v, cache concat, ``c_proj``, ln_2 + MLP."""
-        import torch
-
+        """ln_1, the fused ``c_attn`` split into q/k/v, attention with the cache, ``c_proj``, ln_2 + MLP."""
         h = block.ln_1(x)
         attn = block.attn
         present = None
@@ -129,13 +127,11 @@ class GPT2Adapter(Adapter):
             b, t, d = h.shape[0], h.shape[1], info.head_dim
             q, k, v = attn.c_attn(h).split(info.n_q * d, dim=2)
             q, k, v = (z.view(b, t, info.n_q, d).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-            present = (k, v)
             scaling = d ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
             if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
                 scaling /= float(info.index + 1)
-            a = attn.c_proj(attend(info, q, k, v, mask, scaling))
+            out, present = attend(info, q, k, v, past, mask, scaling)
+            a = attn.c_proj(out)
         x = x + a
         return x + block.mlp(block.ln_2(x)), present
 

@@ -151,9 +151,7 @@ class LlamaFamilyAdapter(Adapter):
         return x, model.base_model.rotary_emb(x, position_ids)
 
     def export_layer(self, block, info, x, rotary, mask, past, attend):
-        """Pre-RMSNorm, q/k/v, Qwen3's q/k norms over ``head_dim``, RoPE, cache concat, o, gated MLP."""
-        import torch
-
+        """Pre-RMSNorm, q/k/v, Qwen3's q/k norms over ``head_dim``, RoPE, attention with the cache, o, gated MLP."""
         h = block.input_layernorm(x)
         attn = block.self_attn
         present = None
@@ -170,10 +168,8 @@ class LlamaFamilyAdapter(Adapter):
             cos, sin = (r.unsqueeze(1) for r in rotary)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k = torch.cat([past[0], k], dim=2)  # (B, n_kv, S, D)
-            v = torch.cat([past[1], v], dim=2)
-            present = (k, v)
-            a = attn.o_proj(attend(info, q, k, v, mask, getattr(attn, "scaling", d ** -0.5)))
+            out, present = attend(info, q, k, v, past, mask, getattr(attn, "scaling", d ** -0.5))
+            a = attn.o_proj(out)
         x = x + a
         return x + block.mlp(block.post_attention_layernorm(x)), present
 
