@@ -50,6 +50,13 @@ REPORT_FILE = "export_report.json"
 MODEL_FILE = "model.onnx"
 QUANTIZED_FILE = "model_quantized.onnx"
 OPTIMIZED_FILE = "model_optimized.onnx"
+GENAI_FILE = "genai_config.json"
+# onnxruntime-genai reads each layer's KV head count from the graph's cache inputs from 0.15 on
+# (microsoft/onnxruntime-genai#2214); before, one num_key_value_heads for every layer.
+GENAI_PER_LAYER_KV = "0.15"
+# genai's own "gpt2" type expects one combined past_%d cache tensor per layer; its generic decoder
+# type reads the separate key / value tensors this graph has (checked on 0.18: tokens equal)
+GENAI_TYPE = {"gpt2": "decoder"}
 ATOL = 1e-4
 GENERATE_TOKENS = 40
 DEFAULT_OPSET = 17
@@ -398,6 +405,7 @@ class DecoderExportReport:
     calibration: dict
     quantization: dict | None = None  # how the int8 graph was made and its agreement with fp32
     fusion: dict | None = None  # --optimize: which layers run GroupQueryAttention, and why the others do not
+    genai: dict | None = None  # genai_config.json: the file, and whether onnxruntime-genai's tokens were checked
     zero_head_layers: str = ("layers with no heads have no past/present tensors (left out of the graph, "
                              "not zero-size); the past length comes from attention_mask")
     versions: dict = field(default_factory=dict)
@@ -637,6 +645,95 @@ def _check_generation(sess, model, ids, mask, tokens: int, pad: int) -> dict:
             "equal": True, "left_padded": True}
 
 
+# --------------------------------------------------------------------------------------------------
+# onnxruntime-genai
+
+
+def genai_config(model_config, sess, *, eos, pad: int, filename: str = MODEL_FILE) -> dict:
+    """``genai_config.json`` for onnxruntime-genai: the graph's names, shapes and the search defaults.
+
+    ``num_key_value_heads`` / ``num_attention_heads`` are the first cache layer's (genai < 0.15 uses
+    them for every layer; from 0.15 each layer's cache shape is read from the graph, so per-layer,
+    ragged and zero-head layers work). ``past_present_share_buffer`` is false: the graph concatenates
+    the past itself and returns the whole present.
+    """
+    from headslim.io import position_limit
+
+    layout = graph_layout(sess)
+    n_layers = int(getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "n_layer"))
+    heads = int(getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head"))
+    hidden = int(getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd"))
+    head_dim = layout[0][2] if layout else int(getattr(model_config, "head_dim", None) or hidden // heads)
+    kv = layout[0][1] if layout else int(getattr(model_config, "num_key_value_heads", None) or heads)
+    context = position_limit(model_config) or 4096
+    bos = getattr(model_config, "bos_token_id", None)
+    decoder = {
+        "filename": filename,
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "head_size": head_dim, "hidden_size": hidden, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "num_hidden_layers": n_layers,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+    }
+    model = {"type": GENAI_TYPE.get(model_config.model_type, model_config.model_type), "pad_token_id": pad, "vocab_size": int(model_config.vocab_size),
+             "context_length": int(context), "decoder": decoder}
+    if bos is not None:
+        model["bos_token_id"] = bos
+    if eos is not None:
+        model["eos_token_id"] = eos
+    search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": int(context),
+              "min_length": 0, "past_present_share_buffer": False, "early_stopping": True, "top_k": 1,
+              "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+              "no_repeat_ngram_size": 0, "diversity_penalty": 0.0}
+    return {"model": model, "search": search}
+
+
+def _check_genai(folder: Path, sess, ids, mask, tokens: int, eos, pad: int) -> dict:
+    """Greedy tokens from onnxruntime-genai with ``genai_config.json`` against the ORT loop's.
+
+    Each prompt alone (no padding), ``tokens`` new tokens with eos held off (genai's ``min_length``,
+    ``suppress_eos`` here). Not installed: says so (the file is written, unchecked).
+    """
+    import numpy as np
+
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return {"checked": False, "reason": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
+    version = getattr(og, "__version__", "unknown")
+
+    def run(prompt):
+        length = len(prompt) + tokens
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=length, min_length=length, batch_size=1)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt[None].astype(np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
+        return np.asarray(gen.get_sequence(0), dtype=np.int64)
+
+    equal = []
+    try:
+        model = og.Model(str(folder))
+        prompts = [row[m == 1].astype(np.int64) for row, m in zip(ids, mask)]
+        runs = [(prompt, run(prompt)) for prompt in prompts]
+    except Exception as e:  # genai raises RuntimeError with its own message
+        raise HeadslimError(f"onnxruntime-genai {version} cannot run the export with {GENAI_FILE}: "
+                            f"{first_line(e)}") from None
+    for prompt, got in runs:
+        want = greedy_generate(sess, prompt[None], np.ones((1, len(prompt)), dtype=np.int64), tokens,
+                               eos_token_id=eos, suppress_eos=True, pad_token_id=pad)[0]
+        if got.shape != want.shape or not np.array_equal(got, want):
+            n = min(len(got), len(want)) - len(prompt)
+            same = int((got[len(prompt):len(prompt) + n] == want[len(prompt):len(prompt) + n]).cumprod().sum())
+            raise HeadslimError(f"onnxruntime-genai {version} generates other tokens than the graph after {same} "
+                                f"of {tokens} (prompt of {len(prompt)} tokens)")
+        equal.append(len(prompt))
+    return {"checked": True, "version": version, "equal": True, "new_tokens": tokens, "prompt_lengths": equal}
+
+
 def _refuse_short_positions(config, ids, tokens: int) -> None:
     from headslim.io import position_limit
 
@@ -735,6 +832,13 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             model.generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        (tmp / GENAI_FILE).write_text(json.dumps(genai_config(model.config, sess, eos=_eos(model), pad=pad),
+                                                 indent=2) + "\n")
+        genai = {"file": GENAI_FILE, "graph": MODEL_FILE,
+                 "needs": f"onnxruntime-genai >= {GENAI_PER_LAYER_KV}"
+                 if len({kv for _, kv, _ in graph_layout(sess)}) > 1 or len(module.cache_layers) < len(module.layers)
+                 else "onnxruntime-genai",
+                 **_check_genai(tmp, sess, ids, mask, config.generate_tokens, _eos(model), pad)}
         if pruned:
             shutil.copy2(source / PLAN_FILE, tmp / PLAN_FILE)
         calibration["shape"] = list(ids.shape)
@@ -746,7 +850,8 @@ def export_decoder(model_dir: str | Path, out: str | Path, config: DecoderExport
             kv_head_of_q=[i.kv_map for i in module.layers], neurons_per_layer=adapter.num_neurons(model),
             cache_layers=module.cache_layers, sliding_window=[i.window for i in module.layers],
             inputs=in_names, outputs=out_names, opset=config.opset, exporter="torchscript",
-            graphs=graphs, external_data=data_file, validation=validation, quantization=quantization, fusion=fusion, calibration=calibration, versions=export_versions(),
+            graphs=graphs, external_data=data_file, validation=validation, quantization=quantization,
+            fusion=fusion, genai=genai, calibration=calibration, versions=export_versions(),
         )
         report.seconds = round(time.perf_counter() - started, 2)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -897,4 +1002,9 @@ def print_summary(report: DecoderExportReport) -> None:
         print(f"  {QUANTIZED_FILE} (int8, {report.quantization['tool']}): next-token top-1 agreement with fp32 "
               f"{agree['next_token_top1']:.3f} over {agree['prompt_positions']} prompt positions; greedy tokens equal "
               f"before the first difference {agree['greedy_equal_prefix']} of {agree['greedy_new_tokens']}")
+    if report.genai is not None:
+        g = report.genai
+        check = (f"onnxruntime-genai {g['version']}: greedy tokens equal to the graph's ({g['new_tokens']} new, "
+                 f"prompt lengths {g['prompt_lengths']})" if g.get("checked") else f"not checked: {g['reason']}")
+        print(f"  {g['file']} ({g['needs']}): {check}")
     print(f"wrote {report.out} in {report.seconds:.1f} s")

@@ -96,6 +96,7 @@ def _check_exported(model, out, report, new_tokens: int, name="model.onnx"):
         assert inputs[key][1] == inputs[value][1] == n_kv
         assert inputs[key][3] == head_dim
         assert set(present_names(layer)) <= outputs
+    _check_genai_config(out, report, model.config)
     ids, mask = _prompts()
     eos = model.generation_config.eos_token_id
     with torch.no_grad():
@@ -103,6 +104,32 @@ def _check_exported(model, out, report, new_tokens: int, name="model.onnx"):
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0).numpy()
     got = greedy_generate(sess, ids.numpy(), mask.numpy(), new_tokens, eos_token_id=eos, suppress_eos=True)
     np.testing.assert_array_equal(got, expected)
+
+
+def _genai_installed() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_genai_config(out, report, config):
+    """genai_config.json names the graph's tensors; onnxruntime-genai's greedy tokens were checked
+    equal where it is installed (dev extras: always in CI)."""
+    cfg = json.loads((out / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    assert dec["filename"] == "model.onnx" and cfg["search"]["past_present_share_buffer"] is False
+    assert dec["num_hidden_layers"] == len(report.heads_per_layer)
+    assert cfg["model"]["vocab_size"] == config.vocab_size
+    cache_kv = [report.kv_heads_per_layer[i] for i in report.cache_layers]
+    if cache_kv:
+        assert dec["num_key_value_heads"] == cache_kv[0]
+    per_layer = len(set(cache_kv)) > 1 or len(cache_kv) < len(report.heads_per_layer)
+    assert report.genai["needs"] == ("onnxruntime-genai >= 0.15" if per_layer else "onnxruntime-genai")
+    assert report.genai["checked"] is _genai_installed()
+    if report.genai["checked"]:
+        assert report.genai["equal"] is True and len(report.genai["prompt_lengths"]) == 3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -198,6 +225,9 @@ def test_cli_export_then_generate(tmp_path, capsys):
     assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "onnx")]) == 0
     out = capsys.readouterr().out
     assert "greedy generation: 40 new tokens equal" in out
+    if _genai_installed():
+        assert "genai_config.json (onnxruntime-genai): onnxruntime-genai 0." in out
+        assert "greedy tokens equal to the graph's (40 new" in out
     assert main(["generate", str(tmp_path / "onnx"), "--ids", "5,6,7,8", "--ids", "9,10",
                  "--max-new-tokens", "6", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
@@ -375,3 +405,47 @@ def test_fused_graph_limit_several_new_tokens_with_a_past_need_batch_1(tmp_path)
         sess.run(None, feeds)
     one = {k: v[:1] for k, v in feeds.items()}
     assert sess.run(None, one)[0].shape[:2] == (1, 2)
+
+
+def test_genai_check_compares_tokens_and_refuses_a_config_genai_cannot_run(tmp_path, monkeypatch):
+    """The onnxruntime-genai check is not vacuous: other tokens from the reference loop, or a config
+    genai cannot run, fail the export with one line and leave nothing."""
+    pytest.importorskip("onnxruntime_genai")
+    import headslim.export_decoder as ed
+
+    dense = tiny_decoder("llama", FAMILIES["llama"])
+    dense.save_pretrained(tmp_path / "src")
+    real = ed.greedy_generate
+
+    def off_by_one(sess, ids, mask, *args, **kwargs):  # only the genai check runs prompts alone
+        out = real(sess, ids, mask, *args, **kwargs)
+        if ids.shape[0] == 1:
+            out[0, -1] += 1
+        return out
+
+    monkeypatch.setattr(ed, "greedy_generate", off_by_one)
+    with pytest.raises(HeadslimError, match="onnxruntime-genai .* generates other tokens than the graph after "):
+        ed.export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=6)
+    assert not (tmp_path / "onnx").exists()
+    monkeypatch.setattr(ed, "greedy_generate", real)
+
+    config = ed.genai_config
+    monkeypatch.setattr(ed, "genai_config", lambda *a, **k: {**config(*a, **k), "model": {
+        **config(*a, **k)["model"], "type": "gpt2"}})  # genai's gpt2 wants one combined cache tensor
+    with pytest.raises(HeadslimError, match="onnxruntime-genai .* cannot run the export with genai_config.json"):
+        ed.export_decoder(tmp_path / "src", tmp_path / "onnx", generate_tokens=6)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_genai_config_is_written_unchecked_without_onnxruntime_genai(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails
+    dense = tiny_decoder("qwen2", FAMILIES["qwen2"])
+    dense.save_pretrained(tmp_path / "src")
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "genai_config.json (onnxruntime-genai): not checked: onnxruntime-genai is not installed" in out
+    report = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    assert report["genai"]["checked"] is False
+    assert json.loads((tmp_path / "onnx" / "genai_config.json").read_text())["model"]["type"] == "qwen2"

@@ -375,8 +375,8 @@ def _decoder_dirs(tmp_path):
 def test_decoder_export_options_are_refused_from_config_alone(tmp_path, capsys, no_weights):
     dense, pruned = _decoder_dirs(tmp_path)
     for src in (pruned, dense):
-        err = _expect_error(["export", str(src), "--out", str(tmp_path / "x"), "--quantize", "int8"],
-                            "decoder export does not take --quantize yet", capsys, tmp_path / "x")
+        err = _expect_error(["export", str(src), "--out", str(tmp_path / "x"), "--exporter", "dynamo"],
+                            "decoder export does not take --exporter dynamo yet", capsys, tmp_path / "x")
         assert "optimum" not in err
 
 
