@@ -30,18 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from headslim.onnx_utils import cpu_name
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_METHOD = "fisher"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def row_key(r: dict) -> tuple:
@@ -163,7 +155,7 @@ def render(rows: list[dict], args, total_heads: int | None) -> str:
     L = ["# Decoder test bed: held-out perplexity, dense vs pruned (issue 17)", ""]
     L.append(f"- model: `{args.model}` (trained here by `bench/decoder_testbed.py`; see `training.md`; "
              f"not a real pretrained model)")
-    L.append(f"- machine: {cpu_model()}, {os.cpu_count()} cores visible, no GPU; torch {torch.__version__}, "
+    L.append(f"- machine: {cpu_name()}, {os.cpu_count()} cores visible, no GPU; torch {torch.__version__}, "
              f"transformers {transformers.__version__}, Python {platform.python_version()}")
     L.append(f"- date: {datetime.date.today().isoformat()}")
     L.append(f"- command: `{cmd}`")

@@ -34,16 +34,6 @@ from pathlib import Path
 SPECIALS = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
     """Byte-level BPE on ``texts`` only; saved as a PreTrainedTokenizerFast that prepends <|bos|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -131,6 +121,7 @@ def _train(args, out: Path, final: Path) -> int:
 
     from headslim.data import batches, bbc_news
     from headslim.evaluate import perplexity
+    from headslim.onnx_utils import cpu_name
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -233,7 +224,7 @@ def _train(args, out: Path, final: Path) -> int:
         "final_train_loss_mean_last_50": round(final_loss, 4), "final_train_loss_last_step": round(losses[-1], 4),
         "heldout_ppl": round(ppl_test, 3), "heldout_tokens": n_tok, "heldout_articles": len(test),
         "heldout_max_length": eval_max_len, "unigram_ppl": round(ppl_unigram, 2),
-        "cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+        "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -255,7 +246,7 @@ It is **not** a real pretrained language model: {n_params / 1e6:.2f} M parameter
 | training | {steps_done} steps{' (stopped by the time limit; planned ' + str(args.steps) + ')' if stopped_early else ''} x batch {args.batch} x {args.seq} tokens = {tokens_seen:,} tokens ({facts['epochs']} epochs); AdamW (0.9, 0.95), lr {args.lr} with {args.warmup} warmup steps and cosine decay to 10 %, weight decay {args.weight_decay}, grad clip 1.0{', bf16 autocast' if args.bf16 else ', fp32'} |
 | seed | {args.seed} (torch.manual_seed, fixed data order) |
 | train time | {train_seconds:.0f} s ({train_seconds / 60:.1f} min) training, {facts['total_seconds']:.0f} s in all |
-| machine | {cpu_model()}, {args.threads} threads (torch.set_num_threads), {os.cpu_count()} cores visible, no GPU |
+| machine | {cpu_name()}, {args.threads} threads (torch.set_num_threads), {os.cpu_count()} cores visible, no GPU |
 | versions | torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()} |
 | final train loss | {final_loss:.4f} (mean of the last 50 steps; last step {losses[-1]:.4f}) |
 | held-out perplexity | **{ppl_test:.3f}** on the {len(test)} BBC News *test* articles (first {eval_max_len} tokens of each, {n_tok:,} predicted tokens; computed as `headslim shrink` does) |
