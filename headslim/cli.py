@@ -12,6 +12,8 @@ from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_ar
 from headslim.data import DEFAULT_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
+LAYERWISE_CALIB_SAMPLES = 128  # headslim.offload's (not imported here: it imports torch)
+
 SHRINK_EXAMPLE = """example:
   headslim shrink all-MiniLM-L6-v2 --prune 0.5 --calib bbc-news --out slim/
   headslim shrink PATH/TO/MODEL --prune 36 --calib texts.txt --out slim/ --method random
@@ -61,8 +63,14 @@ def _add_shrink(sub) -> None:
                      help="dense: label-free, keep the dense model's outputs (default); task: the model's loss on labels")
     opt.add_argument("--plan", help="apply this hand-written plan JSON instead of scoring")
     opt.add_argument("--min-heads-per-layer", type=int, default=1, help="heads every layer keeps (default 1; 0 allowed)")
-    opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
-                     help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}; fewer is faster)")
+    opt.add_argument("--calib-samples", type=int, default=None,
+                     help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}, {LAYERWISE_CALIB_SAMPLES} with "
+                          "--layerwise; fewer is faster)")
+    opt.add_argument("--layerwise", action="store_true",
+                     help="Llama-family causal LMs larger than memory: one layer's weights in memory at a time "
+                          "(read from the safetensors shards, scored by the function norm of each head's output, "
+                          "pruned, repaired and written as its own shard); takes --prune, --gqa, --no-repair, "
+                          "--min-heads-per-layer and the calibration options")
     opt.add_argument("--eval-data", help="held-out texts for the quality check (default: see docs)")
     opt.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the check (default 256)")
     opt.add_argument("--max-length", type=int,
@@ -136,8 +144,14 @@ def _run_shrink(args) -> int:
         raise HeadslimError("--target-speedup decides what to remove: leave out --prune/--prune-heads and --prune-ffn")
     if args.prune is None:
         args.prune = 0 if args.target_speedup is not None else 0.5
+    calib_samples_given = args.calib_samples is not None
+    if not calib_samples_given:
+        args.calib_samples = DEFAULT_CALIB_SAMPLES
     config = config_from_args(ShrinkConfig, args)
     from headslim import distributed
+
+    if args.layerwise:
+        return _run_layerwise(args, config, calib_samples_given)
 
     if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
         if config.target_speedup is not None:
@@ -154,6 +168,44 @@ def _run_shrink(args) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         _print_summary(result)
+    return 0
+
+
+def _run_layerwise(args, config, calib_samples_given: bool) -> int:
+    import os
+
+    from headslim.offload import shrink_from_config
+
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HeadslimError("--layerwise runs in one process, not under torchrun")
+    report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
+        return 0
+    kept = report["plan"]["attention"]["kept_heads"]
+    before = report["plan"]["attention"]["num_heads"]
+    print(f"{'layer':>5}  {'heads before':>12}  {'heads after':>11}  kept heads")
+    for layer, (n, k) in enumerate(zip(before, kept)):
+        print(f"{layer:>5}  {n:>12}  {len(k):>11}  {' '.join(map(str, k)) or '-'}")
+    print(f"{'all':>5}  {report['heads_before']:>12}  {report['heads_after']:>11}")
+    c = report["calibration"]
+    print(f"method: {report['plan']['provenance']['method']} (layer at a time, at most "
+          f"{report['max_layers_in_memory']} layer in memory), {c['n_samples']} calibration samples of {c['source']}")
+    r = report["repair"]
+    if r is None:
+        print("repair: off (--no-repair)")
+    elif r.get("skipped"):
+        print(f"repair: skipped ({r['skipped']})")
+    else:
+        check = r.get("check") or {}
+        fitted = sum(1 for e in r.get("layers", []) if e.get("applied"))
+        where = (f"; held-out calibration KL to dense {check['before']:.4g} -> {check['after']:.4g}" if check else "")
+        state = f"applied to {fitted} of {len(r.get('layers', []))} pruned projections" if r.get("applied") else \
+            "not applied (it did not help on held-out calibration data)"
+        print(f"repair: {state}{where}")
+    s = report["seconds"]
+    print(f"time: scoring {s['scoring']:.1f} s, pruning + repair + writing {s['pruning']:.1f} s, total {s['total']:.1f} s")
+    print(f"wrote {report['out']} ({report['bytes_written']:,} bytes of {report['dtype']} weights)")
     return 0
 
 

@@ -135,8 +135,12 @@ def test_family_pruned_equals_gated_dense_and_reloads(tmp_path, family, tiny, cl
     assert type(reloaded) is type(pruned)
     assert adapter.num_heads(reloaded) == plan.heads_after
     assert adapter.num_neurons(reloaded) == plan.neurons_after
-    with torch.no_grad():
-        assert torch.equal(main_output(reloaded(**inputs)), got)
+    expected_state, reloaded_state = pruned.state_dict(), reloaded.state_dict()
+    assert reloaded_state.keys() == expected_state.keys()
+    assert all(torch.equal(reloaded_state[k], v) for k, v in expected_state.items())  # the same weights, bit for bit
+    with torch.no_grad():  # the same computation, up to the kernels' summation order (it differs with the
+        # buffers' alignment on some CPUs: 9e-10 seen for ELECTRA on an AMD EPYC without AVX-512)
+        torch.testing.assert_close(main_output(reloaded(**inputs)), got, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family,tiny", EXPORTABLE, ids=[_id(c) for c in EXPORTABLE])

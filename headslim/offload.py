@@ -1,0 +1,709 @@
+"""Shrink a decoder LLM larger than memory: one transformer layer's weights in memory at a time.
+
+:func:`shrink_layerwise` never builds the dense model. Its skeleton is made on the meta device (as
+``headslim.load_pruned`` does); weights are read per layer from the memory-mapped safetensors files
+(``model.safetensors`` or the shards of ``model.safetensors.index.json``) into the one layer being
+worked on, which goes back to the meta device once its shard is written. Outside the layers only the
+final norm is read whole: the input embedding gives just the rows of the calibration tokens, and the
+output embedding (the held-out check's logits) is read in row chunks.
+
+Two passes over the layers:
+
+1. **Score.** The calibration batches are carried layer by layer through the dense model
+   (``headslim.layerwise``). A query head's score is the squared norm of its contribution to the
+   attention output, ``sum_t ||W_O[:, h] c_h(t)||^2`` over real tokens (the "function norm" of
+   Lin et al. 2020): a layer-local quantity, but every layer's contribution lands in the same
+   residual stream, so scores of different layers are comparable. The global head budget is then
+   split over layers by :func:`headslim.gqa.select_gqa` (GQA modes as for ``shrink``).
+2. **Prune, repair, write.** Each layer is read again, pruned (``Adapter.prune_block``), its output
+   projection re-fitted as ``headslim.repair`` does with ``inputs="pruned"`` (the dense layer's and
+   the pruned, already repaired, model's streams carried side by side; the same moments, ridge
+   solve and per-layer held-out decision, reusing repair's helpers), and written as its own shard.
+   The final held-out check of repair (mean ``KL(dense || pruned)`` of next-token predictions over
+   real held-out tokens, repaired against unrepaired) is computed from carried streams too (a third
+   one, the pruned model without repair, on the held-out batches only) with the logits built in
+   vocabulary chunks; when the repair does not bring the predictions closer to dense, the re-fitted
+   output projections in the written shards are put back to their plain sliced weights.
+
+The result is what ``headslim.repair.repair`` gives in memory for the same plan and batches (parity
+test: ``tests/test_offload.py``), written as ``save_pruned`` writes a model (config with headslim's
+record, ``headslim_plan.json``, the output marker), sharded: one shard per layer and one for the
+weights outside the layers, with ``model.safetensors.index.json``.
+
+Scope: the Llama family (llama, mistral, qwen2, qwen3), causal LMs. Every layer must receive the
+same call arguments (mask, rotary embeddings), recorded once from layer 0; models that mix full and
+sliding-window layers (Qwen2/Qwen3 with ``use_sliding_window``) are refused, a Mistral whose layers all
+slide is fine. Not yet: resuming an interrupted run, spilling the carried streams to disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from headslim.arch import get_adapter, kv_maps, weight_out_in
+from headslim.errors import HeadslimError
+from headslim.layerwise import Call, Stream, layer_calls
+from headslim.plan import PLAN_FILE
+from headslim.repair import (RepairReport, _add, _error, _has_bias, _o_weight, _run_layer, _set_o_weight,
+                             _solve, _split)
+
+FAMILY = "llama-family"
+METHOD = "function-norm"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+# elements of one temporary block (embedding rows read, logits of a vocabulary chunk): bounded memory
+CHUNK_ELEMENTS = 1 << 22
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+_SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint dir, read on demand.
+
+    Each read opens the file with ``safetensors.safe_open`` and closes it again: a mapping left open
+    keeps every page read through it resident in this process (its RSS grows to the whole file),
+    while a closed one leaves them to the page cache, which the kernel can drop.
+
+    Args:
+        path: a checkpoint dir with ``model.safetensors`` or ``model.safetensors.index.json`` (pickle
+            weights are refused, never unpickled).
+    """
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        from headslim.io import _check_weights, _safetensors_files
+
+        _check_weights(path, allow_pickle=False)  # one-line errors: no weights, pickle weights only
+        self.path = path
+        self.where: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for file in _safetensors_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key in self.where:
+                        raise HeadslimError(f"{path}: weight {key} is in two shards")
+                    view = f.get_slice(key)
+                    self.where[key], self.shapes[key], self.dtypes[key] = str(file), tuple(view.get_shape()), \
+                        view.get_dtype()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The whole tensor (for one layer's weights)."""
+        from safetensors import safe_open
+
+        with safe_open(self.where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def rows(self, key: str, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Rows ``start:stop`` of each run, concatenated, reading only those."""
+        from safetensors import safe_open
+
+        with safe_open(self.where[key], framework="pt") as f:
+            view = f.get_slice(key)
+            return torch.cat([view[a:b] for a, b in runs])
+
+    def resolve(self, name: str, prefix: str) -> str | None:
+        """The checkpoint's key for the model's parameter ``name`` (with or without the base model's
+        ``prefix``, as transformers accepts either); None when it has none."""
+        for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if key in self.where:
+                return key
+        return None
+
+
+def _skeleton(config):
+    """The model of ``config`` with every parameter on the meta device (buffers, small and computed at
+    construction, such as the rotary frequencies, are real)."""
+    from accelerate import init_empty_weights
+
+    from headslim.io import _new_model
+
+    with init_empty_weights(include_buffers=False):
+        model = _new_model(config)
+    return model.eval()
+
+
+def _to_dtype(model, dtype: torch.dtype) -> None:
+    """Every floating parameter of the (meta) skeleton as ``dtype``; the rotary buffers stay as built."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point():
+                module._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=False)
+
+
+def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, keys: dict, dtype: torch.dtype) -> None:
+    """Read ``module``'s parameters (model names ``prefix`` + name) from the checkpoint into it, as ``dtype``."""
+    from headslim.io import _refuse_non_finite
+
+    state = {name: ckpt.get(keys[prefix + name]).to(dtype) for name in module.state_dict()}
+    _refuse_non_finite(state.items(), ckpt.path)
+    module.load_state_dict(state, assign=True)
+
+
+def _load_layer(ckpt: Checkpoint, model, index: int, prefix: str, keys: dict, dtype: torch.dtype) -> nn.Module:
+    """Materialise layer ``index`` of ``model`` (its parameters named ``prefix`` + name); the tests wrap
+    this to count the layers in memory."""
+    layer = get_adapter(model).layers(model)[index]
+    _materialise(layer, prefix, ckpt, keys, dtype)
+    return layer
+
+
+def _free(module: nn.Module) -> None:
+    """Back to the meta device: the weights' memory is released."""
+    module.to("meta")
+    _release_memory()
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps the pages of freed large temporaries (a layer's activations, repair's moments) in its
+    heaps, so without this the resident set grows towards the sum of every layer's peaks instead of
+    following what is live.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def materialised_layers(model) -> int:
+    """How many of ``model``'s layers hold a parameter that is not on the meta device."""
+    return sum(any(not p.is_meta for p in layer.parameters()) for layer in get_adapter(model).layers(model))
+
+
+def _row_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``ids`` as ``[start, stop)`` runs of consecutive values."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+def _embed(ckpt: Checkpoint, key: str, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The input embeddings of ``input_ids`` ``(B, T)`` -> ``(B, T, d)``, reading only the rows they use."""
+    ids, inverse = torch.unique(input_ids, return_inverse=True)
+    table = ckpt.rows(key, _row_runs(ids.tolist())).to(dtype)  # (U, d)
+    return table[inverse]
+
+
+def _entry(ckpt: Checkpoint, model, keys: dict, embed_key: str, batches: list, dtype: torch.dtype):
+    """Per batch, the stream entering layer 0 and the :class:`Call` every layer gets (one pass of the
+    skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
+    hidden, calls = [], []
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
+        inputs["inputs_embeds"] = _embed(ckpt, keys[embed_key], batch["input_ids"], dtype)
+        first, (call,) = layer_calls(model, inputs, every_layer=False)
+        hidden.append(first)
+        calls.append(call)
+    return hidden, calls
+
+
+class _Carried(Stream):
+    """A :class:`Stream` started from given entry states, every layer given the same call.
+
+    Built without ``Stream.__init__``, which runs the model's embeddings (here they are never whole).
+    """
+
+    def __init__(self, model, hidden: list, calls: list[Call]):  # no super().__init__: it would run the model
+        self.model, self.layer = model, 0
+        self.layers = get_adapter(model).layers(model)
+        self.hidden = list(hidden)
+        self.calls = [[call] * len(self.layers) for call in calls]
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_streamed(path: Path, tensors: list[tuple[str, torch.dtype, tuple, Callable]]) -> int:
+    """Write a safetensors file whose tensors are produced in row chunks, never whole.
+
+    ``tensors``: ``(name, dtype, shape, chunks)``, ``chunks()`` yielding the tensor's rows in order.
+    Returns the bytes of tensor data written.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, _ in tensors:
+        size = math.prod(shape) * torch.finfo(dtype).bits // 8
+        header[name] = {"dtype": _SAFE_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, _, chunks in tensors:
+            for chunk in chunks():
+                f.write(memoryview(chunk.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()))
+    return offset
+
+
+def _row_chunks(ckpt: Checkpoint, key: str, rows_per_chunk: int):
+    n = ckpt.shape(key)[0] if ckpt.shape(key) else 0
+
+    def chunks():
+        if not ckpt.shape(key):  # a scalar
+            yield ckpt.get(key)
+            return
+        for start in range(0, n, rows_per_chunk):
+            yield ckpt.rows(key, [(start, min(start + rows_per_chunk, n))])
+    return chunks
+
+
+def _tensor_chunks(tensor: torch.Tensor):
+    """``chunks()`` for :func:`_write_streamed`: a tensor in memory, a bounded block of rows at a time."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(tensor.shape[1:]))) if tensor.dim() else 1
+
+    def chunks():
+        if not tensor.dim():
+            yield tensor
+            return
+        for start in range(0, len(tensor), rows):
+            yield tensor[start:start + rows]
+    return chunks
+
+
+def _write_layer(path: Path, layer: nn.Module, prefix: str, dtype: torch.dtype) -> int:
+    """One layer's shard (``save_file`` would first copy the whole layer into one bytes object)."""
+    return _write_streamed(path, [(prefix + k, dtype, tuple(v.shape), _tensor_chunks(v.detach()))
+                                  for k, v in layer.state_dict().items()])
+
+
+def _restore_o_proj(path: Path, name: str, ckpt: Checkpoint, keys: dict, kept: list[int], head_dim: int) -> None:
+    """Put the plain sliced output projection ``name`` (the dense one's columns of the ``kept`` heads,
+    re-read from the checkpoint) back into a written layer shard."""
+    from safetensors.torch import load_file, save_file
+
+    from headslim.arch.stubs import head_rows
+
+    state = load_file(str(path))  # one layer
+    weight = ckpt.get(keys[name + ".weight"]).index_select(1, head_rows(kept, head_dim))  # (d, k * D)
+    state[name + ".weight"] = weight.to(state[name + ".weight"].dtype).contiguous()
+    if name + ".bias" in state:  # slicing input columns keeps the dense bias
+        state[name + ".bias"] = ckpt.get(keys[name + ".bias"]).to(state[name + ".bias"].dtype).contiguous()
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------------------
+# the held-out check: KL(dense || model) of next-token predictions, vocabulary in chunks
+
+
+@torch.no_grad()
+def _mean_kls(ref: torch.Tensor, others: list[torch.Tensor], head: Callable, vocab: int,
+              dtype: torch.dtype) -> list[float]:
+    """Mean over tokens of ``KL(softmax(ref W^T) || softmax(x W^T))`` for each ``x`` in ``others``.
+
+    ``ref``, ``others``: final-normed hidden states ``(N, d)`` of real tokens; ``head(a, b)``: rows
+    ``a:b`` of the output embedding ``W``. Logits are computed in ``dtype`` (as the model computes
+    them) and compared in float64, a chunk of the vocabulary at a time, with running log-sum-exps.
+    """
+    n = len(ref)
+    rows = max(1, CHUNK_ELEMENTS // max(n, 1))
+    m = torch.full((n,), -math.inf, dtype=torch.float64)  # running max of the reference logits
+    s = torch.zeros(n, dtype=torch.float64)  # sum exp(z_ref - m)
+    t = [torch.zeros(n, dtype=torch.float64) for _ in others]  # sum exp(z_ref - m) (z_ref - z_x)
+    lse = [torch.full((n,), -math.inf, dtype=torch.float64) for _ in others]
+    for start in range(0, vocab, rows):
+        w = head(start, min(start + rows, vocab)).to(dtype)  # (r, d)
+        z = nn.functional.linear(ref, w).double()  # (N, r)
+        new_m = torch.maximum(m, z.max(1).values)
+        scale, e = torch.exp(m - new_m), torch.exp(z - new_m[:, None])
+        s = s * scale + e.sum(1)
+        for k, x in enumerate(others):
+            zx = nn.functional.linear(x, w).double()  # (N, r)
+            t[k] = t[k] * scale + (e * (z - zx)).sum(1)
+            lse[k] = torch.logaddexp(lse[k], torch.logsumexp(zx, 1))
+        m = new_m
+    lse_ref = m + torch.log(s)
+    return [float((tk / s - lse_ref + lk).sum()) / max(n, 1) for tk, lk in zip(t, lse)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the two passes
+
+
+@torch.no_grad()
+def _score_layer(stream: Stream, block, adapter, masks: list, n_heads: int, head_dim: int):
+    """``(scores (n_heads,) float64, the layer's outputs per batch)``: each head's summed squared
+    contribution ``||W_O[:, h] c_h||^2`` to the attention output over real tokens."""
+    o_proj = adapter.o_proj(block)
+    w = weight_out_in(o_proj).detach().double()  # (d, H * D)
+    w = w.view(w.shape[0], n_heads, head_dim)
+    gram = torch.einsum("khd,khe->hde", w, w)  # (H, D, D): W_h^T W_h
+    moment = torch.zeros_like(gram)  # (H, D, D): sum_t c_h c_h^T
+    got: dict = {}
+    handle = o_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("c", args[0]))
+    outputs = []
+    try:
+        for i, mask in enumerate(masks):
+            outputs.append(stream.run(i))
+            c = got.pop("c")[mask].double().view(-1, n_heads, head_dim)  # (N, H, D)
+            moment += torch.einsum("nhd,nhe->hde", c, c)
+    finally:
+        handle.remove()
+    return (gram * moment).sum((1, 2)), outputs
+
+
+def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_per_layer: int, overwrite: bool):
+    """Every check that needs no weights: ``(path, config, adapter)``; one-line errors, nothing written."""
+    from headslim.gqa import GQA_MODES
+    from headslim.io import _load_config, _model_dir, check_output_dir
+    from headslim.pipeline import check_prune_target
+
+    path = _model_dir(model_dir)
+    check_output_dir(out, overwrite=overwrite, inputs=(path,))
+    if (path / PLAN_FILE).is_file():
+        raise HeadslimError(f"{path} is already pruned by headslim; shrink its dense original instead")
+    config = _load_config(path)
+    adapter = get_adapter(config)
+    if adapter.name != FAMILY:
+        raise HeadslimError(f"layer-at-a-time shrink supports the {FAMILY} (llama, mistral, qwen2, qwen3), not "
+                            f"{config.model_type}; use headslim shrink")
+    types = getattr(config, "layer_types", None)
+    if types and len(set(types)) > 1:
+        kinds = ", ".join(sorted(set(types)))
+        raise HeadslimError(f"{config.model_type}: layers of different attention types ({kinds}) get different masks; "
+                            "layer-at-a-time shrink handles models whose layers all get the same")
+    if gqa not in GQA_MODES:
+        raise HeadslimError(f"unknown --gqa mode {gqa!r}; available: {', '.join(GQA_MODES)}")
+    if not 0.0 <= holdout < 1.0:
+        raise HeadslimError("holdout must be in [0, 1)")
+    check_prune_target(prune, config, min_heads_per_layer)
+    return path, config, adapter
+
+
+def _weight_keys(ckpt: Checkpoint, model, skip: str | None) -> dict:
+    """Model parameter name -> checkpoint key, for every weight the pruned checkpoint holds (all but
+    ``skip``, the output embedding when it is tied to the input one); a one-line error for a weight
+    the checkpoint lacks or holds in another shape."""
+    keys = {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        if name == skip:
+            continue
+        key = ckpt.resolve(name, model.base_model_prefix)
+        if key is None:
+            raise HeadslimError(f"{ckpt.path}: weight {name} is missing from the checkpoint")
+        if ckpt.shape(key) != tuple(p.shape):
+            raise HeadslimError(f"{ckpt.path}: weight {key} is {ckpt.shape(key)}, the config gives {tuple(p.shape)}")
+        keys[name] = key
+    return keys
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | int, batches: list[dict],
+                     gqa: str = "uniform", holdout: float = 0.25, repair: bool = True, ridge: float = 1e-2,
+                     min_heads_per_layer: int = 1, dtype: torch.dtype | None = None, overwrite: bool = False,
+                     provenance: dict | None = None, progress: bool = True) -> dict:
+    """Score, select, prune, repair and write a Llama-family causal LM one layer at a time; see the module docstring.
+
+    Args:
+        model_dir: dense checkpoint dir (safetensors, one file or sharded).
+        out: the pruned checkpoint dir to create (``headslim.load_pruned(out)`` reloads it).
+        prune: fraction (float in (0, 1)) or number (int) of query heads to remove.
+        batches: tokenised calibration batches (``input_ids``, ``attention_mask``), as ``headslim.data.batches``.
+        gqa: ``uniform``, ``kv-groups`` or ``ragged`` (``headslim.gqa``).
+        holdout, ridge: as for ``headslim.repair.repair`` (the held-out share decides per layer and
+            overall whether the re-fit is kept; 0 keeps every fit unchecked).
+        repair: re-fit each pruned layer's output projection.
+        min_heads_per_layer: query heads every layer keeps at least.
+        dtype: compute and output dtype; None: the checkpoint's (its input embedding's) dtype.
+        overwrite: replace an existing ``out`` written by headslim.
+        provenance: merged into the plan's provenance (calibration source, ...).
+        progress: progress bars over the layers.
+
+    Returns: a JSON-able report: ``plan``, ``scores`` ``(layers, heads)``, ``repair``
+    (``RepairReport.to_dict()``, None without repair), ``max_layers_in_memory``, ``seconds``,
+    ``bytes_written``, ``dtype``.
+
+    Example:
+        >>> report = shrink_layerwise("Llama-3.2-1B/", "slim/", prune=0.5, batches=calib)   # doctest: +SKIP
+        >>> model = headslim.load_pruned("slim/")                                         # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from headslim.autoload import CONFIG_KEY, config_record
+    from headslim.gqa import select_gqa
+    from headslim.io import atomic_output_dir
+    from headslim.pipeline import base_provenance
+
+    t0 = time.perf_counter()
+    path, config, adapter = _check_inputs(model_dir, out, prune=prune, gqa=gqa, holdout=holdout,
+                                          min_heads_per_layer=min_heads_per_layer, overwrite=overwrite)
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    if not batches or any("input_ids" not in b or "attention_mask" not in b for b in batches):
+        raise HeadslimError("layer-at-a-time shrink needs calibration batches with input_ids and attention_mask")
+    ckpt = Checkpoint(path)
+    model = _skeleton(config)
+    if model.get_output_embeddings() is None:
+        raise HeadslimError(f"layer-at-a-time shrink handles causal LMs; {type(model).__name__} has no LM head")
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(model.get_input_embeddings())] + ".weight"
+    head_name = names[id(model.get_output_embeddings())] + ".weight"
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    keys = _weight_keys(ckpt, model, head_name if tied else None)
+    head_key = keys[embed_name if tied else head_name]
+    if dtype is None:
+        dtype = {v: k for k, v in _SAFE_DTYPES.items()}.get(ckpt.dtypes[keys[embed_name]], torch.float32)
+    if dtype not in _SAFE_DTYPES:
+        raise HeadslimError(f"dtype {dtype} is not a floating dtype headslim writes")
+    _to_dtype(model, dtype)
+    layers = adapter.layers(model)
+    prefixes = [names[id(layer)] + "." for layer in layers]
+    norm = model.base_model.norm
+    _materialise(norm, names[id(norm)] + ".", ckpt, keys, dtype)
+    head_dim, num_heads = adapter.head_dim(model), adapter.num_heads(model)
+    n_layers = len(layers)
+    peak = [0]
+
+    def load(index: int) -> nn.Module:
+        layer = _load_layer(ckpt, model, index, prefixes[index], keys, dtype)
+        peak[0] = max(peak[0], materialised_layers(model))
+        return layer
+
+    # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
+    masks = [b["attention_mask"].bool() for b in batches]  # (B, T)
+    dense = _Carried(model, *_entry(ckpt, model, keys, embed_name, batches, dtype))
+    scores = torch.zeros(n_layers, max(num_heads), dtype=torch.float64)
+    for index in tqdm(range(n_layers), desc="scoring layers", unit="layer", disable=not progress, leave=False):
+        block = load(index)
+        scores[index, :num_heads[index]], outputs = _score_layer(dense, block, adapter, masks, num_heads[index],
+                                                                 head_dim)
+        dense.advance(outputs)
+        _free(block)
+    del dense
+    t_scored = time.perf_counter()
+    info = {"source_model": str(path), "method": METHOD, "layerwise": True,
+            "calibration": {"n_batches": len(batches), "n_samples": sum(len(m) for m in masks),
+                            "tokens": int(sum(int(m.sum()) for m in masks))}}
+    plan = select_gqa(scores, kv_maps(model), prune=prune, mode=gqa, min_per_layer=min_heads_per_layer,
+                      provenance={**base_provenance(0, **info), **(provenance or {})})
+
+    # ---- pass 2: prune, repair and write each layer ----------------------------------------------
+    sites = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads))
+             if len(kept) < n and (kept or adapter.keeps_bias_projection)] if repair else []
+    report = RepairReport(applied=False, inputs="pruned", ridge=ridge) if repair else None
+    fit_batches, is_val, held_out = _split(batches, holdout) if repair else (batches, [False] * len(batches), {})
+    if report is not None:
+        report.held_out = held_out
+        n_samples = sum(len(m) for m in masks)
+        if sites and holdout > 0 and not any(is_val):
+            report.skipped = f"{n_samples} calibration sample leaves none to hold out to check the repair on"
+            report.warning = f"repair skipped: {report.skipped}; give more calibration data"
+            sites = []
+        elif sites and held_out["unit"] == "samples":
+            n_val = held_out["n_held_out"]
+            report.warning = (f"calibration data is small ({n_samples} samples in {len(batches)} "
+                              f"batch{'es' if len(batches) > 1 else ''}): repair is checked on {n_val} held-out "
+                              f"sample{'s' if n_val > 1 else ''} instead of held-out batches")
+    checked = bool(sites) and any(is_val)
+    plain = None
+    if sites:
+        fit_masks = [b["attention_mask"].bool() for b in fit_batches]
+        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype)
+        dense, pruned = _Carried(model, hidden, calls), _Carried(model, hidden, calls)
+        val_index = [i for i, v in enumerate(is_val) if v]
+        # the pruned model without repair, on the held-out batches: the "before" of the final check
+        plain = _Carried(model, [hidden[i] for i in val_index], [calls[i] for i in val_index]) if checked else None
+    shards = [SHARD.format(i + 1, n_layers + 1) for i in range(n_layers + 1)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    fitted: dict[int, str] = {}  # layer -> the name of its re-fitted output projection
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(path,)) as tmp:
+        bar = tqdm(range(n_layers), desc="pruning layers", unit="layer", disable=not progress, leave=False)
+        for index in bar:
+            block = load(index)
+            kept, n = plan.kept_heads[index], plan.num_heads[index]
+            site = (index, "attention")
+            if sites:
+                refs, outputs = [], []
+                for i, mask in enumerate(fit_masks):  # the dense layer: its outputs and the fit's references
+                    out_i, got = _run_layer(dense, i, [site] if index in sites else [], want_input=True, stop=False)
+                    outputs.append(out_i)
+                    if index in sites:
+                        refs.append((got[site]["y"] + got[site]["x"])[mask])  # (N, d)
+            if len(kept) < n:
+                adapter.prune_block(block, kept)
+            if index in sites:
+                o_proj = adapter.o_proj(block)
+                bias = _has_bias(o_proj)
+                w0 = _o_weight(o_proj)
+                fit, val = {}, {}  # filled by _add (zeros first, as repair's _empty, would double the peak)
+                for i, (mask, v) in enumerate(zip(fit_masks, is_val)):
+                    cur = _run_layer(pruned, i, [site], want_input=True, stop=True)[1][site]
+                    x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
+                    _add(val if v else fit, x, refs[i] - cur["x"][mask], bias)  # target y_dense + x_dense - x_pruned
+                del refs, x, cur
+                _release_memory()  # the fit's temporaries, before the solve's
+                if plain is not None:
+                    plain_out = [plain.run(i) for i in range(len(plain.hidden))]
+                w_fit = _solve(fit, w0, ridge, bias)
+                entry = {"layer": index, "kind": "attention", "heads": len(kept),
+                         "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
+                         "fit_after": _error(w_fit, fit) / max(fit["C"], 1e-30)}
+                apply = True
+                if any(is_val):
+                    entry["val_before"] = _error(w0, val) / max(val["C"], 1e-30)
+                    entry["val_after"] = _error(w_fit, val) / max(val["C"], 1e-30)
+                    apply = entry["val_after"] < entry["val_before"]
+                    if apply:  # refit on every batch now that the held-out ones have done their job
+                        for k in fit:
+                            fit[k] += val[k]  # in place: one set of moments, not three
+                        w_fit = _solve(fit, w0, ridge, bias)
+                entry["applied"] = bool(apply)
+                if apply:
+                    _set_o_weight(o_proj, w_fit)
+                    local = {id(m): name for name, m in block.named_modules()}[id(o_proj)]
+                    fitted[index] = prefixes[index] + local
+                report.layers.append(entry)
+                del fit, val, w0, w_fit
+                _release_memory()
+            elif plain is not None:
+                plain_out = [plain.run(i) for i in range(len(plain.hidden))]
+            if sites:
+                dense.advance(outputs)
+                pruned.advance()
+                if plain is not None:
+                    plain.advance(plain_out)
+            total += _write_layer(tmp / shards[index], block, prefixes[index], dtype)
+            weight_map.update({prefixes[index] + k: shards[index] for k in block.state_dict()})
+            _free(block)
+        bar.close()
+        if report is not None:
+            report.applied = bool(fitted)
+        if checked:
+            def final(stream, rows):  # final-normed hidden states of the real held-out tokens, (N, d)
+                return torch.cat([norm(stream.hidden[j])[fit_masks[i]] for j, i in rows])
+
+            ref = final(dense, [(i, i) for i in val_index])
+            before = final(plain, list(enumerate(val_index)))
+            after = final(pruned, [(i, i) for i in val_index])
+            metric_before, metric_after = _mean_kls(ref, [before, after], lambda a, b: ckpt.rows(head_key, [(a, b)]),
+                                                    ckpt.shape(head_key)[0], dtype)
+            if not report.applied:
+                metric_after = metric_before
+            report.check = {"metric": "kl", "before": metric_before, "after": metric_after,
+                            "n_batches": len(val_index), "n_held_out": held_out["n_held_out"],
+                            "unit": held_out["unit"]}
+            if report.applied and metric_after >= metric_before:  # undo: the plain sliced projections
+                for index, name in fitted.items():
+                    _restore_o_proj(tmp / shards[index], name, ckpt, keys, plan.kept_heads[index], head_dim)
+                report.applied = False
+                for e in report.layers:
+                    e["applied"] = False
+        # the weights outside the layers, streamed in row chunks
+        outside = []
+        inside = tuple(prefixes)
+        for name, key in keys.items():
+            if name.startswith(inside):
+                continue
+            shape = ckpt.shape(key)
+            rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:]))) if shape else 1
+            outside.append((name, dtype, shape, _row_chunks(ckpt, key, rows)))
+            weight_map[name] = shards[-1]
+        total += _write_streamed(tmp / shards[-1], outside)
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+            + "\n")
+        config = type(config).from_dict(config.to_dict())  # a copy: the caller's config object is not touched
+        setattr(config, CONFIG_KEY, config_record(plan))
+        config.dtype = dtype
+        config.save_pretrained(str(tmp))
+        plan.save(tmp / PLAN_FILE)
+        _copy_side_files(path, tmp)
+    t_end = time.perf_counter()
+    return {"out": str(out), "plan": plan.to_dict(), "scores": scores.tolist(),
+            "heads_before": sum(plan.num_heads), "heads_after": sum(plan.heads_after),
+            "repair": report.to_dict() if report is not None else None,
+            "max_layers_in_memory": peak[0], "bytes_written": total, "dtype": str(dtype).removeprefix("torch."),
+            "seconds": {"scoring": t_scored - t0, "pruning": t_end - t_scored, "total": t_end - t0}}
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line's entry: ``headslim shrink MODEL --layerwise ...``
+
+# calibration samples when the user gives none: the carried streams (dense, pruned and the held-out
+# "before") hold samples x tokens x hidden values each, in memory
+LAYERWISE_CALIB_SAMPLES = 128
+
+
+def check_layerwise_config(config) -> None:
+    """One-line refusals for the ``shrink`` settings the layer-at-a-time path does not have."""
+    unsupported = [(config.method != "fisher", f"--method {config.method} (it scores with the whole model in memory; "
+                                               f"--layerwise scores each head by its {METHOD}, layer-local)"),
+                   (config.prune_ffn is not None, "--prune-ffn"),
+                   (config.target_speedup is not None, "--target-speedup"),
+                   (config.plan is not None, "--plan"),
+                   (config.objective != "dense", "--objective task"),
+                   (config.repair_inputs != "pruned", "--repair-inputs dense"),
+                   (config.allow_pickle, "--allow-pickle (the path reads safetensors only)")]
+    for bad, what in unsupported:
+        if bad:
+            raise HeadslimError(f"--layerwise does not take {what}")
+
+
+def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib_samples_given: bool = True) -> dict:
+    """``shrink_layerwise`` with the data handling of ``headslim shrink``: calibration texts from
+    ``config.calib`` (a seeded sample of ``config.calib_samples``, or :data:`LAYERWISE_CALIB_SAMPLES`
+    when the user gave none), tokenised with the model's tokenizer. Returns ``shrink_layerwise``'s
+    report plus ``calibration``."""
+    from headslim.checkpoints import load_tokenizer
+    from headslim.data import batches, load_texts, sample
+    from headslim.io import check_length, check_output_dir, load_config, resolve_model_path
+
+    check_layerwise_config(config)
+    src = resolve_model_path(model_path)
+    check_output_dir(out, overwrite=config.overwrite, inputs=(src, config.calib))
+    max_length = check_length(load_config(src), config.max_length)
+    n = config.calib_samples if calib_samples_given else LAYERWISE_CALIB_SAMPLES
+    calib = sample(load_texts(config.calib, text_column=config.text_column), n, config.seed)
+    tokenizer = load_tokenizer(src, pad=True)
+    calib_batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+                     for b in batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length)]
+    calibration = {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib), "max_length": max_length}
+    report = shrink_layerwise(src, out, prune=config.prune, batches=calib_batches, gqa=config.gqa,
+                              repair=config.repair, min_heads_per_layer=config.min_heads_per_layer,
+                              overwrite=config.overwrite, progress=config.progress,
+                              provenance={"calibration": calibration, "seed": config.seed})
+    report["calibration"] = calibration
+    return report

@@ -1,0 +1,293 @@
+"""Layer-at-a-time shrink (``headslim.offload``): the same scores, plan and repaired weights as the
+in-memory path, one layer in memory at a time, and nothing written when it refuses or fails."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import headslim.offload as offload
+from headslim.arch import get_adapter, kv_maps, weight_out_in
+from headslim.errors import HeadslimError
+from headslim.gqa import select_gqa
+from headslim.io import load_pruned
+from headslim.offload import materialised_layers, shrink_layerwise
+from headslim.repair import repair
+from headslim.surgery import prune_heads
+from tests.conftest import TINY_DECODERS, tiny_batches, tiny_decoder, tiny_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dense_dir(tmp_path, model, shard: bool = False):
+    path = tmp_path / "dense"
+    model.save_pretrained(str(path), **({"max_shard_size": "20KB"} if shard else {}))
+    return path
+
+
+@torch.no_grad()
+def _reference_scores(model, batches) -> torch.Tensor:
+    """Each query head's ``sum_t ||W_O[:, h] c_h(t)||^2`` over real tokens, from hooks on the whole model."""
+    adapter = get_adapter(model)
+    blocks, head_dim = adapter.attention_blocks(model), adapter.head_dim(model)
+    n = adapter.num_heads(model)
+    scores = torch.zeros(len(blocks), max(n), dtype=torch.float64)
+    got = {}
+    handles = [adapter.o_proj(b).register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(i, a[0]))
+               for i, b in enumerate(blocks)]
+    try:
+        for batch in batches:
+            model(**batch)
+            mask = batch["attention_mask"].bool()
+            for layer, block in enumerate(blocks):
+                w = weight_out_in(adapter.o_proj(block)).double()  # (d, H * D)
+                c = got[layer][mask].double()  # (N, H * D)
+                for h in range(n[layer]):
+                    cols = slice(h * head_dim, (h + 1) * head_dim)
+                    scores[layer, h] += (c[:, cols] @ w[:, cols].T).pow(2).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores
+
+
+CASES = [  # (model_type, class, kv heads, gqa mode, calibration batches, shard the checkpoint, tied embeddings)
+    ("llama", "LlamaForCausalLM", None, "uniform", 5, False, False),
+    ("llama", "LlamaForCausalLM", 1, "uniform", 5, True, True),
+    ("qwen3", "Qwen3ForCausalLM", None, "ragged", 3, False, False),
+    ("qwen3", "Qwen3ForCausalLM", None, "kv-groups", 4, True, False),
+    ("mistral", "MistralForCausalLM", None, "uniform", 4, False, True),
+    ("qwen2", "Qwen2ForCausalLM", None, "ragged", 5, True, False),
+]
+
+
+@pytest.mark.parametrize("model_type,class_name,kv,mode,n_batches,shard,tied", CASES)
+def test_scores_plan_and_repaired_model_equal_the_in_memory_path(tmp_path, model_type, class_name, kv, mode,
+                                                                 n_batches, shard, tied):
+    dense = tiny_decoder(model_type, class_name, kv, tie_word_embeddings=tied)
+    batches = tiny_batches(n_batches)
+    src = _dense_dir(tmp_path, dense, shard)
+    report = shrink_layerwise(src, tmp_path / "out", prune=0.5, batches=batches, gqa=mode, progress=False)
+
+    reference = _reference_scores(dense, batches)
+    torch.testing.assert_close(torch.tensor(report["scores"], dtype=torch.float64), reference, rtol=1e-5, atol=1e-9)
+    plan = select_gqa(reference, kv_maps(dense), prune=0.5, mode=mode)
+    assert report["plan"]["attention"]["kept_heads"] == plan.kept_heads
+
+    model = prune_heads(copy.deepcopy(dense), plan)
+    expected = repair(model, dense, plan, batches, progress=False)
+    got = report["repair"]
+    assert got["applied"] == expected.applied
+    assert [e["applied"] for e in got["layers"]] == [e["applied"] for e in expected.layers]
+    assert got["held_out"] == expected.held_out and got["warning"] == expected.warning
+    assert got["layers"] and got["check"]["metric"] == expected.check["metric"] == "kl"
+    assert got["check"]["before"] == pytest.approx(expected.check["before"], rel=1e-6)
+    assert got["check"]["after"] == pytest.approx(expected.check["after"], rel=1e-6)
+
+    loaded = load_pruned(tmp_path / "out")
+    assert loaded.headslim_plan.kept_heads == plan.kept_heads
+    with torch.no_grad():
+        for seed in range(2):
+            inputs = tiny_inputs(seed=seed + 7)
+            torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"config.json", "headslim_plan.json", ".headslim-output", "model.safetensors.index.json"} <= set(files)
+    assert len([f for f in files if f.endswith(".safetensors")]) == dense.config.num_hidden_layers + 1
+
+
+def test_undone_repair_leaves_the_plain_pruned_projections(tmp_path, monkeypatch):
+    """When the held-out check rejects the repair, the written shards hold the sliced dense weights."""
+    dense = tiny_decoder("llama", "LlamaForCausalLM")  # o_proj has a bias: it is put back too
+    batches = tiny_batches(5)
+    monkeypatch.setattr(offload, "_mean_kls", lambda *args: [0.0, 1.0])  # "repair made it worse"
+    report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=0.5, batches=batches,
+                              progress=False)
+    assert not report["repair"]["applied"] and report["repair"]["check"]["after"] == 1.0
+    plan = select_gqa(torch.tensor(report["scores"]), kv_maps(dense), prune=0.5)
+    model = prune_heads(copy.deepcopy(dense), plan)
+    loaded = load_pruned(tmp_path / "out")
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=3)
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_without_repair_the_model_is_the_plain_pruned_one(tmp_path):
+    dense = tiny_decoder("qwen3", "Qwen3ForCausalLM")
+    report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=6, batches=tiny_batches(2),
+                              repair=False, progress=False)
+    assert report["repair"] is None and report["heads_after"] == report["heads_before"] - 6
+    plan = select_gqa(torch.tensor(report["scores"]), kv_maps(dense), prune=6)
+    model = prune_heads(copy.deepcopy(dense), plan)
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=4)
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).logits, model(**inputs).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_one_layer_in_memory_at_a_time(tmp_path, monkeypatch):
+    dense = tiny_decoder("llama", "LlamaForCausalLM", tie_word_embeddings=True)
+    load = offload._load_layer
+    seen = []
+
+    def counting(ckpt, model, index, *args):
+        layer = load(ckpt, model, index, *args)
+        embeddings = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        seen.append((index, materialised_layers(model), all(w.is_meta for w in embeddings)))
+        return layer
+
+    monkeypatch.setattr(offload, "_load_layer", counting)
+    report = shrink_layerwise(_dense_dir(tmp_path, dense, shard=True), tmp_path / "out", prune=0.5,
+                              batches=tiny_batches(4), progress=False)
+    layers = dense.config.num_hidden_layers
+    assert [i for i, _, _ in seen] == list(range(layers)) * 2  # scoring, then pruning
+    assert max(n for _, n, _ in seen) == 1 and report["max_layers_in_memory"] == 1
+    assert all(meta for _, _, meta in seen)  # the embedding tables are never read whole
+
+
+def _one_line_refusal(out, match, **kwargs):
+    with pytest.raises(HeadslimError, match=match) as err:
+        shrink_layerwise(out=out, progress=False, **kwargs)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_refusals_are_one_line_and_write_nothing(tmp_path):
+    batches = tiny_batches(2)
+    out = tmp_path / "out"
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src = _dense_dir(tmp_path, dense)
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text((src / "config.json").read_text())
+    _one_line_refusal(out, "no model weights", model_dir=empty, prune=0.5, batches=batches)
+
+    pickled = tmp_path / "pickle-only"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not a pickle: never unpickled")
+    _one_line_refusal(out, "pickle", model_dir=pickled, prune=0.5, batches=batches)
+
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(str(src / "model.safetensors"))
+    del state["model.layers.2.self_attn.q_proj.weight"]
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    _one_line_refusal(out, "q_proj.weight is missing", model_dir=partial, prune=0.5, batches=batches)
+
+    gpt2 = TINY_DECODERS["gpt2"][2][0]
+    gpt2_dir = _dense_dir(tmp_path / "g", tiny_decoder("gpt2", gpt2))
+    _one_line_refusal(out, "supports the llama-family", model_dir=gpt2_dir, prune=0.5, batches=batches)
+    bare = _dense_dir(tmp_path / "bare", tiny_decoder("llama", "LlamaModel"))
+    _one_line_refusal(out, "causal LMs", model_dir=bare, prune=0.5, batches=batches)
+    mixed = tiny_decoder("qwen2", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    _one_line_refusal(out, "sliding_attention", model_dir=_dense_dir(tmp_path / "mixed", mixed), prune=0.5,
+                      batches=batches)
+    _one_line_refusal(out, "--gqa", model_dir=src, prune=0.5, batches=batches, gqa="nope")
+    _one_line_refusal(out, "--prune", model_dir=src, prune=1.5, batches=batches)
+
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(HeadslimError, match="exists"):
+        shrink_layerwise(src, out, prune=0.5, batches=batches, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src = _dense_dir(tmp_path, dense)
+    write = offload._write_layer
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return write(*args)
+
+    monkeypatch.setattr(offload, "_write_layer", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        shrink_layerwise(src, tmp_path / "out", prune=0.5, batches=tiny_batches(4), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no temp dir beside it
+
+
+def test_index_and_plan_files(tmp_path):
+    dense = tiny_decoder("llama", "LlamaForCausalLM", tie_word_embeddings=True)
+    shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=0.5, batches=tiny_batches(4),
+                     progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    names = set(index["weight_map"])
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names  # tied, as save_pretrained writes
+    plan = json.loads((tmp_path / "out" / "headslim_plan.json").read_text())
+    assert plan["provenance"]["method"] == "function-norm" and plan["provenance"]["layerwise"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["headslim"]["attention"]["kept_heads"] == plan["attention"]["kept_heads"]
+
+
+def _cli_model(tmp_path):
+    """A tiny Llama with a tokenizer that fits its vocabulary, and a calibration text file."""
+    from tests.test_export import _tiny_tokenizer
+
+    src = _dense_dir(tmp_path, tiny_decoder("llama", "LlamaForCausalLM"))
+    _tiny_tokenizer(src)
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(f"the {w} of it said {i} and that was on the {w}" for i, w in
+                               enumerate(["cat", "dog", "bird", "fish", "tree", "car", "boat", "house"])) + "\n")
+    return src, texts
+
+
+def test_cli_layerwise_shrink_writes_what_the_api_writes(tmp_path, capsys):
+    from headslim.checkpoints import load_tokenizer
+    from headslim.cli import main
+    from headslim.data import batches, load_texts, sample
+
+    src, texts = _cli_model(tmp_path)
+    argv = ["shrink", str(src), "--layerwise", "--prune", "0.5", "--gqa", "ragged", "--calib", str(texts),
+            "--batch-size", "2", "--max-length", "16", "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "function-norm (layer at a time, at most 1 layer in memory), 8 calibration samples" in out
+    assert "repair: " in out and f"wrote {tmp_path / 'cli'}" in out
+
+    data = sample(load_texts(str(texts)), 128, 0)  # the CLI's default sample for --layerwise (all 8 here)
+    calib = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+             for b in batches(data, load_tokenizer(src, pad=True), batch_size=2, max_length=16)]
+    report = shrink_layerwise(src, tmp_path / "api", prune=0.5, batches=calib, gqa="ragged", progress=False)
+    cli = load_pruned(tmp_path / "cli")
+    assert cli.headslim_plan.kept_heads == report["plan"]["attention"]["kept_heads"]
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=5)
+        torch.testing.assert_close(cli(**inputs).logits, load_pruned(tmp_path / "api")(**inputs).logits)
+    assert load_tokenizer(tmp_path / "cli").get_vocab() == load_tokenizer(src).get_vocab()
+
+
+@pytest.mark.parametrize("extra,match", [(["--method", "gradient"], "--method gradient"),
+                                         (["--prune-ffn", "0.2"], "--prune-ffn"),
+                                         (["--objective", "task"], "--objective task")])
+def test_cli_layerwise_refusals_are_one_line(tmp_path, capsys, extra, match):
+    from headslim.cli import main
+
+    src, texts = _cli_model(tmp_path)
+    out = tmp_path / "out"
+    assert main(["shrink", str(src), "--layerwise", "--calib", str(texts), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headslim: error: --layerwise does not take") and match in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_output_loads_with_auto_model_for_causal_lm(tmp_path):
+    """The shards and config written layer by layer are what the stock loader reads (after ``import headslim``)."""
+    from transformers import AutoModelForCausalLM
+
+    dense = tiny_decoder("qwen3", "Qwen3ForCausalLM")
+    shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=0.5, batches=tiny_batches(4), gqa="ragged",
+                     progress=False)
+    stock, ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out"), load_pruned(tmp_path / "out")
+    assert get_adapter(stock).num_heads(stock) == get_adapter(ours).num_heads(ours) != get_adapter(dense).num_heads(dense)
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=1)
+        torch.testing.assert_close(stock(**inputs).logits, ours(**inputs).logits, rtol=0, atol=1e-6)
