@@ -404,7 +404,7 @@ def cpu_name() -> str:
 
 
 def quantize_int8(src: Path, dst: Path) -> dict:
-    """Dynamic int8 quantisation (weights int8, activations quantised at run time).
+    """Dynamic 8-bit quantisation (8-bit weights, activations quantised at run time).
 
     Through optimum's ``ORTQuantizer`` with the config for this CPU's instruction set where optimum's
     ONNX Runtime part is installed, otherwise ``onnxruntime.quantization.quantize_dynamic``.
@@ -433,7 +433,9 @@ def quantize_int8(src: Path, dst: Path) -> dict:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         tool = {"tool": "optimum.onnxruntime.ORTQuantizer", "config": f"AutoQuantizationConfig.{isa}"}
-        return {**tool, "mode": "dynamic", "weights": "int8", "per_channel": True, "quantized_from": src.name}
+        # optimum's avx2 config stores the weights as uint8 (ORT's faster kernels there), the others as int8
+        weights = "uint8" if "uint8" in str(getattr(qconfig, "weights_dtype", "")).lower() else "int8"
+        return {**tool, "mode": "dynamic", "weights": weights, "per_channel": True, "quantized_from": src.name}
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:

@@ -11,6 +11,7 @@ from headslim.io import atomic_output_dir, load_model, save_pruned
 from headslim.plan import PLAN_FILE, PrunePlan
 from headslim.surgery import prune_heads
 from tests.conftest import HEADS, LAYERS, MODEL_CASES, TF_MAJOR, main_output, tiny_inputs, tiny_model
+from tests.conftest import assert_same_model
 
 PLANS = [
     PrunePlan([HEADS] * LAYERS, [[1], [0, 2, 3], [3]]),
@@ -28,7 +29,7 @@ def test_save_load_round_trip(tmp_path, model_type, class_name, plan):
     assert type(reloaded) is type(pruned)
     inputs = tiny_inputs()
     with torch.no_grad():
-        assert torch.equal(main_output(reloaded(**inputs)), main_output(pruned(**inputs)))
+        assert_same_model(reloaded, pruned, main_output(reloaded(**inputs)), main_output(pruned(**inputs)))
     assert PrunePlan.load(tmp_path / "slim").kept_heads == plan.kept_heads
 
 
@@ -57,7 +58,7 @@ def test_load_model_dense(tmp_path):
     loaded = load_model(path)
     inputs = tiny_inputs()
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+        assert_same_model(loaded, model, loaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_corrupt_safetensors_is_refused(tmp_path):
@@ -83,7 +84,7 @@ def test_pickle_only_needs_explicit_flag(tmp_path):
     loaded = load_model(path, allow_pickle=True)
     inputs = tiny_inputs()
     with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+        assert_same_model(loaded, model, loaded(**inputs).logits, model(**inputs).logits)
 
 
 def test_not_a_checkpoint_dir(tmp_path):
