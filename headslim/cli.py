@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from headslim._version import __version__
 from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_args, prune_arg
-from headslim.data import DEFAULT_CALIB_SAMPLES
+from headslim.data import DEFAULT_CALIB_SAMPLES, TARGET_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
 LAYERWISE_CALIB_SAMPLES = 128  # headslim.offload's (not imported here: it imports torch)
@@ -64,8 +64,8 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--plan", help="apply this hand-written plan JSON instead of scoring")
     opt.add_argument("--min-heads-per-layer", type=int, default=1, help="heads every layer keeps (default 1; 0 allowed)")
     opt.add_argument("--calib-samples", type=int, default=None,
-                     help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}, {LAYERWISE_CALIB_SAMPLES} with "
-                          "--layerwise; fewer is faster)")
+                     help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}; {TARGET_CALIB_SAMPLES} with "
+                          f"--target-speedup, {LAYERWISE_CALIB_SAMPLES} with --layerwise; fewer is faster)")
     opt.add_argument("--layerwise", action="store_true",
                      help="Llama-family causal LMs larger than memory: one layer's weights in memory at a time "
                           "(read from the safetensors shards, scored by the function norm of each head's output, "
@@ -146,7 +146,7 @@ def _run_shrink(args) -> int:
         args.prune = 0 if args.target_speedup is not None else 0.5
     calib_samples_given = args.calib_samples is not None
     if not calib_samples_given:
-        args.calib_samples = DEFAULT_CALIB_SAMPLES
+        args.calib_samples = "auto"
     config = config_from_args(ShrinkConfig, args)
     from headslim import distributed
 

@@ -27,8 +27,10 @@ def gated(model: nn.Module, gates: torch.Tensor | None = None, *, neurons: torch
         model: a model an adapter supports (dense or already pruned).
         gates: ``(num_layers, H)`` with ``H >= `` the largest head count; entry ``[l, h]`` gates the
             h-th head *currently* in layer l. May require grad (gradient scorers use that). None: no gates.
+            ``(B, num_layers, H)``: one gate per sample of a batch of ``B`` (per-sample gradients from
+            one backward pass).
         neurons: ``(num_layers, N)`` with ``N >=`` the widest FFN; entry ``[l, i]`` gates the i-th FFN
-            neuron currently in layer l. None: no gates.
+            neuron currently in layer l; ``(B, num_layers, N)`` per sample. None: no gates.
 
     Example:
         >>> with gated(model, torch.ones(6, 12), neurons=torch.ones(6, 1536)):    # doctest: +SKIP
@@ -50,15 +52,16 @@ def _neuron_hooks(model: nn.Module, gates: torch.Tensor) -> list:
     adapter = get_adapter(model)
     blocks = adapter.mlp_blocks(model)
     widths = adapter.num_neurons(model)
-    if gates.dim() != 2 or gates.shape[0] != len(blocks) or gates.shape[1] < max(widths):
-        raise HeadslimError(f"neuron gates must have shape ({len(blocks)}, >= {max(widths)}), got {tuple(gates.shape)}")
+    if gates.dim() not in (2, 3) or gates.shape[-2] != len(blocks) or gates.shape[-1] < max(widths):
+        raise HeadslimError(f"neuron gates must have shape ([B,] {len(blocks)}, >= {max(widths)}), got {tuple(gates.shape)}")
     handles = []
     for layer, (block, n) in enumerate(zip(blocks, widths)):
         if n == 0:
             continue
 
         def hook(module, args, layer=layer, n=n):
-            return (args[0] * gates[layer, :n].to(args[0].dtype), *args[1:])  # (B, T, n)
+            g = gates[..., layer, :n].to(args[0].dtype)  # (n,) or (B, n)
+            return (args[0] * (g if g.dim() == 1 else g[:, None]), *args[1:])  # (B, T, n)
 
         handles.append(adapter.down_proj(block).register_forward_pre_hook(hook))
     return handles
@@ -69,9 +72,9 @@ def _head_hooks(model: nn.Module, gates: torch.Tensor) -> list:
     blocks = adapter.attention_blocks(model)
     heads = adapter.num_heads(model)
     head_dim = adapter.head_dim(model)
-    if gates.dim() != 2 or gates.shape[0] != len(blocks) or gates.shape[1] < max(heads):
+    if gates.dim() not in (2, 3) or gates.shape[-2] != len(blocks) or gates.shape[-1] < max(heads):
         raise HeadslimError(
-            f"gates must have shape ({len(blocks)}, >= {max(heads)}), got {tuple(gates.shape)}"
+            f"gates must have shape ([B,] {len(blocks)}, >= {max(heads)}), got {tuple(gates.shape)}"
         )
     handles = []
     for layer, (block, n) in enumerate(zip(blocks, heads)):
@@ -80,8 +83,9 @@ def _head_hooks(model: nn.Module, gates: torch.Tensor) -> list:
 
         def hook(module, args, layer=layer, n=n):
             x = args[0]  # (B, T, n * D)
-            g = gates[layer, :n].to(x.dtype)
-            x = (x.unflatten(-1, (n, head_dim)) * g[:, None]).flatten(-2)  # (B, T, n * D)
+            g = gates[..., layer, :n].to(x.dtype)  # (n,) or (B, n)
+            g = g[:, None] if g.dim() == 1 else g[:, None, :, None]
+            x = (x.unflatten(-1, (n, head_dim)) * g).flatten(-2)  # (B, T, n * D)
             return (x, *args[1:])
 
         handles.append(adapter.o_proj(block).register_forward_pre_hook(hook))

@@ -7,7 +7,9 @@ of sliding-window models), and the stream entering the first layer. :func:`run_l
 layer on any stream with those arguments. A :class:`Stream` holds one stream per batch and is
 advanced a layer at a time; two streams (the dense model's and the pruned model's) share one set of
 calls, since what the model passes its layers depends on the inputs and the config, not on how many
-heads or neurons a layer kept.
+heads or neurons a layer kept. Where the first batch shows every layer given the very same
+arguments (most models build the mask once), later batches are recorded only up to the first layer:
+the recording then costs a fraction of a forward pass instead of one.
 
 What a family must guarantee is in ``Adapter.layers``: the residual stream is the layer's first
 argument (or ``hidden_states=``), it comes back alone or first in a tuple, and nothing runs between
@@ -90,6 +92,26 @@ def layer_calls(model, batch: dict, *, every_layer: bool = True) -> tuple[torch.
     return first[0], calls[:stop_at + 1]
 
 
+def same_call(a: Call, b: Call) -> bool:
+    """Whether two layers were given the very same arguments: the same objects (a mask built once
+    and handed to every layer), or equal plain values. Identity, not equal values: a model that builds
+    an argument per layer (per-layer masks of sliding-window models, a layer index) builds it per layer
+    for every batch, while two masks equal in one batch may differ in the next (a longer one)."""
+    return a.key == b.key and _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return isinstance(a, (bool, int, float, str)) and a == b
+
+
 def run_layer(layer, hidden: torch.Tensor, call: Call) -> torch.Tensor:
     """The stream after ``layer`` given the stream ``hidden`` entering it."""
     out = layer(hidden, *call.args, **call.kwargs) if call.key is None else layer(*call.args, **{**call.kwargs,
@@ -111,8 +133,13 @@ class Stream:
         self.model, self.layer = model, 0
         self.layers = get_adapter(model).layers(model)
         self.hidden, recorded = [], []
-        for batch in batches:
-            hidden, own = layer_calls(model, batch, every_layer=calls is None)
+        shared = False  # every layer given the very same arguments (see ``same_call``)
+        for i, batch in enumerate(batches):
+            hidden, own = layer_calls(model, batch, every_layer=calls is None and not shared)
+            if calls is None and i == 0:
+                shared = all(same_call(c, own[0]) for c in own[1:])
+            elif calls is None and shared:
+                own = own * len(self.layers)
             self.hidden.append(hidden)
             recorded.append(own)
         self.calls = calls if calls is not None else recorded

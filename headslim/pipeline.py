@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from headslim._version import __version__
-from headslim.data import DEFAULT_CALIB_SAMPLES
+from headslim.data import DEFAULT_CALIB_SAMPLES, TARGET_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 
 if TYPE_CHECKING:
@@ -162,7 +162,9 @@ class ShrinkConfig(PruneConfig):
         latency_min_time, measure_seconds: seconds per block for the latency tables, per model and
             shape for the whole-model timings of ``target_speedup``.
         calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
-        calib_samples: at most this many calibration samples (a seeded random subset).
+        calib_samples: at most this many calibration samples (a seeded random subset; None: all).
+            ``"auto"`` (default): ``DEFAULT_CALIB_SAMPLES`` (256), or ``TARGET_CALIB_SAMPLES`` (1024)
+            with ``target_speedup``.
         eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
             otherwise the last fifth of the calibration file (not used for scoring).
         max_length: tokens per sample; default 128, or the model's position limit when that is lower
@@ -176,7 +178,7 @@ class ShrinkConfig(PruneConfig):
     latency_min_time: float = 0.2
     measure_seconds: float = 3.0
     calib: str = "bbc-news"
-    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
+    calib_samples: int | str | None = "auto"
     eval_data: str | None = None
     eval_samples: int | None = 256
     max_length: int | None = None
@@ -202,6 +204,10 @@ class ShrinkConfig(PruneConfig):
             if self.threads is not None and self.threads < 1:
                 raise HeadslimError(f"--threads must be >= 1, not {self.threads}")
         super().__post_init__()
+        if self.calib_samples == "auto":
+            self.calib_samples = DEFAULT_CALIB_SAMPLES if self.target_speedup is None else TARGET_CALIB_SAMPLES
+        if isinstance(self.calib_samples, str):
+            raise HeadslimError(f"--calib-samples must be a number or 'auto', not {self.calib_samples!r}")
         for name in ("calib_samples", "eval_samples", "max_length", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

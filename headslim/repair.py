@@ -305,8 +305,9 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     proj = {site: _site_modules(model, site)[0] for site in sites}
     originals = {site: _o_weight(proj[site]) for site in sites}
     checked = check and bool(val_batches)
+    dense_cache: dict = {}  # the held-out check's dense embeddings, computed once for before and after
     if checked:
-        metric, before = fidelity(model, dense, val_batches)
+        metric, before = fidelity(model, dense, val_batches, dense_cache)
     # under torchrun each rank fits on its own batches and the moments are summed over the ranks
     distributed.check_batches(len(batches))
     own = [i for i in range(len(batches)) if distributed.mine(i)]
@@ -370,7 +371,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     bar.close()
     report.applied = any(e["applied"] for e in report.layers)
     if checked:  # recorded even when no layer kept its fit: the report says the repair was checked
-        after = fidelity(model, dense, val_batches)[1] if report.applied else before
+        after = fidelity(model, dense, val_batches, dense_cache)[1] if report.applied else before
         report.check = {"metric": metric, "before": before, "after": after, "n_batches": len(val_batches),
                         "n_held_out": held_out["n_held_out"], "unit": held_out["unit"]}
         if report.applied and ((after <= before) if metric == "cosine" else (after >= before)):

@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_args, prune_arg
-from headslim.data import DEFAULT_CALIB_SAMPLES
+from headslim.data import TARGET_CALIB_SAMPLES
 from headslim.errors import HeadslimError
 from headslim.speedup import DEFAULT_SHAPES
 
@@ -129,7 +129,7 @@ class SweepConfig:
     method: str = "fisher"
     objective: str = "dense"
     calib: str = "bbc-news"
-    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
+    calib_samples: int | None = TARGET_CALIB_SAMPLES
     calib_max_length: int | None = None
     min_heads_per_layer: int = 1
     gqa: str = "uniform"
@@ -606,8 +606,8 @@ def add_parser(subparsers) -> None:
                           "dense model side by side at every --shapes shape (for --min-time seconds)")
     add_speed_arguments(opt)
     opt.add_argument("--calib", default="bbc-news", help="calibration text for the one scoring pass (default bbc-news)")
-    opt.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
-                     help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES})")
+    opt.add_argument("--calib-samples", type=int, default=TARGET_CALIB_SAMPLES,
+                     help=f"calibration samples (default {TARGET_CALIB_SAMPLES})")
     opt.add_argument("--method", default="fisher",
                      help="scoring method, as shrink's (default fisher; iterative:<method> too)")
     opt.add_argument("--step", type=float, default=0.1,

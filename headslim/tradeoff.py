@@ -52,10 +52,10 @@ def scaled(sequences: dict, alpha: float) -> dict:
             for kind, seqs in sequences.items()}
 
 
-def judge(trial, model, held_out, objective: str) -> tuple[str, float]:
+def judge(trial, model, held_out, objective: str, cache: dict | None = None) -> tuple[str, float]:
     """``(metric, loss)`` of ``trial`` against ``model`` on ``held_out``; lower is better: ``1 - cosine``
     (mean embedding cosine to ``model``), ``kl`` (mean KL of the predictions) or ``task`` (mean task
-    loss per sample)."""
+    loss per sample). ``cache``: ``model``'s embeddings kept between calls (``fidelity``)."""
     import torch
 
     from headslim.scoring.common import fidelity, forward, frozen, model_device, task_losses, to_device
@@ -66,11 +66,12 @@ def judge(trial, model, held_out, objective: str) -> tuple[str, float]:
         if objective == "task":
             losses = torch.cat([task_losses(forward(trial, b), b) for b in batches])
             return "task", float(losses.mean())
-        metric, value = fidelity(trial, model, batches)
+        metric, value = fidelity(trial, model, batches, cache)
         return metric, 1.0 - value if metric == "cosine" else value
 
 
-def heldout_objective(model, plan, moments: dict | None, held_out, objective: str) -> tuple[str, float]:
+def heldout_objective(model, plan, moments: dict | None, held_out, objective: str,
+                      cache: dict | None = None) -> tuple[str, float]:
     """:func:`judge` of ``model`` pruned by ``plan`` with the OBS compensation (none with ``moments``
     None); ``model`` is left as it was."""
     from headslim.scoring.reconstruction import compensate
@@ -80,7 +81,7 @@ def heldout_objective(model, plan, moments: dict | None, held_out, objective: st
     if moments is not None:
         compensate(trial, plan, moments)
     prune_heads(trial, plan)
-    result = judge(trial, model, held_out, objective)
+    result = judge(trial, model, held_out, objective, cache)
     del trial
     return result
 
@@ -101,7 +102,7 @@ def fit_exchange(model, moments: dict | None, plan_for, held_out, *, objective: 
     "objective"}`` (:func:`heldout_objective`'s loss, lower is better; candidates with the same plan
     are scored once).
     """
-    trials, seen, refusal = [], {}, None
+    trials, seen, refusal, dense_cache = [], {}, None, {}
     for alpha in grid:
         try:
             plan = plan_for(alpha)
@@ -110,7 +111,7 @@ def fit_exchange(model, moments: dict | None, plan_for, held_out, *, objective: 
             continue
         key = (tuple(map(tuple, plan.kept_heads)), tuple(map(tuple, plan.kept_neurons or [])))
         if key not in seen:
-            seen[key] = heldout_objective(model, plan, moments, held_out, objective)
+            seen[key] = heldout_objective(model, plan, moments, held_out, objective, dense_cache)
         metric, loss = seen[key]
         trials.append({"alpha": alpha, "heads": sum(plan.heads_after), "neurons": sum(plan.neurons_after or []),
                        "metric": metric, "objective": float(f"{loss:.6g}")})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headslim.arch import get_adapter
-from headslim.layerwise import Stop, Stream, model_inputs
+from headslim.layerwise import Stop, Stream, model_inputs, same_call
 from headslim.repair import _add, _capture, _has_bias, _o_weight, _set_o_weight, _site_modules, _solve, repair
 from headslim.surgery import prune_heads
 from tests.conftest import tiny_batches
@@ -35,6 +35,34 @@ def test_stream_through_every_layer_is_the_forward_pass(model_type, class_name):
             stream.advance()
         for batch, hidden in zip(batches, stream.hidden):
             torch.testing.assert_close(hidden, _last_layer_output(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_builds_arguments_per_layer_is_recorded_at_every_layer():
+    """Qwen2 with sliding-window layers passes them their own mask: equal to the full mask in a batch no
+    longer than the window, different in a longer one. Streams must follow the forward pass in both."""
+    from tests.conftest import tiny_decoder, tiny_inputs
+
+    model = tiny_decoder("qwen2", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    batches = [tiny_inputs(seq=3, seed=0), tiny_inputs(seq=11, seed=1)]
+    stream = Stream(model, batches)
+    assert not same_call(stream.calls[1][1], stream.calls[1][0])
+    for _ in range(len(stream.layers)):
+        stream.advance()
+    for batch, hidden in zip(batches, stream.hidden):
+        torch.testing.assert_close(hidden, _last_layer_output(model, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,class_name", CASES)
+def test_layers_given_the_same_arguments_are_recorded_from_the_first_batch_only(model_type, class_name):
+    """Every supported family builds its mask once: after the first batch, recording stops at layer 0."""
+    model = build(model_type, class_name)
+    entered = Counter()
+    for i, layer in enumerate(get_adapter(model).layers(model)):
+        layer.register_forward_pre_hook(lambda mod, a, i=i: entered.update([i]))
+    stream = Stream(model, tiny_batches(3))
+    assert entered[0] == 3 and all(entered[i] == 1 for i in range(1, len(stream.layers)))
+    for calls in stream.calls[1:]:
+        assert all(c is calls[0] for c in calls)
 
 
 def _sites(plan, bias_only: bool):
@@ -117,9 +145,10 @@ def _layer_runs(depth):
 
 def test_repair_runs_each_layer_a_fixed_number_of_times_whatever_the_depth():
     shallow, deep = _layer_runs(3), _layer_runs(12)
-    # dense: once to record the layers' arguments, once to carry the stream; pruned: once per site
-    # (attention, FFN) and once to carry the stream (layer 0 is also entered, not run, to take its input)
-    assert max(v for (name, _), v in deep.items() if name == "dense") == 2
+    # dense: once to carry the stream, and to record the layers' arguments on the first of the two
+    # batches only (every layer is given the same ones); pruned: once per site (attention, FFN) and once
+    # to carry the stream (layer 0 is also entered, not run, to take its input)
+    assert deep[("dense", 0)] == 2 and max(v for (name, i), v in deep.items() if name == "dense" and i > 0) == 1.5
     assert max(v for (name, i), v in deep.items() if name == "pruned" and i > 0) == 3
     assert deep[("pruned", 0)] == 4
     assert sum(deep.values()) / sum(shallow.values()) <= 12 / 3 + 0.01

@@ -104,13 +104,15 @@ def dense_target(out, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fidelity(model, dense, batches: list) -> tuple[str, float]:
+def fidelity(model, dense, batches: list, cache: dict | None = None) -> tuple[str, float]:
     """How close ``model``'s outputs are to ``dense``'s on ``batches``, as ``(metric, value)``:
     ``("kl", mean KL(dense || model))`` for a model with logits (per sample for a sequence head, per
     real token for a token head or a causal LM; lower is closer), else ``("cosine", mean embedding
     cosine)`` of the mean-pooled sentence embeddings (higher is closer). The dense outputs are
     recomputed batch by batch, so nothing vocabulary-sized is kept between batches. What repair's
-    check and the fitted head price (``headslim.tradeoff``) both judge by."""
+    check and the fitted head price (``headslim.tradeoff``) both judge by. ``cache``: a dict kept
+    between calls on the same ``dense`` and ``batches``; the dense sentence embeddings are computed
+    once into it (the dense side of a KL is vocabulary-sized and is recomputed)."""
     from headslim.quality import pool
 
     from headslim import distributed
@@ -119,16 +121,20 @@ def fidelity(model, dense, batches: list) -> tuple[str, float]:
     for i, b in enumerate(batches):
         if not distributed.mine(i):  # under torchrun: this rank's share, summed over the ranks below
             continue
-        ref, res = forward(dense, b), forward(model, b)
+        res = forward(model, b)
         if getattr(res, "logits", None) is None:
             mask = b["attention_mask"]
-            cos = torch.nn.functional.cosine_similarity(pool(ref.hidden_states[-1], mask).double(),
-                                                        pool(res.hidden_states[-1], mask).double(), dim=-1)  # (B,)
+            ref = None if cache is None else cache.get(i)
+            if ref is None:
+                ref = pool(forward(dense, b).hidden_states[-1], mask).double()  # (B, d)
+                if cache is not None:
+                    cache[i] = ref
+            cos = torch.nn.functional.cosine_similarity(ref, pool(res.hidden_states[-1], mask).double(), dim=-1)  # (B,)
             total += float(cos.sum())
             count += len(cos)
         else:  # the summed KL, over real tokens for a token head
             metric = "kl"
-            target = dense_target(ref, b)  # (B, [T,] C)
+            target = dense_target(forward(dense, b), b)  # (B, [T,] C)
             total += float(discrepancy(res, b, "dense", target))
             count += float(b["attention_mask"].sum()) if target.dim() == 3 else len(target)
             del target
@@ -202,11 +208,14 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
 
 def gate_gradients(model, batches, *, objective: str, seed: int, progress: bool, desc: str,
                    mask: torch.Tensor | None = None, probes: int = 1, reference: list | None = None,
-                   shard: bool = False):
+                   shard: bool = False, per_sample: bool = False):
     """Yield ``(probe_grads, first)`` per batch at gates ``mask`` (default all ones).
 
     ``probe_grads`` is ``(probes, layers, max_heads)``: each ``g`` has ``E[g g^T]`` = the batch's
     Fisher / Gauss-Newton matrix (see ``probe``); ``probes`` > 1 re-uses the forward pass.
+    ``per_sample``: ``(probes, B, layers, max_heads)`` instead, one gate per sample (same backward
+    passes): ``sum_x E[g_x g_x^T]`` is the same matrix without the cross terms between samples, which
+    only add noise (each probe's draws are independent across samples).
     ``first`` is the exact gradient of ``discrepancy`` against ``reference[i]`` (the i-th batch's
     dense target; ``None`` for the task objective), or ``None`` when no ``reference`` is given.
     ``shard``: under ``torchrun``, only this rank's batches (``headslim.distributed.mine``); the caller
@@ -223,7 +232,10 @@ def gate_gradients(model, batches, *, objective: str, seed: int, progress: bool,
                 continue
             gen = batch_generator(seed, i)
             batch = to_device(batch, device)
-            gates = base.detach().clone().to(device).requires_grad_(True)
+            gates = base.detach().clone().to(device)
+            if per_sample:
+                gates = gates.expand(len(batch["input_ids"]), *gates.shape).clone()
+            gates.requires_grad_(True)
             with gated(model, gates):
                 out = forward(model, batch)
             grads = []
@@ -236,6 +248,7 @@ def gate_gradients(model, batches, *, objective: str, seed: int, progress: bool,
                 target = reference[i].to(device) if reference[i] is not None else None
                 (first,) = torch.autograd.grad(discrepancy(out, batch, objective, target), gates)
                 first = first.detach().cpu().double()
+                first = first.sum(0) if per_sample else first
             yield torch.stack(grads), first
 
 

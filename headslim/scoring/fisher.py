@@ -85,7 +85,7 @@ def path_scores(order: list[tuple[int, int]], heads: list[int], width: int) -> t
 
 
 def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, progress: bool = True,
-                 interactions: str = "layer", probes: int = 4, min_per_layer: int = 1,
+                 interactions: str = "layer", probes: int = 1, min_per_layer: int = 1,
                  reference: list | None = None, diagonal: str = "fisher", **options) -> torch.Tensor:
     """Fisher mask search as an elimination path ``(layers, max_heads)``; see the module docstring.
 
@@ -113,9 +113,9 @@ def score_fisher(model, batches, *, objective: str = "dense", seed: int = 0, pro
     seen = 0
     for grads, first in gate_gradients(model, batches, objective=objective, seed=seed, progress=progress,
                                        desc="scoring heads (fisher)", probes=probes, reference=reference,
-                                       shard=diagonal == "fisher"):
-        flat = grads.flatten(1)  # (probes, N)
-        curv += flat.T @ flat / len(flat)
+                                       shard=diagonal == "fisher", per_sample=True):
+        flat = grads.flatten(2).flatten(0, 1)  # (probes * B, N): one gradient per probe and sample
+        curv += flat.T @ flat / len(grads)
         if first is not None:
             grad += first.flatten()
         seen += 1

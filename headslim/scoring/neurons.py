@@ -40,10 +40,12 @@ def neuron_counts(model) -> list[int]:
 
 
 def structure_gradients(model, batches, *, objective: str, seed: int, progress: bool, probes: int = 4,
-                        heads: bool = True, desc: str = "scoring heads and FFN neurons"):
+                        heads: bool = True, desc: str = "scoring heads and FFN neurons", per_sample: bool = False):
     """Yield ``(head_grads, neuron_grads)`` per batch: ``(probes, layers, max_heads)`` (None unless
     ``heads``) and ``(probes, layers, max_neurons)``, each probe's ``g`` with ``E[g g^T]`` = the batch's
-    Fisher / Gauss-Newton matrix over the gates (see ``common.probe``)."""
+    Fisher / Gauss-Newton matrix over the gates (see ``common.probe``). ``per_sample``: gates per sample,
+    ``(probes * B, ...)``, whose ``sum g g^T / probes`` estimates the same matrix without the cross terms
+    between samples (``common.gate_gradients``)."""
     adapter = get_adapter(model)
     n_heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
     device = model_device(model)
@@ -51,8 +53,9 @@ def structure_gradients(model, batches, *, objective: str, seed: int, progress: 
         for i, batch in enumerate( progress_bar(batches, desc, progress)):
             gen = batch_generator(seed, i)  # the draws of this batch, whoever runs it (headslim.distributed)
             batch = to_device(batch, device)
-            head_gates = torch.ones(len(n_heads), max(n_heads), device=device, requires_grad=True) if heads else None
-            neuron_gates = torch.ones(len(widths), max(widths), device=device, requires_grad=True)
+            lead = (len(batch["input_ids"]),) if per_sample else ()
+            head_gates = torch.ones(*lead, len(n_heads), max(n_heads), device=device, requires_grad=True) if heads else None
+            neuron_gates = torch.ones(*lead, len(widths), max(widths), device=device, requires_grad=True)
             with gated(model, head_gates, neurons=neuron_gates):
                 out = forward(model, batch)
             wrt = [neuron_gates] + ([head_gates] if heads else [])
@@ -62,6 +65,8 @@ def structure_gradients(model, batches, *, objective: str, seed: int, progress: 
                 ng.append(grads[0].detach().cpu().double())
                 if heads:
                     hg.append(grads[1].detach().cpu().double())
+            if per_sample:  # (probes, B, layers, width) -> (probes * B, layers, width)
+                hg, ng = [g for h in hg for g in h], [g for n in ng for g in n]
             yield (torch.stack(hg) if heads else None), torch.stack(ng)
 
 
@@ -105,7 +110,7 @@ def blockwise_path(blocks: list[torch.Tensor], widths: list[int], min_per_layer:
 
 
 def score_structures(model, batches, *, method: str = "fisher", objective: str = "dense", seed: int = 0,
-                     progress: bool = True, probes: int = 4, heads: bool = False, min_per_layer: int = 0,
+                     progress: bool = True, probes: int | None = None, heads: bool = False, min_per_layer: int = 0,
                      min_heads_per_layer: int = 1, max_block: int = 4096, **options) -> dict:
     """Score every FFN neuron (and, with ``heads``, every head in the same passes).
 
@@ -114,7 +119,8 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
         batches: re-iterable calibration batches.
         method: one of ``NEURON_METHODS``; ``heads=True`` needs ``fisher`` or ``gradient``.
         objective: ``dense`` (label-free) or ``task``.
-        probes: random probes per batch (``fisher``, ``gradient``).
+        probes: random probes per batch; default 1 for ``fisher`` (gradients per sample, as
+            ``score_fisher``), 4 for ``gradient`` (per batch) and ``obs``.
         min_per_layer: neurons each layer keeps in the fisher path until every layer is down to it.
         min_heads_per_layer: the same for the heads' path.
         max_block: widest layer whose full Fisher block is kept (memory: ``8 n^2`` bytes a layer).
@@ -136,7 +142,7 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
         from headslim.scoring.reconstruction import score_obs_structures
 
         return score_obs_structures(model, batches, objective=objective, seed=seed, progress=progress,
-                                    probes=probes, heads=heads, min_per_layer=min_per_layer,
+                                    probes=4 if probes is None else probes, heads=heads, min_per_layer=min_per_layer,
                                     min_heads_per_layer=min_heads_per_layer, ridge=options.get("ridge", 1e-2))
     if method == "random":
         gen = torch.Generator().manual_seed(seed + 1)  # not the heads' draw: the two kinds are independent
@@ -149,15 +155,16 @@ def score_structures(model, batches, *, method: str = "fisher", objective: str =
     head_curv = torch.zeros(len(n_heads) * max(n_heads), len(n_heads) * max(n_heads), dtype=torch.float64) \
         if heads else None
     seen = 0
+    probes = probes if probes is not None else (1 if full else 4)  # fisher per sample (as score_fisher), gradient per batch
     for hg, ng in structure_gradients(model, batches, objective=objective, seed=seed, progress=progress,
-                                      probes=probes, heads=heads,
+                                      probes=probes, heads=heads, per_sample=full,
                                       desc=f"scoring {'heads and ' if heads else ''}FFN neurons ({method})"):
         for layer, n in enumerate(widths):
-            g = ng[:, layer, :n]  # (probes, n)
-            blocks[layer] += (g.T @ g if blocks[layer].dim() == 2 else g.pow(2).sum(0)) / len(g)
+            g = ng[:, layer, :n]  # (probes [* B], n)
+            blocks[layer] += (g.T @ g if blocks[layer].dim() == 2 else g.pow(2).sum(0)) / probes
         if heads:
-            flat = hg.flatten(1)  # (probes, layers * max_heads)
-            head_curv += flat.T @ flat / len(flat)
+            flat = hg.flatten(1)  # (probes [* B], layers * max_heads)
+            head_curv += flat.T @ flat / probes
         seen += 1
     check_nonempty(seen)
     blocks = [b / seen for b in blocks]
