@@ -33,10 +33,10 @@ demo: $(TF5)/.ready
 	$(TF5)/bin/headslim shrink all-MiniLM-L6-v2 --prune 0.5 --calib bbc-news --out demo-out/slim --overwrite
 
 test-tf4: $(TF4)/.ready
-	$(TF4)/bin/python -m pytest -q tests
+	$(TF4)/bin/python -m pytest -q --durations=15 tests
 
 test-tf5: $(TF5)/.ready
-	$(TF5)/bin/python -m pytest -q tests
+	$(TF5)/bin/python -m pytest -q --durations=15 tests
 
 test: test-tf4 test-tf5
 

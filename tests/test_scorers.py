@@ -113,6 +113,69 @@ def test_gauss_newton_probes_estimate_the_jacobian_norms():
     assert (estimate.sum() / exact.sum() - 1).abs() < 0.2
 
 
+@pytest.mark.parametrize("model_type,class_name", [("bert", "BertModel"), ("llama", "LlamaForCausalLM"),
+                                                    ("gpt2", "GPT2LMHeadModel")])
+def test_per_sample_gates_gate_each_sample_as_its_own_2d_gates(model_type, class_name):
+    """Gates ``(B, layers, width)`` (heads and FFN neurons) give each sample what ``(layers, width)``
+    gates give it run alone."""
+    from tests.test_mlp import build
+    from headslim.arch import get_adapter
+
+    model = build(model_type, class_name)
+    adapter = get_adapter(model)
+    heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
+    batch = tiny_inputs(seed=4)
+    gen = torch.Generator().manual_seed(0)
+    hg = torch.rand(3, len(heads), max(heads), generator=gen)
+    ng = torch.rand(3, len(widths), max(widths), generator=gen)
+    with torch.no_grad(), gated(model, hg, neurons=ng):
+        together = model(**batch).last_hidden_state if model_type == "bert" else model(**batch).logits
+    for i in range(3):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        with torch.no_grad(), gated(model, hg[i], neurons=ng[i]):
+            alone = model(**one).last_hidden_state if model_type == "bert" else model(**one).logits
+        mask = one["attention_mask"][0].bool()
+        torch.testing.assert_close(together[i][mask], alone[0][mask], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective,model_class", [("dense", "BertModel"), ("dense", "BertForSequenceClassification"),
+                                                   ("task", "BertForSequenceClassification")])
+def test_per_sample_gate_gradients_sum_to_the_batch_gradient(objective, model_class):
+    """Same draws: the per-sample gradients of one probe add up to the shared gates' gradient."""
+    model = tiny_model("bert", model_class)
+    batches = tiny_batches(2, labels=objective == "task")
+    kw = dict(objective=objective, seed=3, progress=False, desc="", probes=2)
+    shared = torch.stack([g for g, _ in gate_gradients(model, batches, **kw)])  # (batches, probes, L, H)
+    each = torch.stack([g for g, _ in gate_gradients(model, batches, per_sample=True, **kw)])  # (batches, probes, B, L, H)
+    assert each.shape == (2, 2, 3, LAYERS, HEADS)
+    torch.testing.assert_close(each.sum(2), shared, rtol=1e-5, atol=1e-8)
+
+
+def test_per_sample_fisher_estimates_the_summed_gauss_newton_matrix():
+    """E_r[sum_x g_x g_x^T] = sum_x J_x^T J_x (exact per-sample Jacobians), with less spread than the
+    per-batch estimate at the same number of backward passes."""
+    model = tiny_model("bert", "BertModel")
+    batch = tiny_inputs(seq=6)
+
+    def hidden(gates, i):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        with gated(model, gates):
+            return (model(**one).last_hidden_state * one["attention_mask"][..., None]).flatten()
+
+    exact = sum(j.T @ j for j in (torch.autograd.functional.jacobian(lambda g: hidden(g, i), torch.ones(LAYERS, HEADS))
+                                  .flatten(1).double() for i in range(3)))  # (L*H, L*H)
+    kw = dict(objective="dense", seed=0, progress=False, desc="", probes=1)
+    errors = {}
+    for per_sample in (True, False):
+        curv = torch.zeros_like(exact)
+        for g, _ in gate_gradients(model, [batch] * 200, per_sample=per_sample, **kw):
+            flat = g.flatten(2).flatten(0, 1) if per_sample else g.flatten(1)
+            curv += flat.T @ flat / 200
+        errors[per_sample] = float((curv - exact).norm() / exact.norm())
+    assert errors[True] < 0.15
+    assert errors[True] < errors[False]
+
+
 def test_fisher_mask_search_accounts_for_interactions():
     """Heads 0 and 1 are each cheap to remove but redundant copies: removing both is expensive."""
     curv = torch.tensor([[1.0, -0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.5]], dtype=torch.float64)
