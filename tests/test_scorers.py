@@ -172,8 +172,8 @@ def test_per_sample_fisher_estimates_the_summed_gauss_newton_matrix():
             flat = g.flatten(2).flatten(0, 1) if per_sample else g.flatten(1)
             curv += flat.T @ flat / 200
         errors[per_sample] = float((curv - exact).norm() / exact.norm())
-    assert errors[True] < 0.15
-    assert errors[True] < errors[False]
+    assert errors[True] < 0.17  # 0.140 here (per batch: 0.237)
+    assert errors[True] < 0.8 * errors[False]
 
 
 def test_fisher_mask_search_accounts_for_interactions():
