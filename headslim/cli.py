@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 from headslim._version import __version__
@@ -71,6 +72,11 @@ def _add_shrink(sub) -> None:
                           "(read from the safetensors shards, scored by the function norm of each head's output, "
                           "pruned, repaired and written as its own shard); takes --prune, --gqa, --no-repair, "
                           "--min-heads-per-layer and the calibration options")
+    opt.add_argument("--stream-memory", type=float, default=None, metavar="GIB",
+                     help="--layerwise: GiB of carried calibration streams kept in memory; the rest is spilled to "
+                          "safetensors files, removed at the end (default: no limit)")
+    opt.add_argument("--spill-dir", default=None,
+                     help="--layerwise: where the spill directory is made (default: the system's temporary directory)")
     opt.add_argument("--eval-data", help="held-out texts for the quality check (default: see docs)")
     opt.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the check (default 256)")
     opt.add_argument("--max-length", type=int,
@@ -152,6 +158,8 @@ def _run_shrink(args) -> int:
 
     if args.layerwise:
         return _run_layerwise(args, config, calib_samples_given)
+    if args.stream_memory is not None or args.spill_dir is not None:
+        raise HeadslimError("--stream-memory and --spill-dir apply to --layerwise only")
 
     if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
         if config.target_speedup is not None:
@@ -178,7 +186,13 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
 
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HeadslimError("--layerwise runs in one process, not under torchrun")
-    report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given)
+    if args.stream_memory is not None and not args.stream_memory >= 0:
+        raise HeadslimError(f"--stream-memory must be >= 0 GiB, not {args.stream_memory}")
+    if args.spill_dir is not None and not Path(args.spill_dir).is_dir():
+        raise HeadslimError(f"--spill-dir {args.spill_dir} is not a directory")
+    limit = None if args.stream_memory is None else int(args.stream_memory * 2**30)
+    report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
+                                stream_memory=limit, spill_dir=args.spill_dir)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
         return 0

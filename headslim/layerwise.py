@@ -19,7 +19,10 @@ two layers. The calls are recorded with ``use_cache=False`` so no layer appends 
 from __future__ import annotations
 
 import inspect
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -119,6 +122,103 @@ def run_layer(layer, hidden: torch.Tensor, call: Call) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Spill:
+    """Where per-batch tensors (carried streams, a layer's outputs and references) are kept: in memory
+    up to ``limit`` bytes over every :class:`Store` that shares this spill, the rest in safetensors
+    files in a directory made under ``directory`` (the system's temporary directory by default) on the
+    first spill and removed by :meth:`close`. ``limit`` None: everything in memory.
+
+    Example:
+        >>> with Spill(2 << 30) as spill:                         # doctest: +SKIP
+        ...     stream = Stream(model, batches, spill=spill)
+    """
+
+    def __init__(self, limit: int | None = None, directory: str | Path | None = None):
+        if limit is not None and limit < 0:
+            raise HeadslimError(f"stream memory must be >= 0 bytes, not {limit}")
+        self.limit, self.parent = limit, directory
+        self.held = self.on_disk = self.peak_on_disk = self.files_written = 0
+        self.dir: Path | None = None
+        self._sizes: dict[Path, int] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def put(self, tensor: torch.Tensor):
+        """A handle for ``tensor``: the tensor itself while the budget allows, else the file it went to."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.limit is None or self.held + nbytes <= self.limit:
+            self.held += nbytes
+            return tensor
+        from safetensors.torch import save_file
+
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="headslim-spill-", dir=self.parent))
+        path = self.dir / f"{self.files_written}.safetensors"
+        self.files_written += 1
+        save_file({"t": tensor.detach().contiguous().cpu()}, str(path))
+        self._sizes[path] = nbytes
+        self.on_disk += nbytes
+        self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
+        return path
+
+    def get(self, handle) -> torch.Tensor:
+        if isinstance(handle, Path):
+            from safetensors.torch import load_file
+
+            return load_file(str(handle))["t"]
+        return handle
+
+    def drop(self, handle) -> None:
+        """Forget a handle from :meth:`put`: its bytes leave the budget, its file is deleted."""
+        if isinstance(handle, Path):
+            self.on_disk -= self._sizes.pop(handle)
+            handle.unlink()
+        else:
+            self.held -= handle.numel() * handle.element_size()
+
+    def close(self) -> None:
+        """Remove the spill directory (only what this spill made)."""
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self.held = self.on_disk = 0
+        self._sizes.clear()
+
+
+class Store:
+    """A list of per-batch tensors kept by a :class:`Spill` (``spill`` None: a plain in-memory list)."""
+
+    def __init__(self, spill: Spill | None = None, items=()):
+        self.spill = spill
+        self._handles: list = []
+        for t in items:
+            self.append(t)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self._handles.append(tensor if self.spill is None else self.spill.put(tensor))
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        h = self._handles[index]
+        return h if self.spill is None else self.spill.get(h)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def clear(self) -> None:
+        """Free every item (its memory, or its file)."""
+        if self.spill is not None:
+            for h in self._handles:
+                self.spill.drop(h)
+        self._handles = []
+
+
 class Stream:
     """Per batch, the residual stream entering layer ``self.layer`` of ``model``.
 
@@ -127,12 +227,13 @@ class Stream:
         batches: the calibration batches (on the model's device).
         calls: per batch, the layers' :class:`Call` list (:func:`layer_calls`); another stream's may be
             shared. None: recorded here (one forward pass per batch).
+        spill: where the per-batch states are kept (:class:`Spill`); None: in memory.
     """
 
-    def __init__(self, model, batches: list, calls: list | None = None):
-        self.model, self.layer = model, 0
+    def __init__(self, model, batches: list, calls: list | None = None, spill: Spill | None = None):
+        self.model, self.layer, self.spill = model, 0, spill
         self.layers = get_adapter(model).layers(model)
-        self.hidden, recorded = [], []
+        self.hidden, recorded = Store(spill), []
         shared = False  # every layer given the very same arguments (see ``same_call``)
         for i, batch in enumerate(batches):
             hidden, own = layer_calls(model, batch, every_layer=calls is None and not shared)
@@ -149,7 +250,14 @@ class Stream:
         """The current layer's output for batch ``index`` (the stream is not advanced)."""
         return run_layer(self.layers[self.layer], self.hidden[index], self.calls[index][self.layer])
 
-    def advance(self, outputs: list | None = None) -> None:
-        """Move every batch past the current layer (``outputs``: its outputs, already computed)."""
-        self.hidden = outputs if outputs is not None else [self.run(i) for i in range(len(self.hidden))]
+    def advance(self, outputs=None) -> None:
+        """Move every batch past the current layer (``outputs``: its outputs, already computed, a list
+        or a :class:`Store`, which the stream then owns)."""
+        if outputs is None:
+            outputs = Store(self.spill)
+            for i in range(len(self.hidden)):
+                outputs.append(self.run(i))
+        if isinstance(self.hidden, Store) and self.hidden is not outputs:
+            self.hidden.clear()
+        self.hidden = outputs
         self.layer += 1

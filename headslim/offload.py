@@ -33,7 +33,9 @@ weights outside the layers, with ``model.safetensors.index.json``.
 Scope: the Llama family (llama, mistral, qwen2, qwen3), causal LMs. Every layer must receive the
 same call arguments (mask, rotary embeddings), recorded once from layer 0; models that mix full and
 sliding-window layers (Qwen2/Qwen3 with ``use_sliding_window``) are refused, a Mistral whose layers all
-slide is fine. Not yet: resuming an interrupted run, spilling the carried streams to disk.
+slide is fine. The carried streams (and a layer's outputs and references) stay in memory up to
+``stream_memory`` bytes and go to safetensors files past it (:class:`headslim.layerwise.Spill`).
+Not yet: resuming an interrupted run.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from torch import nn
 
 from headslim.arch import get_adapter, kv_maps, weight_out_in
 from headslim.errors import HeadslimError
-from headslim.layerwise import Call, Stream, layer_calls
+from headslim.layerwise import Call, Spill, Store, Stream, layer_calls
 from headslim.plan import PLAN_FILE
 from headslim.repair import (RepairReport, _add, _error, _has_bias, _o_weight, _run_layer, _set_o_weight,
                              _solve, _split)
@@ -222,10 +224,11 @@ def _embed(ckpt: Checkpoint, key: str, input_ids: torch.Tensor, dtype: torch.dty
     return table[inverse]
 
 
-def _entry(ckpt: Checkpoint, model, keys: dict, embed_key: str, batches: list, dtype: torch.dtype):
-    """Per batch, the stream entering layer 0 and the :class:`Call` every layer gets (one pass of the
-    skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
-    hidden, calls = [], []
+def _entry(ckpt: Checkpoint, model, keys: dict, embed_key: str, batches: list, dtype: torch.dtype,
+           spill: Spill | None = None):
+    """Per batch, the stream entering layer 0 (a :class:`Store` kept by ``spill``) and the :class:`Call`
+    every layer gets (one pass of the skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
+    hidden, calls = Store(spill), []
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
         inputs["inputs_embeds"] = _embed(ckpt, keys[embed_key], batch["input_ids"], dtype)
@@ -241,10 +244,10 @@ class _Carried(Stream):
     Built without ``Stream.__init__``, which runs the model's embeddings (here they are never whole).
     """
 
-    def __init__(self, model, hidden: list, calls: list[Call]):  # no super().__init__: it would run the model
-        self.model, self.layer = model, 0
+    def __init__(self, model, hidden, calls: list[Call], spill: Spill | None = None):  # no super().__init__: it would run the model
+        self.model, self.layer, self.spill = model, 0, spill
         self.layers = get_adapter(model).layers(model)
-        self.hidden = list(hidden)
+        self.hidden = Store(spill, hidden)
         self.calls = [[call] * len(self.layers) for call in calls]
 
 
@@ -369,7 +372,7 @@ def _score_layer(stream: Stream, block, adapter, masks: list, n_heads: int, head
     moment = torch.zeros_like(gram)  # (H, D, D): sum_t c_h c_h^T
     got: dict = {}
     handle = o_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("c", args[0]))
-    outputs = []
+    outputs = Store(stream.spill)
     try:
         for i, mask in enumerate(masks):
             outputs.append(stream.run(i))
@@ -434,7 +437,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | int, batches: list[dict],
                      gqa: str = "uniform", holdout: float = 0.25, repair: bool = True, ridge: float = 1e-2,
                      min_heads_per_layer: int = 1, dtype: torch.dtype | None = None, overwrite: bool = False,
-                     provenance: dict | None = None, progress: bool = True) -> dict:
+                     provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
+                     spill_dir: str | Path | None = None) -> dict:
     """Score, select, prune, repair and write a Llama-family causal LM one layer at a time; see the module docstring.
 
     Args:
@@ -451,15 +455,29 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
         overwrite: replace an existing ``out`` written by headslim.
         provenance: merged into the plan's provenance (calibration source, ...).
         progress: progress bars over the layers.
+        stream_memory: bytes of carried streams (and a layer's outputs and references) kept in memory;
+            the rest goes to safetensors files in a directory made under ``spill_dir`` (default: the
+            system's temporary directory) and removed at the end, interrupted or not. None: no limit.
 
     Returns: a JSON-able report: ``plan``, ``scores`` ``(layers, heads)``, ``repair``
     (``RepairReport.to_dict()``, None without repair), ``max_layers_in_memory``, ``seconds``,
-    ``bytes_written``, ``dtype``.
+    ``bytes_written``, ``dtype``, ``spill`` (``limit_bytes``, ``peak_on_disk_bytes``, ``files``).
 
     Example:
         >>> report = shrink_layerwise("Llama-3.2-1B/", "slim/", prune=0.5, batches=calib)   # doctest: +SKIP
         >>> model = headslim.load_pruned("slim/")                                         # doctest: +SKIP
     """
+    with Spill(stream_memory, spill_dir) as spill:
+        report = _shrink_layerwise(model_dir, out, prune=prune, batches=batches, gqa=gqa, holdout=holdout,
+                                   repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer, dtype=dtype,
+                                   overwrite=overwrite, provenance=provenance, progress=progress, spill=spill)
+        report["spill"] = {"limit_bytes": stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
+                           "files": spill.files_written}
+        return report
+
+
+def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, dtype,
+                      overwrite, provenance, progress, spill: Spill) -> dict:
     from tqdm.auto import tqdm
 
     from headslim.autoload import CONFIG_KEY, config_record
@@ -503,7 +521,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
 
     # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
     masks = [b["attention_mask"].bool() for b in batches]  # (B, T)
-    dense = _Carried(model, *_entry(ckpt, model, keys, embed_name, batches, dtype))
+    dense = _Carried(model, *_entry(ckpt, model, keys, embed_name, batches, dtype, spill), spill=spill)
     scores = torch.zeros(n_layers, max(num_heads), dtype=torch.float64)
     for index in tqdm(range(n_layers), desc="scoring layers", unit="layer", disable=not progress, leave=False):
         block = load(index)
@@ -511,6 +529,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                                                                  head_dim)
         dense.advance(outputs)
         _free(block)
+    dense.hidden.clear()
     del dense
     t_scored = time.perf_counter()
     info = {"source_model": str(path), "method": METHOD, "layerwise": True,
@@ -540,11 +559,12 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
     plain = None
     if sites:
         fit_masks = [b["attention_mask"].bool() for b in fit_batches]
-        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype)
-        dense, pruned = _Carried(model, hidden, calls), _Carried(model, hidden, calls)
+        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype, spill)
+        dense, pruned = _Carried(model, hidden, calls, spill), _Carried(model, hidden, calls, spill)
         val_index = [i for i, v in enumerate(is_val) if v]
         # the pruned model without repair, on the held-out batches: the "before" of the final check
-        plain = _Carried(model, [hidden[i] for i in val_index], [calls[i] for i in val_index]) if checked else None
+        plain = _Carried(model, [hidden[i] for i in val_index], [calls[i] for i in val_index], spill) if checked else None
+        hidden.clear()
     shards = [SHARD.format(i + 1, n_layers + 1) for i in range(n_layers + 1)]
     weight_map: dict[str, str] = {}
     total = 0
@@ -556,7 +576,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
             kept, n = plan.kept_heads[index], plan.num_heads[index]
             site = (index, "attention")
             if sites:
-                refs, outputs = [], []
+                refs, outputs = Store(spill), Store(spill)
                 for i, mask in enumerate(fit_masks):  # the dense layer: its outputs and the fit's references
                     out_i, got = _run_layer(dense, i, [site] if index in sites else [], want_input=True, stop=False)
                     outputs.append(out_i)
@@ -573,10 +593,11 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                     cur = _run_layer(pruned, i, [site], want_input=True, stop=True)[1][site]
                     x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
                     _add(val if v else fit, x, refs[i] - cur["x"][mask], bias)  # target y_dense + x_dense - x_pruned
+                refs.clear()
                 del refs, x, cur
                 _release_memory()  # the fit's temporaries, before the solve's
                 if plain is not None:
-                    plain_out = [plain.run(i) for i in range(len(plain.hidden))]
+                    plain_out = Store(spill, (plain.run(i) for i in range(len(plain.hidden))))
                 w_fit = _solve(fit, w0, ridge, bias)
                 entry = {"layer": index, "kind": "attention", "heads": len(kept),
                          "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
@@ -599,7 +620,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                 del fit, val, w0, w_fit
                 _release_memory()
             elif plain is not None:
-                plain_out = [plain.run(i) for i in range(len(plain.hidden))]
+                plain_out = Store(spill, (plain.run(i) for i in range(len(plain.hidden))))
             if sites:
                 dense.advance(outputs)
                 pruned.advance()
@@ -663,7 +684,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
 # the command line's entry: ``headslim shrink MODEL --layerwise ...``
 
 # calibration samples when the user gives none: the carried streams (dense, pruned and the held-out
-# "before") hold samples x tokens x hidden values each, in memory
+# "before") hold samples x tokens x hidden values each, in memory unless --stream-memory spills them
 LAYERWISE_CALIB_SAMPLES = 128
 
 
@@ -682,11 +703,12 @@ def check_layerwise_config(config) -> None:
             raise HeadslimError(f"--layerwise does not take {what}")
 
 
-def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib_samples_given: bool = True) -> dict:
+def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib_samples_given: bool = True,
+                       stream_memory: int | None = None, spill_dir: str | Path | None = None) -> dict:
     """``shrink_layerwise`` with the data handling of ``headslim shrink``: calibration texts from
     ``config.calib`` (a seeded sample of ``config.calib_samples``, or :data:`LAYERWISE_CALIB_SAMPLES`
     when the user gave none), tokenised with the model's tokenizer. Returns ``shrink_layerwise``'s
-    report plus ``calibration``."""
+    report plus ``calibration``. ``stream_memory``, ``spill_dir``: as for ``shrink_layerwise``."""
     from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import check_length, check_output_dir, load_config, resolve_model_path
@@ -704,6 +726,7 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
     report = shrink_layerwise(src, out, prune=config.prune, batches=calib_batches, gqa=config.gqa,
                               repair=config.repair, min_heads_per_layer=config.min_heads_per_layer,
                               overwrite=config.overwrite, progress=config.progress,
-                              provenance={"calibration": calibration, "seed": config.seed})
+                              provenance={"calibration": calibration, "seed": config.seed},
+                              stream_memory=stream_memory, spill_dir=spill_dir)
     report["calibration"] = calibration
     return report

@@ -291,3 +291,80 @@ def test_output_loads_with_auto_model_for_causal_lm(tmp_path):
     with torch.no_grad():
         inputs = tiny_inputs(seed=1)
         torch.testing.assert_close(stock(**inputs).logits, ours(**inputs).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit", [0, 4000])
+def test_spilled_streams_give_the_same_model_and_leave_no_files(tmp_path, limit):
+    """Streams kept on disk (all of them, or past a few kB) give the weights and decisions of the
+    in-memory run; the spill directory is gone afterwards."""
+    from safetensors.torch import load_file
+
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src = _dense_dir(tmp_path, dense)
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    kw = dict(prune=0.5, batches=tiny_batches(5), progress=False)
+    memory = shrink_layerwise(src, tmp_path / "memory", **kw)
+    spilled = shrink_layerwise(src, tmp_path / "spilled", stream_memory=limit, spill_dir=spill_dir, **kw)
+    assert spilled["spill"]["files"] > 0 and spilled["spill"]["peak_on_disk_bytes"] > 0
+    assert memory["spill"] == {"limit_bytes": None, "peak_on_disk_bytes": 0, "files": 0}
+    assert spilled["repair"] == memory["repair"] and spilled["scores"] == memory["scores"]
+    for shard in sorted((tmp_path / "memory").glob("*.safetensors")):
+        a, b = load_file(shard), load_file(tmp_path / "spilled" / shard.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(spill_dir.iterdir()) == []
+
+
+def test_interrupted_spilled_run_leaves_no_files(tmp_path, monkeypatch):
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src = _dense_dir(tmp_path, dense)
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    write = offload._write_layer
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(*args)
+
+    monkeypatch.setattr(offload, "_write_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shrink_layerwise(src, tmp_path / "out", prune=0.5, batches=tiny_batches(4), progress=False, stream_memory=0,
+                         spill_dir=spill_dir)
+    assert list(spill_dir.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_spill_store_round_trip_and_budget(tmp_path):
+    from headslim.layerwise import Spill, Store
+
+    with Spill(100, tmp_path) as spill:
+        store = Store(spill, [torch.arange(10, dtype=torch.float32), torch.ones(20, dtype=torch.bfloat16)])
+        store.append(torch.zeros(3, 4))  # 48 bytes: past the 100-byte budget (40 + 40 held)
+        assert spill.held == 80 and spill.on_disk == 48 and spill.files_written == 1
+        assert torch.equal(store[0], torch.arange(10, dtype=torch.float32)) and store[1].dtype == torch.bfloat16
+        assert torch.equal(store[2], torch.zeros(3, 4)) and len(list(store)) == 3
+        store.clear()
+        assert spill.held == 0 and spill.on_disk == 0 and list(spill.dir.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(HeadslimError, match="stream memory must be >= 0"):
+        Spill(-1)
+
+
+def test_cli_stream_memory_spills_and_is_refused_without_layerwise(tmp_path, capsys):
+    from headslim.cli import main
+
+    src, texts = _cli_model(tmp_path)
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    argv = ["shrink", str(src), "--prune", "0.5", "--calib", str(texts), "--batch-size", "2", "--max-length", "16",
+            "--no-progress", "--json", "--stream-memory", "0", "--spill-dir", str(spill_dir)]
+    assert main([*argv, "--layerwise", "--out", str(tmp_path / "cli")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spill"]["files"] > 0 and report["spill"]["limit_bytes"] == 0
+    assert list(spill_dir.iterdir()) == []
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "headslim: error: --stream-memory and --spill-dir apply to --layerwise only"
+    assert not (tmp_path / "plain").exists()
