@@ -9,7 +9,8 @@ advanced a layer at a time; two streams (the dense model's and the pruned model'
 calls, since what the model passes its layers depends on the inputs and the config, not on how many
 heads or neurons a layer kept. Where the first batch shows every layer given the very same
 arguments (most models build the mask once), later batches are recorded only up to the first layer:
-the recording then costs a fraction of a forward pass instead of one.
+the recording then costs a fraction of a forward pass instead of one. A :class:`Spill` keeps a
+stream's per-batch states in memory up to a budget and in safetensors files past it (:class:`Store`).
 
 What a family must guarantee is in ``Adapter.layers``: the residual stream is the layer's first
 argument (or ``hidden_states=``), it comes back alone or first in a tuple, and nothing runs between
