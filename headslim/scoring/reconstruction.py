@@ -121,6 +121,8 @@ def obs_sequence(sigma: torch.Tensor, metric: torch.Tensor | None, weight: torch
     w = weight.detach().double().cpu().clone()
     mw = w.clone() if metric is None else metric.double() @ w  # (d, n)
     count = n // group
+    if group == 1:
+        return _obs_sequence_columns(q, w, mw)
     alive = torch.ones(count, dtype=torch.bool)
     seq = []
     for _ in range(count):
@@ -148,6 +150,33 @@ def obs_sequence(sigma: torch.Tensor, metric: torch.Tensor | None, weight: torch
         q[:, idx] = 0.0
         w[:, idx] = 0.0
         mw[:, idx] = 0.0
+    return seq
+
+
+def _obs_sequence_columns(q: torch.Tensor, w: torch.Tensor, mw: torch.Tensor) -> list[tuple[int, float]]:
+    """:func:`obs_sequence` for single columns (FFN neurons): the same greedy removals and OBS updates,
+    but each removed column is swapped to the end of the live block and the block shrunk by one, so
+    step ``i`` updates ``(n - i)^2`` entries in place instead of ``n^2`` (about a third of the work and
+    of the memory traffic, no copies)."""
+    q, w, mw = q.clone(), w.clone(), mw.clone()
+    live = list(range(q.shape[0]))  # original index of each column of the live block
+    seq = []
+    for m in range(q.shape[0], 0, -1):
+        cost = (w[:, :m] * mw[:, :m]).sum(0) / q.diagonal()[:m].clamp_min(1e-300)  # (m,)
+        k, last = int(torch.argmin(cost)), m - 1
+        seq.append((live[k], 0.5 * max(float(cost[k]), 0.0)))
+        if k != last:  # the removed column to the end of the live block
+            swap, into = torch.tensor([k, last]), torch.tensor([last, k])
+            q[swap] = q[into]
+            q[:, swap] = q[:, into]
+            w[:, swap] = w[:, into]
+            mw[:, swap] = mw[:, into]
+            live[k], live[last] = live[last], live[k]
+        step = q[last, :last] / q[last, last]  # (m - 1,)
+        # OBS compensation: the kept columns take over what they can (views outside the updated block)
+        q[:last, :last].addr_(q[:last, last], step, alpha=-1.0)
+        w[:, :last].addr_(w[:, last], step, alpha=-1.0)
+        mw[:, :last].addr_(mw[:, last], step, alpha=-1.0)
     return seq
 
 
