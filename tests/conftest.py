@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import transformers
+import sys
+from pathlib import Path
+
+
+def _prefer_installed_kernels() -> None:
+    """transformers 5.25 depends on, and imports, the PyPI package ``kernels``. From the repository
+    root (on ``sys.path`` under pytest) this repo's ``kernels/`` folder, installed as ``headslim.kernels``,
+    would be found first and shadow it; import the installed one with the root left out, so that
+    ``sys.modules`` holds it for transformers."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        import kernels  # noqa: F401  the installed distribution, not ./kernels
+    finally:
+        sys.path[:] = saved
+
+
+_prefer_installed_kernels()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from headslim.arch import TINY, adapters
 
