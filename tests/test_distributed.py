@@ -58,7 +58,9 @@ def test_torchrun_shrink_writes_once_with_the_single_process_plan(tmp_path, mini
     calib.write_text("\n".join(f"sentence number {i} about {w} and the weather" for i, w in
                                enumerate(["cats", "dogs", "rain", "markets", "football", "music", "trains", "code"] * 2)))
     common = [str(minilm_dir), "--prune", "0.5", "--calib", str(calib), "--batch-size", "4", "--no-progress", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONSAFEPATH: `-m` would put the repository root first on sys.path, where ./kernels shadows the
+    # PyPI `kernels` that transformers 5.25 imports (tests/conftest.py)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
     single = subprocess.run([sys.executable, "-m", "headslim", "shrink", *common, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr

@@ -232,7 +232,7 @@ def test_sigterm_during_save_cleans_up(world):
     out = root / "slim"
     proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SHRINK, "shrink", str(dense), "--calib", str(data),
                              "--out", str(out), *SHRINK_FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONSAFEPATH": "1"})  # see test_distributed
     try:
         line = proc.stdout.readline()
         assert line.strip() == "saving", proc.stderr.read() if proc.poll() is not None else line
