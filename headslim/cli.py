@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 from headslim._version import __version__
 from headslim.args import add_ffn_arguments, add_speed_arguments, config_from_args, prune_arg

@@ -173,8 +173,8 @@ def load_texts(source: str | Path, *, text_column: str | None = None, label_colu
 # Calibration texts used by default. shrink --prune: 256. With the Fisher estimate taken per sample
 # (headslim.scoring.fisher), 256 BBC News articles give all-MiniLM-L6-v2 at 50 % a mean cosine of 0.957
 # over five seeds (0.948-0.960) against the old 1024-article default's 0.962 (seed 0), in under a
-# quarter of the time (bench/README.md, "Shrink at scale"). --target-speedup and sweep: 1024, what their latency-priced plans and fitted head
-# price were measured with.
+# quarter of the time (bench/README.md, "Shrink at scale"). --target-speedup and sweep: 1024, what
+# their latency-priced plans and fitted head price were measured with.
 DEFAULT_CALIB_SAMPLES = 256
 TARGET_CALIB_SAMPLES = 1024
 

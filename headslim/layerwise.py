@@ -255,9 +255,7 @@ class Stream:
         """Move every batch past the current layer (``outputs``: its outputs, already computed, a list
         or a :class:`Store`, which the stream then owns)."""
         if outputs is None:
-            outputs = Store(self.spill)
-            for i in range(len(self.hidden)):
-                outputs.append(self.run(i))
+            outputs = Store(self.spill, (self.run(i) for i in range(len(self.hidden))))
         if isinstance(self.hidden, Store) and self.hidden is not outputs:
             self.hidden.clear()
         self.hidden = outputs

@@ -157,8 +157,7 @@ def _obs_sequence_columns(q: torch.Tensor, w: torch.Tensor, mw: torch.Tensor) ->
     """:func:`obs_sequence` for single columns (FFN neurons): the same greedy removals and OBS updates,
     but each removed column is swapped to the end of the live block and the block shrunk by one, so
     step ``i`` updates ``(n - i)^2`` entries in place instead of ``n^2`` (about a third of the work and
-    of the memory traffic, no copies)."""
-    q, w, mw = q.clone(), w.clone(), mw.clone()
+    of the memory traffic, no copies). Works on ``q``, ``w``, ``mw`` in place: :func:`obs_sequence`'s own."""
     live = list(range(q.shape[0]))  # original index of each column of the live block
     seq = []
     for m in range(q.shape[0], 0, -1):
