@@ -46,7 +46,8 @@ def write_model(path: Path, seed: int = 0) -> int:
     import torch
     from transformers import LlamaConfig
 
-    from headslim.offload import CHUNK_ELEMENTS, _write_streamed
+    from headslim.layerwise import write_streamed
+    from headslim.offload import CHUNK_ELEMENTS
 
     path.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPE)
@@ -76,7 +77,7 @@ def write_model(path: Path, seed: int = 0) -> int:
         return make
 
     tensors = [(name, torch.bfloat16, shape, chunks(shape)) for name, shape in sorted(shapes.items())]
-    return _write_streamed(path / "model.safetensors", tensors)
+    return write_streamed(path / "model.safetensors", tensors)
 
 
 def calibration(samples: int, max_length: int, batch_size: int) -> list:

@@ -77,6 +77,9 @@ def _add_shrink(sub) -> None:
                           "safetensors files, removed at the end (default: no limit)")
     opt.add_argument("--spill-dir", default=None,
                      help="--layerwise: where the spill directory is made (default: the system's temporary directory)")
+    opt.add_argument("--work-dir", default=None,
+                     help="--layerwise: keep each finished layer here, so that an interrupted run started again with "
+                          "the same arguments resumes after it; emptied once the output is written")
     opt.add_argument("--eval-data", help="held-out texts for the quality check (default: see docs)")
     opt.add_argument("--eval-samples", type=int, default=256, help="held-out samples for the check (default 256)")
     opt.add_argument("--max-length", type=int,
@@ -158,8 +161,8 @@ def _run_shrink(args) -> int:
 
     if args.layerwise:
         return _run_layerwise(args, config, calib_samples_given)
-    if args.stream_memory is not None or args.spill_dir is not None:
-        raise HeadslimError("--stream-memory and --spill-dir apply to --layerwise only")
+    if args.stream_memory is not None or args.spill_dir is not None or args.work_dir is not None:
+        raise HeadslimError("--stream-memory, --spill-dir and --work-dir apply to --layerwise only")
 
     if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
         if config.target_speedup is not None:
@@ -191,8 +194,14 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
     if args.spill_dir is not None and not Path(args.spill_dir).is_dir():
         raise HeadslimError(f"--spill-dir {args.spill_dir} is not a directory")
     limit = None if args.stream_memory is None else int(args.stream_memory * 2**30)
-    report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
-                                stream_memory=limit, spill_dir=args.spill_dir)
+    try:
+        report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
+                                    stream_memory=limit, spill_dir=args.spill_dir, work_dir=args.work_dir)
+    except KeyboardInterrupt:
+        if args.work_dir is not None and (Path(args.work_dir) / "headslim-work.json").is_file():
+            print(f"headslim: finished layers are kept in {args.work_dir}; run the same command again to resume",
+                  file=sys.stderr)
+        raise
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
         return 0
@@ -217,6 +226,10 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
         state = f"applied to {fitted} of {len(r.get('layers', []))} pruned projections" if r.get("applied") else \
             "not applied (it did not help on held-out calibration data)"
         print(f"repair: {state}{where}")
+    if report.get("resumed"):
+        r = report["resumed"]
+        print(f"resumed from {args.work_dir}: {'scoring' if r['pass'] == 1 else 'pruning'} had finished "
+              f"{r['layers_done']} of {len(before)} layers")
     s = report["seconds"]
     print(f"time: scoring {s['scoring']:.1f} s, pruning + repair + writing {s['pruning']:.1f} s, total {s['total']:.1f} s")
     print(f"wrote {report['out']} ({report['bytes_written']:,} bytes of {report['dtype']} weights)")

@@ -20,8 +20,12 @@ two layers. The calls are recorded with ``use_cache=False`` so no layer appends 
 from __future__ import annotations
 
 import inspect
+import json
+import math
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +35,8 @@ from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
 
 _CACHE_KEYS = ("past_key_value", "past_key_values", "layer_past")
+# safetensors' names of the dtypes headslim writes
+SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 class Stop(Exception):
@@ -123,6 +129,28 @@ def run_layer(layer, hidden: torch.Tensor, call: Call) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def write_streamed(path: Path, tensors: list[tuple[str, torch.dtype, tuple, Callable]]) -> int:
+    """Write a safetensors file whose tensors are produced in row chunks, never whole.
+
+    ``tensors``: ``(name, dtype, shape, chunks)``, ``chunks()`` yielding the tensor's rows in order.
+    Returns the bytes of tensor data written.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, _ in tensors:
+        size = math.prod(shape) * torch.finfo(dtype).bits // 8
+        header[name] = {"dtype": SAFE_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, _, chunks in tensors:
+            for chunk in chunks():
+                f.write(memoryview(chunk.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()))
+    return offset
+
+
 class Spill:
     """Where per-batch tensors (carried streams, a layer's outputs and references) are kept: in memory
     up to ``limit`` bytes over every :class:`Store` that shares this spill, the rest in safetensors
@@ -141,6 +169,7 @@ class Spill:
         self.held = self.on_disk = self.peak_on_disk = self.files_written = 0
         self.dir: Path | None = None
         self._sizes: dict[Path, int] = {}
+        self._meta: dict[Path, tuple] = {}  # a spilled tensor's (dtype, shape)
 
     def __enter__(self):
         return self
@@ -162,6 +191,7 @@ class Spill:
         self.files_written += 1
         save_file({"t": tensor.detach().contiguous().cpu()}, str(path))
         self._sizes[path] = nbytes
+        self._meta[path] = (tensor.dtype, tuple(tensor.shape))
         self.on_disk += nbytes
         self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         return path
@@ -177,6 +207,7 @@ class Spill:
         """Forget a handle from :meth:`put`: its bytes leave the budget, its file is deleted."""
         if isinstance(handle, Path):
             self.on_disk -= self._sizes.pop(handle)
+            self._meta.pop(handle)
             handle.unlink()
         else:
             self.held -= handle.numel() * handle.element_size()
@@ -188,6 +219,7 @@ class Spill:
             self.dir = None
         self.held = self.on_disk = 0
         self._sizes.clear()
+        self._meta.clear()
 
 
 class Store:
@@ -211,6 +243,11 @@ class Store:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def meta(self, index: int) -> tuple[torch.dtype, tuple]:
+        """``(dtype, shape)`` of item ``index``, without reading a spilled one back."""
+        h = self._handles[index]
+        return self.spill._meta[h] if isinstance(h, Path) else (h.dtype, tuple(h.shape))
 
     def clear(self) -> None:
         """Free every item (its memory, or its file)."""

@@ -35,7 +35,9 @@ same call arguments (mask, rotary embeddings), recorded once from layer 0; model
 sliding-window layers (Qwen2/Qwen3 with ``use_sliding_window``) are refused, a Mistral whose layers all
 slide is fine. The carried streams (and a layer's outputs and references) stay in memory up to
 ``stream_memory`` bytes and go to safetensors files past it (:class:`headslim.layerwise.Spill`).
-Not yet: resuming an interrupted run.
+With ``work_dir``, each finished layer (pass 1: its scores and the dense stream after it; pass 2: its
+shard and the three streams after it) is committed to a directory the user named, and a run started
+again with the same arguments resumes after the last committed layer (:mod:`headslim.workdir`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,10 +56,11 @@ from torch import nn
 
 from headslim.arch import get_adapter, kv_maps, weight_out_in
 from headslim.errors import HeadslimError
-from headslim.layerwise import Call, Spill, Store, Stream, layer_calls
-from headslim.plan import PLAN_FILE
+from headslim.layerwise import SAFE_DTYPES, Call, Spill, Store, Stream, layer_calls, write_streamed
+from headslim.plan import PLAN_FILE, PrunePlan
 from headslim.repair import (RepairReport, _add, _error, _has_bias, _o_weight, _run_layer, _set_o_weight,
                              _solve, _split)
+from headslim.workdir import WorkDir
 
 FAMILY = "llama-family"
 METHOD = "function-norm"
@@ -67,7 +70,6 @@ CHUNK_ELEMENTS = 1 << 22
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
-_SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,28 +257,6 @@ class _Carried(Stream):
 # writing
 
 
-def _write_streamed(path: Path, tensors: list[tuple[str, torch.dtype, tuple, Callable]]) -> int:
-    """Write a safetensors file whose tensors are produced in row chunks, never whole.
-
-    ``tensors``: ``(name, dtype, shape, chunks)``, ``chunks()`` yielding the tensor's rows in order.
-    Returns the bytes of tensor data written.
-    """
-    header, offset = {}, 0
-    for name, dtype, shape, _ in tensors:
-        size = math.prod(shape) * torch.finfo(dtype).bits // 8
-        header[name] = {"dtype": _SAFE_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, dtype, _, chunks in tensors:
-            for chunk in chunks():
-                f.write(memoryview(chunk.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()))
-    return offset
-
-
 def _row_chunks(ckpt: Checkpoint, key: str, rows_per_chunk: int):
     n = ckpt.shape(key)[0] if ckpt.shape(key) else 0
 
@@ -290,7 +270,7 @@ def _row_chunks(ckpt: Checkpoint, key: str, rows_per_chunk: int):
 
 
 def _tensor_chunks(tensor: torch.Tensor):
-    """``chunks()`` for :func:`_write_streamed`: a tensor in memory, a bounded block of rows at a time."""
+    """``chunks()`` for :func:`write_streamed`: a tensor in memory, a bounded block of rows at a time."""
     rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(tensor.shape[1:]))) if tensor.dim() else 1
 
     def chunks():
@@ -304,7 +284,7 @@ def _tensor_chunks(tensor: torch.Tensor):
 
 def _write_layer(path: Path, layer: nn.Module, prefix: str, dtype: torch.dtype) -> int:
     """One layer's shard (``save_file`` would first copy the whole layer into one bytes object)."""
-    return _write_streamed(path, [(prefix + k, dtype, tuple(v.shape), _tensor_chunks(v.detach()))
+    return write_streamed(path, [(prefix + k, dtype, tuple(v.shape), _tensor_chunks(v.detach()))
                                   for k, v in layer.state_dict().items()])
 
 
@@ -320,7 +300,9 @@ def _restore_o_proj(path: Path, name: str, ckpt: Checkpoint, keys: dict, kept: l
     state[name + ".weight"] = weight.to(state[name + ".weight"].dtype).contiguous()
     if name + ".bias" in state:  # slicing input columns keeps the dense bias
         state[name + ".bias"] = ckpt.get(keys[name + ".bias"]).to(state[name + ".bias"].dtype).contiguous()
-    save_file(state, str(path), metadata={"format": "pt"})
+    partial = path.with_name(path.name + ".partial")  # a new file: a work dir's link to the old one keeps it
+    save_file(state, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,6 +410,27 @@ def _weight_keys(ckpt: Checkpoint, model, skip: str | None) -> dict:
     return keys
 
 
+def _fingerprint(path: Path, batches: list, **settings) -> dict:
+    """What a work dir's run must match to be resumed: source weights, settings, calibration batches.
+    Not the output dir: a resumed run may write elsewhere."""
+    from headslim._version import __version__
+    from headslim.io import _safetensors_files
+    from headslim.workdir import batches_sha256, files_fingerprint
+
+    return {"source model": str(path.resolve()),
+            "source weights": files_fingerprint(path, [*_safetensors_files(path), path / "config.json"]),
+            **{k.replace("_", " "): (str(v) if isinstance(v, torch.dtype) else v) for k, v in settings.items()},
+            "calibration batches": batches_sha256(batches), "headslim version": __version__}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` a hard link to ``src`` (no copy of the bytes) where the file system allows, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (src / name).is_file():
@@ -438,7 +441,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                      gqa: str = "uniform", holdout: float = 0.25, repair: bool = True, ridge: float = 1e-2,
                      min_heads_per_layer: int = 1, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
-                     spill_dir: str | Path | None = None) -> dict:
+                     spill_dir: str | Path | None = None, work_dir: str | Path | None = None) -> dict:
     """Score, select, prune, repair and write a Llama-family causal LM one layer at a time; see the module docstring.
 
     Args:
@@ -458,10 +461,15 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
         stream_memory: bytes of carried streams (and a layer's outputs and references) kept in memory;
             the rest goes to safetensors files in a directory made under ``spill_dir`` (default: the
             system's temporary directory) and removed at the end, interrupted or not. None: no limit.
+        work_dir: keep each finished layer (its shard, the carried streams, scores and plan) in this
+            directory, so that a run interrupted after layer k and started again with the same
+            arguments resumes there (:mod:`headslim.workdir`); emptied (and removed when the run made
+            it) once ``out`` is written. None: an interrupted run leaves nothing.
 
     Returns: a JSON-able report: ``plan``, ``scores`` ``(layers, heads)``, ``repair``
     (``RepairReport.to_dict()``, None without repair), ``max_layers_in_memory``, ``seconds``,
-    ``bytes_written``, ``dtype``, ``spill`` (``limit_bytes``, ``peak_on_disk_bytes``, ``files``).
+    ``bytes_written``, ``dtype``, ``spill`` (``limit_bytes``, ``peak_on_disk_bytes``, ``files``),
+    ``resumed`` (None, or the ``pass`` and ``layers_done`` an interrupted run had finished).
 
     Example:
         >>> report = shrink_layerwise("Llama-3.2-1B/", "slim/", prune=0.5, batches=calib)   # doctest: +SKIP
@@ -470,14 +478,15 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
     with Spill(stream_memory, spill_dir) as spill:
         report = _shrink_layerwise(model_dir, out, prune=prune, batches=batches, gqa=gqa, holdout=holdout,
                                    repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer, dtype=dtype,
-                                   overwrite=overwrite, provenance=provenance, progress=progress, spill=spill)
+                                   overwrite=overwrite, provenance=provenance, progress=progress, spill=spill,
+                                   work_dir=work_dir)
         report["spill"] = {"limit_bytes": stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
                            "files": spill.files_written}
         return report
 
 
 def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, dtype,
-                      overwrite, provenance, progress, spill: Spill) -> dict:
+                      overwrite, provenance, progress, spill: Spill, work_dir) -> dict:
     from tqdm.auto import tqdm
 
     from headslim.autoload import CONFIG_KEY, config_record
@@ -502,8 +511,8 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     keys = _weight_keys(ckpt, model, head_name if tied else None)
     head_key = keys[embed_name if tied else head_name]
     if dtype is None:
-        dtype = {v: k for k, v in _SAFE_DTYPES.items()}.get(ckpt.dtypes[keys[embed_name]], torch.float32)
-    if dtype not in _SAFE_DTYPES:
+        dtype = {v: k for k, v in SAFE_DTYPES.items()}.get(ckpt.dtypes[keys[embed_name]], torch.float32)
+    if dtype not in SAFE_DTYPES:
         raise HeadslimError(f"dtype {dtype} is not a floating dtype headslim writes")
     _to_dtype(model, dtype)
     layers = adapter.layers(model)
@@ -519,24 +528,54 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         peak[0] = max(peak[0], materialised_layers(model))
         return layer
 
+    work = None
+    if work_dir is not None:
+        w, o = Path(work_dir).resolve(), Path(out).resolve()
+        if w == o or w.is_relative_to(o) or o.is_relative_to(w):
+            raise HeadslimError(f"--work-dir {work_dir} and the output {out} must be separate directories")
+        if w.is_relative_to(path.resolve()):
+            raise HeadslimError(f"--work-dir {work_dir} is inside the model dir {path}; give one outside it")
+        work = WorkDir(work_dir, _fingerprint(path, batches, prune=prune, gqa=gqa, holdout=holdout, repair=repair,
+                                              ridge=ridge, min_heads_per_layer=min_heads_per_layer, dtype=dtype))
+
     # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
     masks = [b["attention_mask"].bool() for b in batches]  # (B, T)
-    dense = _Carried(model, *_entry(ckpt, model, keys, embed_name, batches, dtype, spill), spill=spill)
+    state = work.state if work is not None else None  # what an interrupted run finished
+    resumed = None if state is None else {"pass": state["pass"], "layers_done": state["layers_done"]}
     scores = torch.zeros(n_layers, max(num_heads), dtype=torch.float64)
-    for index in tqdm(range(n_layers), desc="scoring layers", unit="layer", disable=not progress, leave=False):
-        block = load(index)
-        scores[index, :num_heads[index]], outputs = _score_layer(dense, block, adapter, masks, num_heads[index],
-                                                                 head_dim)
-        dense.advance(outputs)
-        _free(block)
-    dense.hidden.clear()
-    del dense
+    if state is None or state["pass"] == 1:
+        done = 0 if state is None else state["layers_done"]
+        hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill)
+        dense = _Carried(model, hidden, calls, spill)
+        hidden.clear()
+        if done:
+            scores[:done] = torch.tensor(state["scores"], dtype=torch.float64)
+            dense.hidden.clear()
+            dense.hidden, dense.layer = work.streams(spill)["dense"], done
+        for index in tqdm(range(done, n_layers), desc="scoring layers", unit="layer", initial=done, total=n_layers,
+                          disable=not progress, leave=False):
+            block = load(index)
+            scores[index, :num_heads[index]], outputs = _score_layer(dense, block, adapter, masks, num_heads[index],
+                                                                     head_dim)
+            dense.advance(outputs)
+            _free(block)
+            if work is not None:
+                work.commit({"pass": 1, "layers_done": index + 1, "scores": scores[:index + 1].tolist()},
+                            {"dense": dense.hidden})
+        dense.hidden.clear()
+        del dense
+        info = {"source_model": str(path), "method": METHOD, "layerwise": True,
+                "calibration": {"n_batches": len(batches), "n_samples": sum(len(m) for m in masks),
+                                "tokens": int(sum(int(m.sum()) for m in masks))}}
+        plan = select_gqa(scores, kv_maps(model), prune=prune, mode=gqa, min_per_layer=min_heads_per_layer,
+                          provenance={**base_provenance(0, **info), **(provenance or {})})
+        state = {"pass": 2, "layers_done": 0, "scores": scores.tolist(), "plan": plan.to_dict()}
+        if work is not None:  # the dense stream's file goes: pass 2 starts from the embeddings again
+            work.commit(state)
+    else:
+        scores = torch.tensor(state["scores"], dtype=torch.float64)
+        plan = PrunePlan.from_dict(state["plan"])
     t_scored = time.perf_counter()
-    info = {"source_model": str(path), "method": METHOD, "layerwise": True,
-            "calibration": {"n_batches": len(batches), "n_samples": sum(len(m) for m in masks),
-                            "tokens": int(sum(int(m.sum()) for m in masks))}}
-    plan = select_gqa(scores, kv_maps(model), prune=prune, mode=gqa, min_per_layer=min_heads_per_layer,
-                      provenance={**base_provenance(0, **info), **(provenance or {})})
 
     # ---- pass 2: prune, repair and write each layer ----------------------------------------------
     sites = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads))
@@ -556,6 +595,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                               f"batch{'es' if len(batches) > 1 else ''}): repair is checked on {n_val} held-out "
                               f"sample{'s' if n_val > 1 else ''} instead of held-out batches")
     checked = bool(sites) and any(is_val)
+    done = state["layers_done"]
     plain = None
     if sites:
         fit_masks = [b["attention_mask"].bool() for b in fit_batches]
@@ -565,12 +605,22 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         # the pruned model without repair, on the held-out batches: the "before" of the final check
         plain = _Carried(model, [hidden[i] for i in val_index], [calls[i] for i in val_index], spill) if checked else None
         hidden.clear()
+        if done:  # the streams after the last layer an interrupted run finished
+            saved = work.streams(spill)
+            for name, stream in (("dense", dense), ("pruned", pruned), ("plain", plain)):
+                if stream is not None:
+                    stream.hidden.clear()
+                    stream.hidden, stream.layer = saved[name], done
     shards = [SHARD.format(i + 1, n_layers + 1) for i in range(n_layers + 1)]
-    weight_map: dict[str, str] = {}
-    total = 0
-    fitted: dict[int, str] = {}  # layer -> the name of its re-fitted output projection
+    weight_map: dict[str, str] = state.get("weight_map", {})
+    total = state.get("total", 0)
+    fitted: dict[int, str] = {int(k): v for k, v in state.get("fitted", {}).items()}  # layer -> its re-fitted O's name
+    if report is not None and done:
+        report.layers = state["repair_layers"]
     with atomic_output_dir(out, overwrite=overwrite, inputs=(path,)) as tmp:
-        bar = tqdm(range(n_layers), desc="pruning layers", unit="layer", disable=not progress, leave=False)
+        where = work.shard if work is not None else (lambda name: tmp / name)
+        bar = tqdm(range(done, n_layers), desc="pruning layers", unit="layer", initial=done, total=n_layers,
+                   disable=not progress, leave=False)
         for index in bar:
             block = load(index)
             kept, n = plan.kept_heads[index], plan.num_heads[index]
@@ -626,10 +676,20 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                 pruned.advance()
                 if plain is not None:
                     plain.advance(plain_out)
-            total += _write_layer(tmp / shards[index], block, prefixes[index], dtype)
+            total += _write_layer(where(shards[index]), block, prefixes[index], dtype)
             weight_map.update({prefixes[index] + k: shards[index] for k in block.state_dict()})
             _free(block)
+            if work is not None:
+                state = {**state, "layers_done": index + 1, "weight_map": weight_map, "total": total,
+                         "fitted": {str(k): v for k, v in fitted.items()},
+                         "repair_layers": report.layers if report is not None else None}
+                work.commit(state, {name: stream.hidden for name, stream in
+                                    (("dense", dense), ("pruned", pruned), ("plain", plain))
+                                    if sites and stream is not None})
         bar.close()
+        if work is not None:  # the layer shards into the output (linked where the file system allows)
+            for name in shards[:-1]:
+                _link_or_copy(work.shard(name), tmp / name)
         if report is not None:
             report.applied = bool(fitted)
         if checked:
@@ -662,7 +722,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
             rows = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:]))) if shape else 1
             outside.append((name, dtype, shape, _row_chunks(ckpt, key, rows)))
             weight_map[name] = shards[-1]
-        total += _write_streamed(tmp / shards[-1], outside)
+        total += write_streamed(tmp / shards[-1], outside)
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
             + "\n")
@@ -672,8 +732,10 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         config.save_pretrained(str(tmp))
         plan.save(tmp / PLAN_FILE)
         _copy_side_files(path, tmp)
+    if work is not None:
+        work.finish()
     t_end = time.perf_counter()
-    return {"out": str(out), "plan": plan.to_dict(), "scores": scores.tolist(),
+    return {"out": str(out), "plan": plan.to_dict(), "scores": scores.tolist(), "resumed": resumed,
             "heads_before": sum(plan.num_heads), "heads_after": sum(plan.heads_after),
             "repair": report.to_dict() if report is not None else None,
             "max_layers_in_memory": peak[0], "bytes_written": total, "dtype": str(dtype).removeprefix("torch."),
@@ -704,11 +766,12 @@ def check_layerwise_config(config) -> None:
 
 
 def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib_samples_given: bool = True,
-                       stream_memory: int | None = None, spill_dir: str | Path | None = None) -> dict:
+                       stream_memory: int | None = None, spill_dir: str | Path | None = None,
+                       work_dir: str | Path | None = None) -> dict:
     """``shrink_layerwise`` with the data handling of ``headslim shrink``: calibration texts from
     ``config.calib`` (a seeded sample of ``config.calib_samples``, or :data:`LAYERWISE_CALIB_SAMPLES`
     when the user gave none), tokenised with the model's tokenizer. Returns ``shrink_layerwise``'s
-    report plus ``calibration``. ``stream_memory``, ``spill_dir``: as for ``shrink_layerwise``."""
+    report plus ``calibration``. ``stream_memory``, ``spill_dir``, ``work_dir``: as for ``shrink_layerwise``."""
     from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import check_length, check_output_dir, load_config, resolve_model_path
@@ -727,6 +790,6 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
                               repair=config.repair, min_heads_per_layer=config.min_heads_per_layer,
                               overwrite=config.overwrite, progress=config.progress,
                               provenance={"calibration": calibration, "seed": config.seed},
-                              stream_memory=stream_memory, spill_dir=spill_dir)
+                              stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir)
     report["calibration"] = calibration
     return report

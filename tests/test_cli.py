@@ -275,8 +275,8 @@ def test_every_shrink_option_reaches_its_config_field():
 
     # args -> config copies by name: an option without a field of its name would be dropped silently
     # --layerwise is read by the CLI itself: it routes the run to headslim.offload (tests/test_offload.py)
-    # so are --stream-memory and --spill-dir, which only the layer-at-a-time path takes
-    assert _options("shrink") - {"model", "out", "json", "layerwise", "stream_memory", "spill_dir"} \
+    # so are --stream-memory, --spill-dir and --work-dir, which only the layer-at-a-time path takes
+    assert _options("shrink") - {"model", "out", "json", "layerwise", "stream_memory", "spill_dir", "work_dir"} \
         <= {f.name for f in fields(ShrinkConfig)}
     args = build_parser().parse_args(["shrink", "m", "--out", "o", "--prune", "7", "--gqa", "ragged", "--no-repair",
                                       "--no-progress", "--shapes", "1x64"])

@@ -366,5 +366,163 @@ def test_cli_stream_memory_spills_and_is_refused_without_layerwise(tmp_path, cap
     assert list(spill_dir.iterdir()) == []
     assert main([*argv, "--out", str(tmp_path / "plain")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "headslim: error: --stream-memory and --spill-dir apply to --layerwise only"
+    assert err == "headslim: error: --stream-memory, --spill-dir and --work-dir apply to --layerwise only"
     assert not (tmp_path / "plain").exists()
+
+
+# ---- --work-dir: an interrupted run resumes ----------------------------------------------------------
+
+
+def _interrupt_at(monkeypatch, n: int):
+    """Ctrl-C when the ``n``-th layer is read (pass 1 reads each layer once, then pass 2 once more)."""
+    load, calls = offload._load_layer, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return load(*args)
+
+    monkeypatch.setattr(offload, "_load_layer", interrupted)
+
+
+def _same_shards(a, b) -> None:
+    from safetensors.torch import load_file
+
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
+    for name in names:
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert json.loads((a / "model.safetensors.index.json").read_text()) == \
+        json.loads((b / "model.safetensors.index.json").read_text())
+
+
+# 4 layers: interrupted while scoring layer 2 (pass 1), pruning layer 0 and layer 2 (pass 2), twice in a row,
+# and with every stream spilled to disk
+@pytest.mark.parametrize("stops,stream_memory", [([3], None), ([5], None), ([7], None), ([3, 4], None), ([6], 0)])
+def test_interrupted_run_resumes_from_the_work_dir_and_equals_an_uninterrupted_one(tmp_path, monkeypatch, stops,
+                                                                                    stream_memory):
+    dense = tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=4)
+    src = _dense_dir(tmp_path, dense)
+    kw = dict(prune=0.5, batches=tiny_batches(5), gqa="ragged", progress=False, stream_memory=stream_memory)
+    whole = shrink_layerwise(src, tmp_path / "whole", **kw)
+    work = tmp_path / "work"
+    done = []
+    for stop in stops:
+        _interrupt_at(monkeypatch, stop)
+        with pytest.raises(KeyboardInterrupt):
+            shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+        monkeypatch.undo()
+        assert not (tmp_path / "out").exists() and (work / "headslim-work.json").is_file()
+        state = json.loads((work / "headslim-work.json").read_text())["state"]
+        done.append((state["pass"], state["layers_done"]))
+        assert not [p for p in work.iterdir() if p.name.endswith(".partial")]
+    resumed = shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    assert (resumed["resumed"]["pass"], resumed["resumed"]["layers_done"]) == done[-1]
+    assert resumed["scores"] == whole["scores"] and resumed["repair"] == whole["repair"]
+    assert resumed["plan"]["attention"] == whole["plan"]["attention"]
+    _same_shards(tmp_path / "whole", tmp_path / "out")
+    assert not work.exists()  # the run made it, so the run removes it
+    assert whole["resumed"] is None
+
+
+def test_work_dir_states_by_pass_and_a_second_interrupt(tmp_path, monkeypatch):
+    """Which layer the committed state names, for the interrupts of the test above (4 layers, 4 + 4 reads)."""
+    dense = tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=4)
+    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
+    kw = dict(prune=0.5, batches=tiny_batches(5), progress=False, work_dir=work)
+    expected = {3: (1, 2), 5: (2, 0), 7: (2, 2)}  # read n fails: layers before it are done
+    for stop, (pass_, layers_done) in expected.items():
+        _interrupt_at(monkeypatch, stop)
+        with pytest.raises(KeyboardInterrupt):
+            shrink_layerwise(src, tmp_path / "out", **kw)
+        monkeypatch.undo()
+        state = json.loads((work / "headslim-work.json").read_text())["state"]
+        assert (state["pass"], state["layers_done"]) == (pass_, layers_done)
+        streams = sorted(p.name for p in work.glob("streams-*"))
+        assert streams == ([f"streams-{pass_}-{layers_done}.safetensors"] if layers_done else [])
+        assert sorted(p.name for p in work.glob("model-*")) == [f"model-{i + 1:05d}-of-00005.safetensors"
+                                                               for i in range(layers_done if pass_ == 2 else 0)]
+        import shutil
+        shutil.rmtree(work)
+
+
+def test_work_dir_refusals_are_one_line_and_touch_nothing(tmp_path, monkeypatch):
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
+    kw = dict(batches=tiny_batches(4), progress=False)
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        shrink_layerwise(src, tmp_path / "out", prune=0.5, work_dir=work, **kw)
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    with pytest.raises(HeadslimError, match=r"holds a run with other prune; rerun with the same") as e:
+        shrink_layerwise(src, tmp_path / "out", prune=0.25, work_dir=work, **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(HeadslimError, match="other calibration batches"):
+        shrink_layerwise(src, tmp_path / "out", prune=0.5, work_dir=work, batches=tiny_batches(3), progress=False)
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before and not (tmp_path / "out").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(HeadslimError, match="is not empty and holds no headslim run"):
+        shrink_layerwise(src, tmp_path / "out", prune=0.5, work_dir=foreign, **kw)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    for bad, match in [(tmp_path / "out", "must be separate directories"),
+                       (tmp_path / "out" / "w", "must be separate directories"),
+                       (src / "w", "inside the model dir")]:
+        with pytest.raises(HeadslimError, match=match):
+            shrink_layerwise(src, tmp_path / "out", prune=0.5, work_dir=bad, **kw)
+        assert not bad.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_work_dir_the_user_made_stays_and_is_empty_after(tmp_path):
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
+    work.mkdir()
+    report = shrink_layerwise(src, tmp_path / "out", prune=0.5, batches=tiny_batches(4), progress=False, work_dir=work)
+    assert report["resumed"] is None and work.is_dir() and list(work.iterdir()) == []
+    assert load_pruned(tmp_path / "out").headslim_plan.kept_heads == report["plan"]["attention"]["kept_heads"]
+
+
+def test_undone_repair_with_a_work_dir_leaves_its_linked_shards_alone(tmp_path, monkeypatch):
+    """When the final check undoes the repair, the output's shards are rewritten as new files: the work
+    dir's (hard-linked) copies are not changed under it."""
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
+    kw = dict(prune=0.5, batches=tiny_batches(4), progress=False)
+    monkeypatch.setattr(offload, "_mean_kls", lambda ref, others, *a: [1.0, 2.0])  # repair made it worse
+    plain = shrink_layerwise(src, tmp_path / "plain", repair=True, **kw)
+    assert not plain["repair"]["applied"]
+    restore, seen = offload._restore_o_proj, {}
+
+    def spying(path, *args):
+        seen[path.name] = (work / path.name).read_bytes()
+        restore(path, *args)
+        assert (work / path.name).read_bytes() == seen[path.name]  # the work dir's copy is untouched
+
+    monkeypatch.setattr(offload, "_restore_o_proj", spying)
+    worked = shrink_layerwise(src, tmp_path / "worked", work_dir=work, **kw)
+    assert seen and worked["repair"] == plain["repair"]
+    _same_shards(tmp_path / "plain", tmp_path / "worked")
+
+
+def test_cli_work_dir_interrupt_says_how_to_resume_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    from headslim.cli import main
+
+    src, texts = _cli_model(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "cli"
+    argv = ["shrink", str(src), "--layerwise", "--prune", "0.5", "--calib", str(texts), "--batch-size", "2",
+            "--max-length", "16", "--out", str(out), "--no-progress", "--work-dir", str(work)]
+    _interrupt_at(monkeypatch, 3)  # 2 layers: pruning layer 0
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"finished layers are kept in {work}; run the same command again to resume" in err and not out.exists()
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out and not work.exists()
+    assert main([*argv[:-2], "--out", str(tmp_path / "plain")]) == 0  # the same run without a work dir
+    _same_shards(tmp_path / "plain", out)
