@@ -70,8 +70,8 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--layerwise", action="store_true",
                      help="Llama-family causal LMs larger than memory: one layer's weights in memory at a time "
                           "(read from the safetensors shards, scored by the function norm of each head's output, "
-                          "pruned, repaired and written as its own shard); takes --prune, --gqa, --no-repair, "
-                          "--min-heads-per-layer and the calibration options")
+                          "pruned, repaired and written as its own shard); takes --prune, --prune-ffn, --gqa, "
+                          "--no-repair, --min-heads-per-layer, --min-neurons-per-layer and the calibration options")
     opt.add_argument("--stream-memory", type=float, default=None, metavar="GIB",
                      help="--layerwise: GiB of carried calibration streams kept in memory; the rest is spilled to "
                           "safetensors files, removed at the end (default: no limit)")
@@ -189,6 +189,9 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
 
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HeadslimError("--layerwise runs in one process, not under torchrun")
+    if getattr(args, "ffn_method", None) is not None:
+        raise HeadslimError(f"--layerwise does not take --ffn-method {args.ffn_method} (it scores FFN neurons by the "
+                            "function norm of their output, layer-local)")
     if args.stream_memory is not None and not args.stream_memory >= 0:
         raise HeadslimError(f"--stream-memory must be >= 0 GiB, not {args.stream_memory}")
     if args.spill_dir is not None and not Path(args.spill_dir).is_dir():
@@ -203,7 +206,7 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
                   file=sys.stderr)
         raise
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "scores"}, indent=2))
+        print(json.dumps({k: v for k, v in report.items() if k not in ("scores", "neuron_scores")}, indent=2))
         return 0
     kept = report["plan"]["attention"]["kept_heads"]
     before = report["plan"]["attention"]["num_heads"]
@@ -211,6 +214,10 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
     for layer, (n, k) in enumerate(zip(before, kept)):
         print(f"{layer:>5}  {n:>12}  {len(k):>11}  {' '.join(map(str, k)) or '-'}")
     print(f"{'all':>5}  {report['heads_before']:>12}  {report['heads_after']:>11}")
+    mlp = report["plan"].get("mlp")
+    if mlp:
+        after = [len(k) for k in mlp["kept_neurons"]]
+        print(f"FFN neurons per layer: {mlp['num_neurons']} -> {after} ({sum(after)} of {sum(mlp['num_neurons'])} kept)")
     c = report["calibration"]
     print(f"method: {report['plan']['provenance']['method']} (layer at a time, at most "
           f"{report['max_layers_in_memory']} layer in memory), {c['n_samples']} calibration samples of {c['source']}")

@@ -14,9 +14,14 @@ Two passes over the layers:
    attention output, ``sum_t ||W_O[:, h] c_h(t)||^2`` over real tokens (the "function norm" of
    Lin et al. 2020): a layer-local quantity, but every layer's contribution lands in the same
    residual stream, so scores of different layers are comparable. The global head budget is then
-   split over layers by :func:`headslim.gqa.select_gqa` (GQA modes as for ``shrink``).
-2. **Prune, repair, write.** Each layer is read again, pruned (``Adapter.prune_block``), its output
-   projection re-fitted as ``headslim.repair`` does with ``inputs="pruned"`` (the dense layer's and
+   split over layers by :func:`headslim.gqa.select_gqa` (GQA modes as for ``shrink``). With
+   ``prune_ffn``, each FFN neuron is scored the same way, ``||W_down[:, j]||^2 sum_t a_j(t)^2`` (its
+   contribution to the FFN output), and the neuron budget is chosen globally
+   (:func:`headslim.selection.select_neurons`), separately from the heads' (two budgets, as
+   ``shrink --prune --prune-ffn``).
+2. **Prune, repair, write.** Each layer is read again, pruned (``Adapter.prune_block``,
+   ``Adapter.prune_mlp``), its output and down projections re-fitted as ``headslim.repair`` does with
+   ``inputs="pruned"`` (attention first, then the FFN through the repaired attention; the dense layer's and
    the pruned, already repaired, model's streams carried side by side; the same moments, ridge
    solve and per-layer held-out decision, reusing repair's helpers), and written as its own shard.
    The final held-out check of repair (mean ``KL(dense || pruned)`` of next-token predictions over
@@ -288,15 +293,13 @@ def _write_layer(path: Path, layer: nn.Module, prefix: str, dtype: torch.dtype) 
                                   for k, v in layer.state_dict().items()])
 
 
-def _restore_o_proj(path: Path, name: str, ckpt: Checkpoint, keys: dict, kept: list[int], head_dim: int) -> None:
-    """Put the plain sliced output projection ``name`` (the dense one's columns of the ``kept`` heads,
-    re-read from the checkpoint) back into a written layer shard."""
+def _restore_projection(path: Path, name: str, ckpt: Checkpoint, keys: dict, columns: torch.Tensor) -> None:
+    """Put the plain sliced output projection ``name`` (the dense one's input ``columns``: the kept
+    heads' or neurons', re-read from the checkpoint) back into a written layer shard."""
     from safetensors.torch import load_file, save_file
 
-    from headslim.arch.stubs import head_rows
-
     state = load_file(str(path))  # one layer
-    weight = ckpt.get(keys[name + ".weight"]).index_select(1, head_rows(kept, head_dim))  # (d, k * D)
+    weight = ckpt.get(keys[name + ".weight"]).index_select(1, columns)  # (d, p)
     state[name + ".weight"] = weight.to(state[name + ".weight"].dtype).contiguous()
     if name + ".bias" in state:  # slicing input columns keeps the dense bias
         state[name + ".bias"] = ckpt.get(keys[name + ".bias"]).to(state[name + ".bias"].dtype).contiguous()
@@ -344,28 +347,39 @@ def _mean_kls(ref: torch.Tensor, others: list[torch.Tensor], head: Callable, voc
 
 
 @torch.no_grad()
-def _score_layer(stream: Stream, block, adapter, masks: list, n_heads: int, head_dim: int):
-    """``(scores (n_heads,) float64, the layer's outputs per batch)``: each head's summed squared
-    contribution ``||W_O[:, h] c_h||^2`` to the attention output over real tokens."""
+def _score_layer(stream: Stream, block, adapter, masks: list, n_heads: int, head_dim: int, neurons: bool = False):
+    """``(head scores (n_heads,) float64, neuron scores (F,) float64 or None, the layer's outputs per
+    batch)``: each head's summed squared contribution ``||W_O[:, h] c_h||^2`` to the attention output
+    over real tokens; with ``neurons``, each FFN neuron's to the FFN output, ``||W_down[:, j]||^2 sum_t a_j^2``
+    (its activation ``a_j``: what the down projection reads)."""
     o_proj = adapter.o_proj(block)
     w = weight_out_in(o_proj).detach().double()  # (d, H * D)
     w = w.view(w.shape[0], n_heads, head_dim)
     gram = torch.einsum("khd,khe->hde", w, w)  # (H, D, D): W_h^T W_h
     moment = torch.zeros_like(gram)  # (H, D, D): sum_t c_h c_h^T
     got: dict = {}
-    handle = o_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("c", args[0]))
+    handles = [o_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("c", args[0]))]
+    if neurons:
+        down = adapter.down_proj(block)
+        column_norms = weight_out_in(down).detach().double().pow(2).sum(0)  # (F,)
+        energy = torch.zeros_like(column_norms)  # (F,): sum_t a_j^2
+        handles.append(down.register_forward_pre_hook(lambda module, args: got.__setitem__("a", args[0])))
     outputs = Store(stream.spill)
     try:
         for i, mask in enumerate(masks):
             outputs.append(stream.run(i))
             c = got.pop("c")[mask].double().view(-1, n_heads, head_dim)  # (N, H, D)
             moment += torch.einsum("nhd,nhe->hde", c, c)
+            if neurons:
+                energy += got.pop("a")[mask].double().pow(2).sum(0)
     finally:
-        handle.remove()
-    return (gram * moment).sum((1, 2)), outputs
+        for handle in handles:
+            handle.remove()
+    return (gram * moment).sum((1, 2)), (column_norms * energy if neurons else None), outputs
 
 
-def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_per_layer: int, overwrite: bool):
+def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_per_layer: int, overwrite: bool,
+                  prune_ffn=None, min_neurons_per_layer: int = 0):
     """Every check that needs no weights: ``(path, config, adapter)``; one-line errors, nothing written."""
     from headslim.gqa import GQA_MODES
     from headslim.io import _load_config, _model_dir, check_output_dir
@@ -389,7 +403,19 @@ def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_
         raise HeadslimError(f"unknown --gqa mode {gqa!r}; available: {', '.join(GQA_MODES)}")
     if not 0.0 <= holdout < 1.0:
         raise HeadslimError("holdout must be in [0, 1)")
-    check_prune_target(prune, config, min_heads_per_layer)
+    if prune_ffn is None or prune != 0:  # --prune 0 with --prune-ffn: neurons only
+        check_prune_target(prune, config, min_heads_per_layer)
+    if prune_ffn is not None:
+        if isinstance(prune_ffn, bool) or not isinstance(prune_ffn, (int, float)) or prune_ffn < 0 \
+                or (isinstance(prune_ffn, float) and prune_ffn >= 1.0):
+            raise HeadslimError(f"--prune-ffn {prune_ffn!r}: give a fraction in [0, 1) or a neuron count")
+        if min_neurons_per_layer < 0:
+            raise HeadslimError("--min-neurons-per-layer must be >= 0")
+        width, layers = adapter.intermediate_size(config), int(config.num_hidden_layers)
+        n = int(round(prune_ffn * width * layers)) if isinstance(prune_ffn, float) else prune_ffn
+        if n > width * layers - layers * min(min_neurons_per_layer, width):
+            raise HeadslimError(f"cannot remove {n} of {width * layers} FFN neurons while keeping "
+                                f"{min_neurons_per_layer} per layer")
     return path, config, adapter
 
 
@@ -439,7 +465,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | int, batches: list[dict],
                      gqa: str = "uniform", holdout: float = 0.25, repair: bool = True, ridge: float = 1e-2,
-                     min_heads_per_layer: int = 1, dtype: torch.dtype | None = None, overwrite: bool = False,
+                     min_heads_per_layer: int = 1, prune_ffn: float | int | None = None,
+                     min_neurons_per_layer: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
                      spill_dir: str | Path | None = None, work_dir: str | Path | None = None) -> dict:
     """Score, select, prune, repair and write a Llama-family causal LM one layer at a time; see the module docstring.
@@ -454,6 +481,11 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
             overall whether the re-fit is kept; 0 keeps every fit unchecked).
         repair: re-fit each pruned layer's output projection.
         min_heads_per_layer: query heads every layer keeps at least.
+        prune_ffn: fraction (float in [0, 1)) or number (int) of FFN neurons to remove, scored by the
+            function norm of their contribution to the FFN output and chosen globally; their down
+            projections are re-fitted as the output projections are. None: the FFNs stay whole.
+            With it, ``prune`` may be 0 (neurons only).
+        min_neurons_per_layer: FFN neurons every layer keeps at least (0: a layer may lose its FFN).
         dtype: compute and output dtype; None: the checkpoint's (its input embedding's) dtype.
         overwrite: replace an existing ``out`` written by headslim.
         provenance: merged into the plan's provenance (calibration source, ...).
@@ -477,7 +509,8 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
     """
     with Spill(stream_memory, spill_dir) as spill:
         report = _shrink_layerwise(model_dir, out, prune=prune, batches=batches, gqa=gqa, holdout=holdout,
-                                   repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer, dtype=dtype,
+                                   repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer,
+                                   prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer, dtype=dtype,
                                    overwrite=overwrite, provenance=provenance, progress=progress, spill=spill,
                                    work_dir=work_dir)
         report["spill"] = {"limit_bytes": stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
@@ -485,18 +518,20 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
         return report
 
 
-def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, dtype,
+def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, prune_ffn,
+                      min_neurons_per_layer, dtype,
                       overwrite, provenance, progress, spill: Spill, work_dir) -> dict:
     from tqdm.auto import tqdm
 
     from headslim.autoload import CONFIG_KEY, config_record
-    from headslim.gqa import select_gqa
     from headslim.io import atomic_output_dir
     from headslim.pipeline import base_provenance
+    from headslim.selection import select_plan
 
     t0 = time.perf_counter()
     path, config, adapter = _check_inputs(model_dir, out, prune=prune, gqa=gqa, holdout=holdout,
-                                          min_heads_per_layer=min_heads_per_layer, overwrite=overwrite)
+                                          min_heads_per_layer=min_heads_per_layer, overwrite=overwrite,
+                                          prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer)
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     if not batches or any("input_ids" not in b or "attention_mask" not in b for b in batches):
         raise HeadslimError("layer-at-a-time shrink needs calibration batches with input_ids and attention_mask")
@@ -536,13 +571,17 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         if w.is_relative_to(path.resolve()):
             raise HeadslimError(f"--work-dir {work_dir} is inside the model dir {path}; give one outside it")
         work = WorkDir(work_dir, _fingerprint(path, batches, prune=prune, gqa=gqa, holdout=holdout, repair=repair,
-                                              ridge=ridge, min_heads_per_layer=min_heads_per_layer, dtype=dtype))
+                                              ridge=ridge, min_heads_per_layer=min_heads_per_layer,
+                                              prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer,
+                                              dtype=dtype))
 
     # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
     masks = [b["attention_mask"].bool() for b in batches]  # (B, T)
     state = work.state if work is not None else None  # what an interrupted run finished
     resumed = None if state is None else {"pass": state["pass"], "layers_done": state["layers_done"]}
     scores = torch.zeros(n_layers, max(num_heads), dtype=torch.float64)
+    widths = adapter.num_neurons(model) if prune_ffn is not None else None
+    neuron_scores = torch.zeros(n_layers, max(widths), dtype=torch.float64) if widths else None
     if state is None or state["pass"] == 1:
         done = 0 if state is None else state["layers_done"]
         hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill)
@@ -550,36 +589,53 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         hidden.clear()
         if done:
             scores[:done] = torch.tensor(state["scores"], dtype=torch.float64)
+            if widths:
+                neuron_scores[:done] = torch.tensor(state["neuron_scores"], dtype=torch.float64)
             dense.hidden.clear()
             dense.hidden, dense.layer = work.streams(spill)["dense"], done
         for index in tqdm(range(done, n_layers), desc="scoring layers", unit="layer", initial=done, total=n_layers,
                           disable=not progress, leave=False):
             block = load(index)
-            scores[index, :num_heads[index]], outputs = _score_layer(dense, block, adapter, masks, num_heads[index],
-                                                                     head_dim)
+            heads, neurons, outputs = _score_layer(dense, block, adapter, masks, num_heads[index], head_dim,
+                                                   neurons=bool(widths))
+            scores[index, :num_heads[index]] = heads
+            if widths:
+                neuron_scores[index, :widths[index]] = neurons
             dense.advance(outputs)
             _free(block)
             if work is not None:
-                work.commit({"pass": 1, "layers_done": index + 1, "scores": scores[:index + 1].tolist()},
+                work.commit({"pass": 1, "layers_done": index + 1, "scores": scores[:index + 1].tolist(),
+                             "neuron_scores": neuron_scores[:index + 1].tolist() if widths else None},
                             {"dense": dense.hidden})
         dense.hidden.clear()
         del dense
         info = {"source_model": str(path), "method": METHOD, "layerwise": True,
                 "calibration": {"n_batches": len(batches), "n_samples": sum(len(m) for m in masks),
                                 "tokens": int(sum(int(m.sum()) for m in masks))}}
-        plan = select_gqa(scores, kv_maps(model), prune=prune, mode=gqa, min_per_layer=min_heads_per_layer,
-                          provenance={**base_provenance(0, **info), **(provenance or {})})
-        state = {"pass": 2, "layers_done": 0, "scores": scores.tolist(), "plan": plan.to_dict()}
+        plan = select_plan(scores, num_heads, prune=prune, min_per_layer=min_heads_per_layer, kv_head_of_q=kv_maps(model),
+                           gqa=gqa, neuron_scores=neuron_scores, num_neurons=widths, prune_ffn=prune_ffn,
+                           min_neurons_per_layer=min_neurons_per_layer,
+                           provenance={**base_provenance(0, **info), **(provenance or {})})
+        state = {"pass": 2, "layers_done": 0, "scores": scores.tolist(), "plan": plan.to_dict(),
+                 "neuron_scores": neuron_scores.tolist() if widths else None}
         if work is not None:  # the dense stream's file goes: pass 2 starts from the embeddings again
             work.commit(state)
     else:
         scores = torch.tensor(state["scores"], dtype=torch.float64)
+        if widths:
+            neuron_scores = torch.tensor(state["neuron_scores"], dtype=torch.float64)
         plan = PrunePlan.from_dict(state["plan"])
     t_scored = time.perf_counter()
 
     # ---- pass 2: prune, repair and write each layer ----------------------------------------------
-    sites = [layer for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads))
-             if len(kept) < n and (kept or adapter.keeps_bias_projection)] if repair else []
+    kept_neurons = plan.kept_neurons if plan.num_neurons is not None else [None] * n_layers
+    sites = []  # (layer, kind): the output projections repair re-fits
+    for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
+        if repair and len(kept) < n and (kept or adapter.keeps_bias_projection):
+            sites.append((layer, "attention"))
+        if repair and kept_neurons[layer] is not None and len(kept_neurons[layer]) < plan.num_neurons[layer] \
+                and (kept_neurons[layer] or adapter.keeps_bias_projection):
+            sites.append((layer, "mlp"))
     report = RepairReport(applied=False, inputs="pruned", ridge=ridge) if repair else None
     fit_batches, is_val, held_out = _split(batches, holdout) if repair else (batches, [False] * len(batches), {})
     if report is not None:
@@ -614,7 +670,8 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     shards = [SHARD.format(i + 1, n_layers + 1) for i in range(n_layers + 1)]
     weight_map: dict[str, str] = state.get("weight_map", {})
     total = state.get("total", 0)
-    fitted: dict[int, str] = {int(k): v for k, v in state.get("fitted", {}).items()}  # layer -> its re-fitted O's name
+    # layer -> [(name, kind)] of its re-fitted output projections
+    fitted: dict[int, list] = {int(k): [tuple(f) for f in v] for k, v in state.get("fitted", {}).items()}
     if report is not None and done:
         report.layers = state["repair_layers"]
     with atomic_output_dir(out, overwrite=overwrite, inputs=(path,)) as tmp:
@@ -624,32 +681,38 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         for index in bar:
             block = load(index)
             kept, n = plan.kept_heads[index], plan.num_heads[index]
-            site = (index, "attention")
+            here = [site for site in ((index, "attention"), (index, "mlp")) if site in sites]
             if sites:
-                refs, outputs = Store(spill), Store(spill)
-                for i, mask in enumerate(fit_masks):  # the dense layer: its outputs and the fit's references
-                    out_i, got = _run_layer(dense, i, [site] if index in sites else [], want_input=True, stop=False)
+                refs, outputs = {site: Store(spill) for site in here}, Store(spill)
+                for i, mask in enumerate(fit_masks):  # the dense layer: its outputs and the fits' references
+                    out_i, got = _run_layer(dense, i, here, want_input=True, stop=False)
                     outputs.append(out_i)
-                    if index in sites:
-                        refs.append((got[site]["y"] + got[site]["x"])[mask])  # (N, d)
+                    for site in here:
+                        refs[site].append((got[site]["y"] + got[site]["x"])[mask])  # (N, d)
+                del got
             if len(kept) < n:
                 adapter.prune_block(block, kept)
-            if index in sites:
-                o_proj = adapter.o_proj(block)
-                bias = _has_bias(o_proj)
-                w0 = _o_weight(o_proj)
+            if kept_neurons[index] is not None and len(kept_neurons[index]) < plan.num_neurons[index]:
+                adapter.prune_mlp(block, kept_neurons[index])
+            plain_out = None
+            for site in here:
+                kind = site[1]
+                proj = adapter.o_proj(block) if kind == "attention" else adapter.down_proj(block)
+                cols = kept if kind == "attention" else kept_neurons[index]
+                bias = _has_bias(proj)
+                w0 = _o_weight(proj)
                 fit, val = {}, {}  # filled by _add (zeros first, as repair's _empty, would double the peak)
                 for i, (mask, v) in enumerate(zip(fit_masks, is_val)):
                     cur = _run_layer(pruned, i, [site], want_input=True, stop=True)[1][site]
-                    x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
-                    _add(val if v else fit, x, refs[i] - cur["x"][mask], bias)  # target y_dense + x_dense - x_pruned
-                refs.clear()
-                del refs, x, cur
+                    x = cur["c"][mask] if cols else cur["c"][mask][:, :0]  # (N, p)
+                    _add(val if v else fit, x, refs[site][i] - cur["x"][mask], bias)  # y_dense + x_dense - x_pruned
+                refs[site].clear()
+                del x, cur
                 _release_memory()  # the fit's temporaries, before the solve's
-                if plain is not None:
+                if plain is not None and plain_out is None:  # before any fit of this layer is applied
                     plain_out = Store(spill, (plain.run(i) for i in range(len(plain.hidden))))
                 w_fit = _solve(fit, w0, ridge, bias)
-                entry = {"layer": index, "kind": "attention", "heads": len(kept),
+                entry = {"layer": index, "kind": kind, ("heads" if kind == "attention" else "neurons"): len(cols),
                          "fit_before": _error(w0, fit) / max(fit["C"], 1e-30),
                          "fit_after": _error(w_fit, fit) / max(fit["C"], 1e-30)}
                 apply = True
@@ -663,15 +726,16 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                         w_fit = _solve(fit, w0, ridge, bias)
                 entry["applied"] = bool(apply)
                 if apply:
-                    _set_o_weight(o_proj, w_fit)
-                    local = {id(m): name for name, m in block.named_modules()}[id(o_proj)]
-                    fitted[index] = prefixes[index] + local
+                    _set_o_weight(proj, w_fit)
+                    local = {id(m): name for name, m in block.named_modules()}[id(proj)]
+                    fitted.setdefault(index, []).append((prefixes[index] + local, kind))
                 report.layers.append(entry)
                 del fit, val, w0, w_fit
                 _release_memory()
-            elif plain is not None:
+            if plain is not None and plain_out is None:
                 plain_out = Store(spill, (plain.run(i) for i in range(len(plain.hidden))))
             if sites:
+                del refs
                 dense.advance(outputs)
                 pruned.advance()
                 if plain is not None:
@@ -707,8 +771,13 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                             "n_batches": len(val_index), "n_held_out": held_out["n_held_out"],
                             "unit": held_out["unit"]}
             if report.applied and metric_after >= metric_before:  # undo: the plain sliced projections
-                for index, name in fitted.items():
-                    _restore_o_proj(tmp / shards[index], name, ckpt, keys, plan.kept_heads[index], head_dim)
+                from headslim.arch.stubs import head_rows
+
+                for index, projections in fitted.items():
+                    for name, kind in projections:
+                        columns = head_rows(plan.kept_heads[index], head_dim) if kind == "attention" else \
+                            torch.tensor(kept_neurons[index], dtype=torch.long)
+                        _restore_projection(tmp / shards[index], name, ckpt, keys, columns)
                 report.applied = False
                 for e in report.layers:
                     e["applied"] = False
@@ -736,6 +805,9 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         work.finish()
     t_end = time.perf_counter()
     return {"out": str(out), "plan": plan.to_dict(), "scores": scores.tolist(), "resumed": resumed,
+            "neuron_scores": neuron_scores.tolist() if widths else None,
+            "neurons_before": sum(plan.num_neurons) if plan.num_neurons else None,
+            "neurons_after": sum(plan.neurons_after) if plan.num_neurons else None,
             "heads_before": sum(plan.num_heads), "heads_after": sum(plan.heads_after),
             "repair": report.to_dict() if report is not None else None,
             "max_layers_in_memory": peak[0], "bytes_written": total, "dtype": str(dtype).removeprefix("torch."),
@@ -754,7 +826,6 @@ def check_layerwise_config(config) -> None:
     """One-line refusals for the ``shrink`` settings the layer-at-a-time path does not have."""
     unsupported = [(config.method != "fisher", f"--method {config.method} (it scores with the whole model in memory; "
                                                f"--layerwise scores each head by its {METHOD}, layer-local)"),
-                   (config.prune_ffn is not None, "--prune-ffn"),
                    (config.target_speedup is not None, "--target-speedup"),
                    (config.plan is not None, "--plan"),
                    (config.objective != "dense", "--objective task"),
@@ -788,6 +859,7 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
     calibration = {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib), "max_length": max_length}
     report = shrink_layerwise(src, out, prune=config.prune, batches=calib_batches, gqa=config.gqa,
                               repair=config.repair, min_heads_per_layer=config.min_heads_per_layer,
+                              prune_ffn=config.prune_ffn, min_neurons_per_layer=config.min_neurons_per_layer,
                               overwrite=config.overwrite, progress=config.progress,
                               provenance={"calibration": calibration, "seed": config.seed},
                               stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir)

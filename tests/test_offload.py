@@ -266,7 +266,7 @@ def test_cli_layerwise_shrink_writes_what_the_api_writes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,match", [(["--method", "gradient"], "--method gradient"),
-                                         (["--prune-ffn", "0.2"], "--prune-ffn"),
+                                         (["--prune-ffn", "0.2", "--ffn-method", "fisher"], "--ffn-method fisher"),
                                          (["--objective", "task"], "--objective task")])
 def test_cli_layerwise_refusals_are_one_line(tmp_path, capsys, extra, match):
     from headslim.cli import main
@@ -497,14 +497,14 @@ def test_undone_repair_with_a_work_dir_leaves_its_linked_shards_alone(tmp_path, 
     monkeypatch.setattr(offload, "_mean_kls", lambda ref, others, *a: [1.0, 2.0])  # repair made it worse
     plain = shrink_layerwise(src, tmp_path / "plain", repair=True, **kw)
     assert not plain["repair"]["applied"]
-    restore, seen = offload._restore_o_proj, {}
+    restore, seen = offload._restore_projection, {}
 
     def spying(path, *args):
         seen[path.name] = (work / path.name).read_bytes()
         restore(path, *args)
         assert (work / path.name).read_bytes() == seen[path.name]  # the work dir's copy is untouched
 
-    monkeypatch.setattr(offload, "_restore_o_proj", spying)
+    monkeypatch.setattr(offload, "_restore_projection", spying)
     worked = shrink_layerwise(src, tmp_path / "worked", work_dir=work, **kw)
     assert seen and worked["repair"] == plain["repair"]
     _same_shards(tmp_path / "plain", tmp_path / "worked")
@@ -517,7 +517,7 @@ def test_cli_work_dir_interrupt_says_how_to_resume_and_the_rerun_resumes(tmp_pat
     work, out = tmp_path / "work", tmp_path / "cli"
     argv = ["shrink", str(src), "--layerwise", "--prune", "0.5", "--calib", str(texts), "--batch-size", "2",
             "--max-length", "16", "--out", str(out), "--no-progress", "--work-dir", str(work)]
-    _interrupt_at(monkeypatch, 3)  # 2 layers: pruning layer 0
+    _interrupt_at(monkeypatch, 3)  # 3 layers: scoring layer 2
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert f"finished layers are kept in {work}; run the same command again to resume" in err and not out.exists()
@@ -526,3 +526,147 @@ def test_cli_work_dir_interrupt_says_how_to_resume_and_the_rerun_resumes(tmp_pat
     assert "resumed from" in capsys.readouterr().out and not work.exists()
     assert main([*argv[:-2], "--out", str(tmp_path / "plain")]) == 0  # the same run without a work dir
     _same_shards(tmp_path / "plain", out)
+
+
+# ---- FFN neurons on the layer-at-a-time path ------------------------------------------------------
+
+
+@torch.no_grad()
+def _reference_neuron_scores(model, batches) -> torch.Tensor:
+    """Each FFN neuron's ``||W_down[:, j]||^2 sum_t a_j(t)^2`` over real tokens, from hooks on the whole model."""
+    adapter = get_adapter(model)
+    blocks = adapter.mlp_blocks(model)
+    widths = adapter.num_neurons(model)
+    scores = torch.zeros(len(blocks), max(widths), dtype=torch.float64)
+    got = {}
+    handles = [adapter.down_proj(b).register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(i, a[0]))
+               for i, b in enumerate(blocks)]
+    try:
+        for batch in batches:
+            model(**batch)
+            mask = batch["attention_mask"].bool()
+            for layer, block in enumerate(blocks):
+                w = weight_out_in(adapter.down_proj(block)).double()  # (d, F)
+                a = got[layer][mask].double()  # (N, F)
+                for j in range(widths[layer]):  # the contribution itself, not the factored form
+                    scores[layer, j] += torch.outer(a[:, j], w[:, j]).pow(2).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores
+
+
+FFN_CASES = [  # (model_type, class, gqa mode, heads pruned, neurons pruned, min neurons per layer, batches)
+    ("llama", "LlamaForCausalLM", "uniform", 0.5, 0.3, 0, 5),
+    ("qwen3", "Qwen3ForCausalLM", "ragged", 0, 0.5, 0, 4),  # neurons only
+    ("mistral", "MistralForCausalLM", "uniform", 0.25, 0.6, 2, 4),
+    ("qwen2", "Qwen2ForCausalLM", "kv-groups", 0.5, "all but one", 0, 5),  # a layer loses its whole FFN
+]
+
+
+@pytest.mark.parametrize("model_type,class_name,mode,prune,prune_ffn,min_neurons,n_batches", FFN_CASES)
+def test_heads_and_ffn_neurons_equal_the_in_memory_path(tmp_path, model_type, class_name, mode, prune, prune_ffn,
+                                                        min_neurons, n_batches):
+    from headslim.selection import select_plan
+
+    dense = tiny_decoder(model_type, class_name)
+    adapter = get_adapter(dense)
+    widths = adapter.num_neurons(dense)
+    if prune_ffn == "all but one":
+        prune_ffn = sum(widths) - 1
+    batches = tiny_batches(n_batches)
+    src = _dense_dir(tmp_path, dense)
+    report = shrink_layerwise(src, tmp_path / "out", prune=prune, prune_ffn=prune_ffn, batches=batches, gqa=mode,
+                              min_neurons_per_layer=min_neurons, progress=False)
+
+    heads, neurons = _reference_scores(dense, batches), _reference_neuron_scores(dense, batches)
+    torch.testing.assert_close(torch.tensor(report["neuron_scores"], dtype=torch.float64), neurons, rtol=1e-5,
+                               atol=1e-9)
+    plan = select_plan(heads, adapter.num_heads(dense), prune=prune, kv_head_of_q=kv_maps(dense), gqa=mode,
+                       neuron_scores=neurons, num_neurons=widths, prune_ffn=prune_ffn,
+                       min_neurons_per_layer=min_neurons)
+    assert report["plan"]["attention"]["kept_heads"] == plan.kept_heads
+    assert report["plan"]["mlp"]["kept_neurons"] == plan.kept_neurons
+    assert report["neurons_after"] == sum(plan.neurons_after) < sum(widths)
+    if min_neurons:
+        assert min(plan.neurons_after) >= min_neurons
+    if isinstance(prune_ffn, int):
+        assert sorted(plan.neurons_after)[0] == 0  # the case it stands for
+
+    model = prune_heads(copy.deepcopy(dense), plan)
+    expected = repair(model, dense, plan, batches, progress=False)
+    got = report["repair"]
+    assert [(e["layer"], e["kind"], e["applied"]) for e in got["layers"]] == \
+        [(e["layer"], e["kind"], e["applied"]) for e in expected.layers]
+    assert any(e["kind"] == "mlp" for e in got["layers"])
+    for a, b in zip(got["layers"], expected.layers):
+        assert a["val_after"] == pytest.approx(b["val_after"], rel=1e-5)
+    assert got["applied"] == expected.applied
+    assert got["check"]["before"] == pytest.approx(expected.check["before"], rel=1e-6)
+    assert got["check"]["after"] == pytest.approx(expected.check["after"], rel=1e-6)
+
+    loaded = load_pruned(tmp_path / "out")
+    assert get_adapter(loaded).num_neurons(loaded) == plan.neurons_after
+    with torch.no_grad():
+        for seed in range(2):
+            inputs = tiny_inputs(seed=seed + 7)
+            torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_undone_repair_restores_the_plain_sliced_down_projections(tmp_path, monkeypatch):
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    monkeypatch.setattr(offload, "_mean_kls", lambda *args: [0.0, 1.0])  # "repair made it worse"
+    report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=0.5, prune_ffn=0.5,
+                              batches=tiny_batches(5), progress=False)
+    assert not report["repair"]["applied"] and any(e["kind"] == "mlp" for e in report["repair"]["layers"])
+    from headslim.plan import PrunePlan
+
+    model = prune_heads(copy.deepcopy(dense), PrunePlan.from_dict(report["plan"]))
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=3)
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).logits, model(**inputs).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_ffn_pruning_resumes_from_a_work_dir(tmp_path, monkeypatch):
+    dense = tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=3)
+    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
+    kw = dict(prune=0.5, prune_ffn=0.4, batches=tiny_batches(4), progress=False)
+    whole = shrink_layerwise(src, tmp_path / "whole", **kw)
+    for stop in (2, 5):  # scoring layer 1; then, resumed there, pruning layer 2 (reads: 1, 2 scoring, 0, 1, 2)
+        _interrupt_at(monkeypatch, stop)
+        with pytest.raises(KeyboardInterrupt):
+            shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+        monkeypatch.undo()
+    resumed = shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    assert resumed["resumed"] == {"pass": 2, "layers_done": 2}
+    assert resumed["neuron_scores"] == whole["neuron_scores"] and resumed["repair"] == whole["repair"]
+    _same_shards(tmp_path / "whole", tmp_path / "out")
+
+
+def test_ffn_refusals_are_one_line(tmp_path):
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src = _dense_dir(tmp_path, dense)
+    total = sum(get_adapter(dense).num_neurons(dense))
+    for kwargs, match in [(dict(prune_ffn=1.5), "--prune-ffn 1.5: give a fraction"),
+                          (dict(prune_ffn=total, min_neurons_per_layer=1), f"cannot remove {total} of {total} FFN"),
+                          (dict(prune_ffn=0.2, min_neurons_per_layer=-1), "--min-neurons-per-layer must be >= 0")]:
+        with pytest.raises(HeadslimError, match=match):
+            shrink_layerwise(src, tmp_path / "out", prune=0.5, batches=tiny_batches(2), progress=False, **kwargs)
+    with pytest.raises(HeadslimError, match="--prune 0 heads"):  # --prune 0 without --prune-ffn
+        shrink_layerwise(src, tmp_path / "out", prune=0, batches=tiny_batches(2), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_layerwise_prunes_ffn_neurons(tmp_path, capsys):
+    from headslim.cli import main
+
+    src, texts = _cli_model(tmp_path)
+    argv = ["shrink", str(src), "--layerwise", "--prune", "0", "--prune-ffn", "0.25", "--calib", str(texts),
+            "--batch-size", "2", "--max-length", "16", "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "FFN neurons per layer: [37, 37, 37] -> " in out and "(83 of 111 kept)" in out  # 28 of 111 go
+    loaded = load_pruned(tmp_path / "cli")
+    assert sum(get_adapter(loaded).num_neurons(loaded)) == 83
+    assert get_adapter(loaded).num_heads(loaded) == [8, 8, 8]  # --prune 0: every head stays
