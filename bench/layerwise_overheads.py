@@ -32,7 +32,8 @@ import offload_1b  # noqa: E402  (bench/ is not a package)
 
 SHAPES = {"1b": dict(offload_1b.SHAPE),
           "small": {**offload_1b.SHAPE, "hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16,
-                    "num_key_value_heads": 4, "intermediate_size": 4096, "vocab_size": 32000}}
+                    "num_key_value_heads": 4, "intermediate_size": 4096, "vocab_size": 32000, "bos_token_id": 1,
+                    "eos_token_id": 2}}
 MODES = ("memory", "spill", "work-dir")
 
 
