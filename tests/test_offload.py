@@ -26,6 +26,19 @@ def _dense_dir(tmp_path, model, shard: bool = False):
     return path
 
 
+def _inputs_of(model, modules, batches):
+    """Per batch: ``(real-token mask, {layer: what modules[layer] was given})``, from hooks on the whole model."""
+    got = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, i=i: got.__setitem__(i, a[0])) for i, m in enumerate(modules)]
+    try:
+        for batch in batches:
+            model(**batch)
+            yield batch["attention_mask"].bool(), got
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def _reference_scores(model, batches) -> torch.Tensor:
     """Each query head's ``sum_t ||W_O[:, h] c_h(t)||^2`` over real tokens, from hooks on the whole model."""
@@ -33,22 +46,13 @@ def _reference_scores(model, batches) -> torch.Tensor:
     blocks, head_dim = adapter.attention_blocks(model), adapter.head_dim(model)
     n = adapter.num_heads(model)
     scores = torch.zeros(len(blocks), max(n), dtype=torch.float64)
-    got = {}
-    handles = [adapter.o_proj(b).register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(i, a[0]))
-               for i, b in enumerate(blocks)]
-    try:
-        for batch in batches:
-            model(**batch)
-            mask = batch["attention_mask"].bool()
-            for layer, block in enumerate(blocks):
-                w = weight_out_in(adapter.o_proj(block)).double()  # (d, H * D)
-                c = got[layer][mask].double()  # (N, H * D)
-                for h in range(n[layer]):
-                    cols = slice(h * head_dim, (h + 1) * head_dim)
-                    scores[layer, h] += (c[:, cols] @ w[:, cols].T).pow(2).sum()
-    finally:
-        for handle in handles:
-            handle.remove()
+    for mask, got in _inputs_of(model, [adapter.o_proj(b) for b in blocks], batches):
+        for layer, block in enumerate(blocks):
+            w = weight_out_in(adapter.o_proj(block)).double()  # (d, H * D)
+            c = got[layer][mask].double()  # (N, H * D)
+            for h in range(n[layer]):
+                cols = slice(h * head_dim, (h + 1) * head_dim)
+                scores[layer, h] += (c[:, cols] @ w[:, cols].T).pow(2).sum()
     return scores
 
 
@@ -538,21 +542,12 @@ def _reference_neuron_scores(model, batches) -> torch.Tensor:
     blocks = adapter.mlp_blocks(model)
     widths = adapter.num_neurons(model)
     scores = torch.zeros(len(blocks), max(widths), dtype=torch.float64)
-    got = {}
-    handles = [adapter.down_proj(b).register_forward_pre_hook(lambda m, a, i=i: got.__setitem__(i, a[0]))
-               for i, b in enumerate(blocks)]
-    try:
-        for batch in batches:
-            model(**batch)
-            mask = batch["attention_mask"].bool()
-            for layer, block in enumerate(blocks):
-                w = weight_out_in(adapter.down_proj(block)).double()  # (d, F)
-                a = got[layer][mask].double()  # (N, F)
-                for j in range(widths[layer]):  # the contribution itself, not the factored form
-                    scores[layer, j] += torch.outer(a[:, j], w[:, j]).pow(2).sum()
-    finally:
-        for handle in handles:
-            handle.remove()
+    for mask, got in _inputs_of(model, [adapter.down_proj(b) for b in blocks], batches):
+        for layer, block in enumerate(blocks):
+            w = weight_out_in(adapter.down_proj(block)).double()  # (d, F)
+            a = got[layer][mask].double()  # (N, F)
+            for j in range(widths[layer]):  # the contribution itself, not the factored form
+                scores[layer, j] += torch.outer(a[:, j], w[:, j]).pow(2).sum()
     return scores
 
 

@@ -236,20 +236,40 @@ def gate_gradients(model, batches, *, objective: str, seed: int, progress: bool,
             if per_sample:
                 gates = gates.expand(len(batch["input_ids"]), *gates.shape).clone()
             gates.requires_grad_(True)
-            with gated(model, gates):
-                out = forward(model, batch)
-            grads = []
-            for k in range(probes):
-                keep = k < probes - 1 or reference is not None
-                (g,) = torch.autograd.grad(probe(out, batch, objective, gen), gates, retain_graph=keep)
-                grads.append(g.detach().cpu().double())
-            first = None
-            if reference is not None:
-                target = reference[i].to(device) if reference[i] is not None else None
-                (first,) = torch.autograd.grad(discrepancy(out, batch, objective, target), gates)
-                first = first.detach().cpu().double()
-                first = first.sum(0) if per_sample else first
-            yield torch.stack(grads), first
+            target = (reference[i].to(device) if reference[i] is not None else None) if reference is not None else _NO_TARGET
+            grads, first = probe_gradients(model, batch, {"heads": gates}, objective, gen, probes, target)
+            if first is not None:
+                first = first["heads"].sum(0) if per_sample else first["heads"]
+            yield grads["heads"], first
+
+
+_NO_TARGET = object()  # probe_gradients: no exact gradient wanted
+
+
+def probe_gradients(model, batch: dict, gates: dict, objective: str, gen: torch.Generator, probes: int,
+                    target=_NO_TARGET) -> tuple[dict, dict | None]:
+    """One forward pass of ``batch`` with ``model`` gated by ``gates`` (``{"heads": ..., "neurons": ...}``,
+    either may be absent; tensors that require grad, shapes as :func:`headslim.gates.gated` takes),
+    then ``probes`` backward passes: ``({name: (probes, *gate shape) float64 on the CPU}, first)``,
+    each probe's gradient of :func:`probe` (draws from ``gen``), and ``first``, the exact gradient of
+    :func:`discrepancy` against ``target`` per name (``None`` when no ``target`` is given; a ``None``
+    target is the task objective's). What ``gate_gradients`` and ``scoring.neurons.structure_gradients``
+    share."""
+    with gated(model, gates.get("heads"), neurons=gates.get("neurons")):
+        out = forward(model, batch)
+    names = list(gates)
+    wrt = [gates[name] for name in names]
+    want_first = target is not _NO_TARGET
+    grads: dict = {name: [] for name in names}
+    for k in range(probes):
+        got = torch.autograd.grad(probe(out, batch, objective, gen), wrt, retain_graph=k < probes - 1 or want_first)
+        for name, g in zip(names, got):
+            grads[name].append(g.detach().cpu().double())
+    first = None
+    if want_first:
+        got = torch.autograd.grad(discrepancy(out, batch, objective, target), wrt)
+        first = {name: g.detach().cpu().double() for name, g in zip(names, got)}
+    return {name: torch.stack(g) for name, g in grads.items()}, first
 
 
 def check_nonempty(count: int) -> None:

@@ -28,9 +28,8 @@ import torch
 
 from headslim.arch import get_adapter
 from headslim.errors import HeadslimError
-from headslim.gates import gated
-from headslim.scoring.common import (batch_generator, check_nonempty, finish, forward, frozen, merge_path, model_device, order_scores,
-                                     probe, progress_bar, run_hooked, to_device)
+from headslim.scoring.common import (batch_generator, check_nonempty, finish, frozen, merge_path, model_device, order_scores,
+                                     probe_gradients, progress_bar, run_hooked, to_device)
 
 NEURON_METHODS = ("fisher", "gradient", "magnitude", "obs", "random")
 
@@ -50,24 +49,18 @@ def structure_gradients(model, batches, *, objective: str, seed: int, progress: 
     n_heads, widths = adapter.num_heads(model), adapter.num_neurons(model)
     device = model_device(model)
     with frozen(model):
-        for i, batch in enumerate( progress_bar(batches, desc, progress)):
+        for i, batch in enumerate(progress_bar(batches, desc, progress)):
             gen = batch_generator(seed, i)  # the draws of this batch, whoever runs it (headslim.distributed)
             batch = to_device(batch, device)
             lead = (len(batch["input_ids"]),) if per_sample else ()
             head_gates = torch.ones(*lead, len(n_heads), max(n_heads), device=device, requires_grad=True) if heads else None
             neuron_gates = torch.ones(*lead, len(widths), max(widths), device=device, requires_grad=True)
-            with gated(model, head_gates, neurons=neuron_gates):
-                out = forward(model, batch)
-            wrt = [neuron_gates] + ([head_gates] if heads else [])
-            hg, ng = [], []
-            for k in range(probes):
-                grads = torch.autograd.grad(probe(out, batch, objective, gen), wrt, retain_graph=k < probes - 1)
-                ng.append(grads[0].detach().cpu().double())
-                if heads:
-                    hg.append(grads[1].detach().cpu().double())
+            gates = {"neurons": neuron_gates, **({"heads": head_gates} if heads else {})}
+            grads, _ = probe_gradients(model, batch, gates, objective, gen, probes)
+            hg, ng = grads.get("heads"), grads["neurons"]
             if per_sample:  # (probes, B, layers, width) -> (probes * B, layers, width)
-                hg, ng = [g for h in hg for g in h], [g for n in ng for g in n]
-            yield (torch.stack(hg) if heads else None), torch.stack(ng)
+                hg, ng = (hg.flatten(0, 1) if hg is not None else None), ng.flatten(0, 1)
+            yield hg, ng
 
 
 def layer_sequences(blocks: list[torch.Tensor]) -> list[list[tuple[int, float]]]:
