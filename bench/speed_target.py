@@ -47,8 +47,13 @@ def main(argv=None) -> int:
     p.add_argument("--loo", action="store_true",
                    help="also leave-one-out 5-NN over the bbc-news:all articles outside the calibration sample "
                         "(knn_loo.py's protocol), with its paired difference to dense")
+    p.add_argument("--merge", nargs="+", metavar="RUN_DIR",
+                   help="run nothing: put the rows of these earlier runs (their speed_target.json; one dense row, "
+                        "from the first) into one table and plot in --out")
     p.add_argument("--out", default="bench/results/speed_target")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
 
     import torch
     from transformers import AutoTokenizer
@@ -189,6 +194,26 @@ def write(rows, args, speed, tables_s, score_s, machine) -> None:
     (out / "speed_target.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (out / "speed_target.md").write_text(to_markdown(rows, meta))
     plot(rows, out / "speed_target.png")
+
+
+def merge(runs: list, out: Path) -> int:
+    """One table and plot from the rows of several runs (each row was timed in its own run, against
+    the dense model of that run)."""
+    rows, meta = [], None
+    for run in runs:
+        data = json.loads((Path(run) / "speed_target.json").read_text())
+        meta = meta or data["meta"]
+        rows += [r for r in data["rows"] if r["kind"] != "dense" or not any(x["kind"] == "dense" for x in rows)]
+    order = {"dense": 0, "joint": 1, "heads": 2, "ffn": 3, "naive": 4}
+    rows.sort(key=lambda r: (order.get(r["kind"], 9), r["target"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed_target.json").write_text(json.dumps({"meta": {**meta, "merged_from": [str(r) for r in runs]},
+                                                       "rows": rows}, indent=1) + "\n")
+    text = to_markdown(rows, meta).rsplit("Latency tables", 1)[0]
+    text += "Merged from " + ", ".join(f"`{r}`" for r in runs) + ": each row timed in its own run.\n"
+    (out / "speed_target.md").write_text(text)
+    plot(rows, out / "speed_target.png")
+    return 0
 
 
 def to_markdown(rows, meta) -> str:
