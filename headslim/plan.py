@@ -33,7 +33,10 @@ def heads_to_prune(prune: float | int, total: int) -> int:
         if not 0.0 < prune < 1.0:
             raise HeadslimError(f"--prune {prune} is outside (0, 1); give a fraction or a whole head count")
         return int(round(prune * total))
-    if not 1 <= prune <= total:
+    if prune < 1:
+        raise HeadslimError(f"--prune {prune} removes no head: give a head count from 1 to {total} (the model has "
+                            f"{total} heads) or a fraction in (0, 1)")
+    if prune > total:
         raise HeadslimError(f"--prune {prune} heads: the model has {total} heads")
     return prune
 

@@ -648,7 +648,7 @@ def test_ffn_refusals_are_one_line(tmp_path):
                           (dict(prune_ffn=0.2, min_neurons_per_layer=-1), "--min-neurons-per-layer must be >= 0")]:
         with pytest.raises(HeadslimError, match=match):
             shrink_layerwise(src, tmp_path / "out", prune=0.5, batches=tiny_batches(2), progress=False, **kwargs)
-    with pytest.raises(HeadslimError, match="--prune 0 heads"):  # --prune 0 without --prune-ffn
+    with pytest.raises(HeadslimError, match="--prune 0 removes no head"):  # --prune 0 without --prune-ffn
         shrink_layerwise(src, tmp_path / "out", prune=0, batches=tiny_batches(2), progress=False)
     assert not (tmp_path / "out").exists()
 

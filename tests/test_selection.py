@@ -24,7 +24,7 @@ def test_fraction_and_count():
 
 
 @pytest.mark.parametrize("prune,match", [(0.0, "outside"), (1.0, "outside"), (1.5, "outside"),
-                                         (73, "the model has 72 heads"), (0, "the model has 72 heads")])
+                                         (73, "the model has 72 heads"), (0, "removes no head: give a head count from 1 to 72")])
 def test_bad_targets(prune, match):
     with pytest.raises(HeadslimError, match=match):
         heads_to_prune(prune, 72)
