@@ -64,7 +64,7 @@ from headslim.errors import HeadslimError
 from headslim.layerwise import SAFE_DTYPES, Call, Spill, Store, Stream, layer_calls, write_streamed
 from headslim.plan import PLAN_FILE, PrunePlan
 from headslim.repair import (RepairReport, _add, _error, _has_bias, _o_weight, _run_layer, _set_o_weight,
-                             _solve, _split)
+                             _solve, _split, repair_sites, site_columns)
 from headslim.workdir import WorkDir
 
 FAMILY = "llama-family"
@@ -383,7 +383,7 @@ def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_
     """Every check that needs no weights: ``(path, config, adapter)``; one-line errors, nothing written."""
     from headslim.gqa import GQA_MODES
     from headslim.io import _load_config, _model_dir, check_output_dir
-    from headslim.pipeline import check_prune_target
+    from headslim.pipeline import check_prune_ffn, check_prune_target
 
     path = _model_dir(model_dir)
     check_output_dir(out, overwrite=overwrite, inputs=(path,))
@@ -406,11 +406,7 @@ def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_
     if prune_ffn is None or prune != 0:  # --prune 0 with --prune-ffn: neurons only
         check_prune_target(prune, config, min_heads_per_layer)
     if prune_ffn is not None:
-        if isinstance(prune_ffn, bool) or not isinstance(prune_ffn, (int, float)) or prune_ffn < 0 \
-                or (isinstance(prune_ffn, float) and prune_ffn >= 1.0):
-            raise HeadslimError(f"--prune-ffn {prune_ffn!r}: give a fraction in [0, 1) or a neuron count")
-        if min_neurons_per_layer < 0:
-            raise HeadslimError("--min-neurons-per-layer must be >= 0")
+        check_prune_ffn(prune_ffn, min_neurons_per_layer)
         width, layers = adapter.intermediate_size(config), int(config.num_hidden_layers)
         n = int(round(prune_ffn * width * layers)) if isinstance(prune_ffn, float) else prune_ffn
         if n > width * layers - layers * min(min_neurons_per_layer, width):
@@ -629,13 +625,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
 
     # ---- pass 2: prune, repair and write each layer ----------------------------------------------
     kept_neurons = plan.kept_neurons if plan.num_neurons is not None else [None] * n_layers
-    sites = []  # (layer, kind): the output projections repair re-fits
-    for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
-        if repair and len(kept) < n and (kept or adapter.keeps_bias_projection):
-            sites.append((layer, "attention"))
-        if repair and kept_neurons[layer] is not None and len(kept_neurons[layer]) < plan.num_neurons[layer] \
-                and (kept_neurons[layer] or adapter.keeps_bias_projection):
-            sites.append((layer, "mlp"))
+    sites = repair_sites(plan, adapter.keeps_bias_projection) if repair else []  # (layer, kind) re-fitted
     report = RepairReport(applied=False, inputs="pruned", ridge=ridge) if repair else None
     fit_batches, is_val, held_out = _split(batches, holdout) if repair else (batches, [False] * len(batches), {})
     if report is not None:
@@ -771,13 +761,10 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                             "n_batches": len(val_index), "n_held_out": held_out["n_held_out"],
                             "unit": held_out["unit"]}
             if report.applied and metric_after >= metric_before:  # undo: the plain sliced projections
-                from headslim.arch.stubs import head_rows
-
                 for index, projections in fitted.items():
                     for name, kind in projections:
-                        columns = head_rows(plan.kept_heads[index], head_dim) if kind == "attention" else \
-                            torch.tensor(kept_neurons[index], dtype=torch.long)
-                        _restore_projection(tmp / shards[index], name, ckpt, keys, columns)
+                        kept = plan.kept_heads[index] if kind == "attention" else kept_neurons[index]
+                        _restore_projection(tmp / shards[index], name, ckpt, keys, site_columns(kind, kept, head_dim))
                 report.applied = False
                 for e in report.layers:
                     e["applied"] = False

@@ -130,17 +130,13 @@ class PruneConfig:
         if ffn:
             from headslim.scoring.neurons import NEURON_METHODS
 
-            if isinstance(self.prune_ffn, bool) or not isinstance(self.prune_ffn, (int, float)) or self.prune_ffn < 0 \
-                    or (isinstance(self.prune_ffn, float) and self.prune_ffn >= 1.0):
-                raise HeadslimError(f"--prune-ffn {self.prune_ffn!r}: give a fraction in [0, 1) or a neuron count")
+            check_prune_ffn(self.prune_ffn, self.min_neurons_per_layer)
             if self.ffn_method is None:
                 # magnitude + repair kept MiniLM closest to dense at 30 % of its neurons: cosine 0.980 against
                 # fisher's 0.953 and gradient's 0.956 (256 BBC articles, seed 0; bench/README.md)
                 self.ffn_method = DEFAULT_FFN_METHOD
             if self.ffn_method not in NEURON_METHODS:
                 raise HeadslimError(f"--ffn-method must be one of {', '.join(NEURON_METHODS)}, not {self.ffn_method!r}")
-            if self.min_neurons_per_layer < 0:
-                raise HeadslimError("--min-neurons-per-layer must be >= 0")
         if self.prune == 0 and (ffn or self.target_speedup is not None) and self._scores:
             pass  # FFN neurons only, or the target decides
         elif isinstance(self.prune, float) and not 0.0 < self.prune < 1.0:
@@ -266,6 +262,16 @@ class _NextTokenBatches:
 def warn(message: str) -> None:
     """One ``headslim: warning:`` line on stderr: the run goes on, but the user should know."""
     print(f"headslim: warning: {message}", file=sys.stderr)
+
+
+def check_prune_ffn(prune_ffn, min_neurons_per_layer: int) -> None:
+    """One-line refusals of an FFN target that is not a fraction in [0, 1) or a neuron count, and of a
+    negative per-layer minimum (checked before any model is read)."""
+    if isinstance(prune_ffn, bool) or not isinstance(prune_ffn, (int, float)) or prune_ffn < 0 \
+            or (isinstance(prune_ffn, float) and prune_ffn >= 1.0):
+        raise HeadslimError(f"--prune-ffn {prune_ffn!r}: give a fraction in [0, 1) or a neuron count")
+    if min_neurons_per_layer < 0:
+        raise HeadslimError("--min-neurons-per-layer must be >= 0")
 
 
 def check_prune_target(prune: float | int, model_config, min_per_layer: int = 1) -> int:

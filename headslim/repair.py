@@ -238,8 +238,26 @@ def _split(batches: list, holdout: float) -> tuple[list, list, dict]:
     return out, is_val, {"unit": "samples", "n_fit": val.count(False), "n_held_out": val.count(True)}
 
 
-def _head_columns(kept: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + i for h in kept for i in range(head_dim)], dtype=torch.long)
+def site_columns(kind: str, kept: list[int], head_dim: int) -> torch.Tensor:
+    """The dense output projection's input columns a site keeps: the kept heads' ``head_dim`` columns
+    each (``attention``), or the kept neurons (``mlp``)."""
+    from headslim.arch.stubs import head_rows
+
+    return head_rows(kept, head_dim) if kind == "attention" else torch.tensor(kept, dtype=torch.long)
+
+
+def repair_sites(plan: PrunePlan, bias_only_ok: bool) -> list[tuple[int, str]]:
+    """``(layer, kind)`` of every output projection a repair re-fits: each that lost heads (``attention``)
+    or FFN neurons (``mlp``), unless it lost all of them and the family keeps no bias-only projection."""
+    sites = []
+    for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
+        if len(kept) < n and (kept or bias_only_ok):
+            sites.append((layer, "attention"))
+        if plan.num_neurons is not None:
+            kept_n, width = plan.kept_neurons[layer], plan.num_neurons[layer]
+            if len(kept_n) < width and (kept_n or bias_only_ok):
+                sites.append((layer, "mlp"))
+    return sites
 
 
 def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ridge: float = 1e-2,
@@ -282,15 +300,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     val_batches = [b for b, v in zip(batches, is_val) if v]
     report = RepairReport(applied=False, inputs=inputs, ridge=ridge, held_out=held_out)
     # a decoder layer that lost every head (or FFN neuron) has no output projection left (its bias stays)
-    bias_only_ok = adapter.keeps_bias_projection
-    sites = []
-    for layer, (kept, n) in enumerate(zip(plan.kept_heads, plan.num_heads)):
-        if len(kept) < n and (kept or bias_only_ok):
-            sites.append((layer, "attention"))
-        if plan.num_neurons is not None:
-            kept_n, width = plan.kept_neurons[layer], plan.num_neurons[layer]
-            if len(kept_n) < width and (kept_n or bias_only_ok):
-                sites.append((layer, "mlp"))
+    sites = repair_sites(plan, adapter.keeps_bias_projection)
     if not sites:
         return report
     if holdout > 0 and not val_batches:
@@ -341,7 +351,7 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                         x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
                         t = refs[site][i] - cur["x"][mask]  # (N, d): y_dense + x_dense - x_pruned
                     else:
-                        cols = _head_columns(kept, head_dim) if kind == "attention" else torch.tensor(kept, dtype=torch.long)
+                        cols = site_columns(kind, kept, head_dim)
                         c, t = refs[site][i]
                         x = c[:, cols.to(device)]  # (N, p)
                     _add(val if v else fit, x, t, bias)

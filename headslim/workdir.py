@@ -90,8 +90,7 @@ class WorkDir:
             if differ:
                 raise HeadslimError(f"--work-dir {path} holds a run with other {', '.join(differ)}; rerun with "
                                     "the same model, settings and calibration data, or give another --work-dir")
-            self.state, self._streams = state, data.get("streams")
-            self._created_marker = bool(data.get("created"))
+            self.state, self._streams, self.created = state, data.get("streams"), bool(data.get("created"))
             self._remove_stray()
             return
         if path.is_dir() and any(path.iterdir()):
@@ -100,7 +99,6 @@ class WorkDir:
         if not path.exists():
             path.mkdir(parents=True)
             self.created = True
-        self._created_marker = self.created
         self._write_manifest()  # from now on the directory is recognisably a headslim run's
 
     # ---- state -------------------------------------------------------------------------------
@@ -142,13 +140,13 @@ class WorkDir:
         for f in self.path.iterdir():
             if _OURS.fullmatch(f.name) and f.is_file():
                 f.unlink()
-        if self._created_marker and not any(self.path.iterdir()):
+        if self.created and not any(self.path.iterdir()):
             self.path.rmdir()
 
     def _write_manifest(self) -> None:
         partial = self.path / (MANIFEST + ".partial")
         partial.write_text(json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "state": self.state,
-                                       "streams": self._streams, "created": self._created_marker}) + "\n")
+                                       "streams": self._streams, "created": self.created}) + "\n")
         os.replace(partial, self.path / MANIFEST)
 
     def _remove_stray(self) -> None:
