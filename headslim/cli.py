@@ -68,7 +68,7 @@ def _add_shrink(sub) -> None:
                      help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}; {TARGET_CALIB_SAMPLES} with "
                           f"--target-speedup, {LAYERWISE_CALIB_SAMPLES} with --layerwise; fewer is faster)")
     opt.add_argument("--layerwise", action="store_true",
-                     help="Llama-family causal LMs larger than memory: one layer's weights in memory at a time "
+                     help="Llama-family and GPT-2 causal LMs larger than memory: one layer's weights in memory at a time "
                           "(read from the safetensors shards, scored by the function norm of each head's output, "
                           "pruned, repaired and written as its own shard); takes --prune, --prune-ffn, --gqa, "
                           "--no-repair, --min-heads-per-layer, --min-neurons-per-layer and the calibration options")

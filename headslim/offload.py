@@ -4,8 +4,8 @@
 ``headslim.load_pruned`` does); weights are read per layer from the memory-mapped safetensors files
 (``model.safetensors`` or the shards of ``model.safetensors.index.json``) into the one layer being
 worked on, which goes back to the meta device once its shard is written. Outside the layers only the
-final norm is read whole: the input embedding gives just the rows of the calibration tokens, and the
-output embedding (the held-out check's logits) is read in row chunks.
+final norm (and GPT-2's position embeddings) is read whole: the input embedding gives just the rows of
+the calibration tokens, and the output embedding (the held-out check's logits) is read in row chunks.
 
 Two passes over the layers:
 
@@ -35,7 +35,8 @@ test: ``tests/test_offload.py``), written as ``save_pruned`` writes a model (con
 record, ``headslim_plan.json``, the output marker), sharded: one shard per layer and one for the
 weights outside the layers, with ``model.safetensors.index.json``.
 
-Scope: the Llama family (llama, mistral, qwen2, qwen3), causal LMs. Every layer must receive the
+Scope: causal LMs of the Llama family (llama, mistral, qwen2, qwen3) and GPT-2 (its ``Conv1D``
+projections store weights ``(in, out)``; the undo slices their rows). Every layer must receive the
 same call arguments (mask, rotary embeddings), recorded once from layer 0; models that mix full and
 sliding-window layers (Qwen2/Qwen3 with ``use_sliding_window``) are refused, a Mistral whose layers all
 slide is fine. The carried streams (and a layer's outputs and references) stay in memory up to
@@ -67,7 +68,8 @@ from headslim.repair import (RepairReport, _add, _error, _has_bias, _o_weight, _
                              _solve, _split, repair_sites, site_columns)
 from headslim.workdir import WorkDir
 
-FAMILY = "llama-family"
+# adapter name -> the model types it covers, as the refusal names them
+FAMILIES = {"llama-family": "llama, mistral, qwen2, qwen3", "gpt2": "gpt2"}
 METHOD = "function-norm"
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 # elements of one temporary block (embedding rows read, logits of a vocabulary chunk): bounded memory
@@ -168,6 +170,22 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, keys: dict, d
     module.load_state_dict(state, assign=True)
 
 
+def _materialise_outside(model, prefixes: list[str], skip: tuple[str, ...], ckpt: Checkpoint, keys: dict,
+                         dtype: torch.dtype) -> None:
+    """Read the parameters outside the layers but the embeddings ``skip`` (the final norm; GPT-2's
+    position embeddings, ``n_positions x hidden``): the model's own forward up to layer 0 and its final
+    norm then run as they are."""
+    from headslim.io import _refuse_non_finite
+
+    for name, _ in model.named_parameters():
+        if name in skip or name.startswith(tuple(prefixes)):
+            continue
+        tensor = ckpt.get(keys[name]).to(dtype)
+        _refuse_non_finite([(name, tensor)], ckpt.path)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
 def _load_layer(ckpt: Checkpoint, model, index: int, prefix: str, keys: dict, dtype: torch.dtype) -> nn.Module:
     """Materialise layer ``index`` of ``model`` (its parameters named ``prefix`` + name); the tests wrap
     this to count the layers in memory."""
@@ -177,8 +195,12 @@ def _load_layer(ckpt: Checkpoint, model, index: int, prefix: str, keys: dict, dt
 
 
 def _free(module: nn.Module) -> None:
-    """Back to the meta device: the weights' memory is released."""
-    module.to("meta")
+    """Its parameters back to the meta device: the weights' memory is released. Buffers stay (GPT-2's
+    causal-mask buffers under transformers 4.x are built, not read, so a layer read again needs them)."""
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None:
+                sub._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
     _release_memory()
 
 
@@ -293,13 +315,15 @@ def _write_layer(path: Path, layer: nn.Module, prefix: str, dtype: torch.dtype) 
                                   for k, v in layer.state_dict().items()])
 
 
-def _restore_projection(path: Path, name: str, ckpt: Checkpoint, keys: dict, columns: torch.Tensor) -> None:
+def _restore_projection(path: Path, name: str, ckpt: Checkpoint, keys: dict, columns: torch.Tensor,
+                        transposed: bool = False) -> None:
     """Put the plain sliced output projection ``name`` (the dense one's input ``columns``: the kept
-    heads' or neurons', re-read from the checkpoint) back into a written layer shard."""
+    heads' or neurons', re-read from the checkpoint) back into a written layer shard. ``transposed``:
+    the weight is stored ``(in, out)`` (GPT-2's ``Conv1D``), so the columns are its rows."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(path))  # one layer
-    weight = ckpt.get(keys[name + ".weight"]).index_select(1, columns)  # (d, p)
+    weight = ckpt.get(keys[name + ".weight"]).index_select(0 if transposed else 1, columns)  # (d, p) or (p, d)
     state[name + ".weight"] = weight.to(state[name + ".weight"].dtype).contiguous()
     if name + ".bias" in state:  # slicing input columns keeps the dense bias
         state[name + ".bias"] = ckpt.get(keys[name + ".bias"]).to(state[name + ".bias"].dtype).contiguous()
@@ -391,8 +415,8 @@ def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_
         raise HeadslimError(f"{path} is already pruned by headslim; shrink its dense original instead")
     config = _load_config(path)
     adapter = get_adapter(config)
-    if adapter.name != FAMILY:
-        raise HeadslimError(f"layer-at-a-time shrink supports the {FAMILY} (llama, mistral, qwen2, qwen3), not "
+    if adapter.name not in FAMILIES:
+        raise HeadslimError(f"layer-at-a-time shrink supports {', '.join(FAMILIES.values())}, not "
                             f"{config.model_type}; use headslim shrink")
     types = getattr(config, "layer_types", None)
     if types and len(set(types)) > 1:
@@ -465,7 +489,8 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                      min_neurons_per_layer: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
                      spill_dir: str | Path | None = None, work_dir: str | Path | None = None) -> dict:
-    """Score, select, prune, repair and write a Llama-family causal LM one layer at a time; see the module docstring.
+    """Score, select, prune, repair and write a Llama-family or GPT-2 causal LM one layer at a time; see the
+    module docstring.
 
     Args:
         model_dir: dense checkpoint dir (safetensors, one file or sharded).
@@ -548,8 +573,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     _to_dtype(model, dtype)
     layers = adapter.layers(model)
     prefixes = [names[id(layer)] + "." for layer in layers]
-    norm = model.base_model.norm
-    _materialise(norm, names[id(norm)] + ".", ckpt, keys, dtype)
+    _materialise_outside(model, prefixes, (embed_name, head_name), ckpt, keys, dtype)
     head_dim, num_heads = adapter.head_dim(model), adapter.num_heads(model)
     n_layers = len(layers)
     peak = [0]
@@ -748,7 +772,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
             report.applied = bool(fitted)
         if checked:
             def final(stream, rows):  # final-normed hidden states of the real held-out tokens, (N, d)
-                return torch.cat([norm(stream.hidden[j])[fit_masks[i]] for j, i in rows])
+                return torch.cat([adapter.export_final(model, stream.hidden[j])[fit_masks[i]] for j, i in rows])
 
             ref = final(dense, [(i, i) for i in val_index])
             before = final(plain, list(enumerate(val_index)))
@@ -764,7 +788,8 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                 for index, projections in fitted.items():
                     for name, kind in projections:
                         kept = plan.kept_heads[index] if kind == "attention" else kept_neurons[index]
-                        _restore_projection(tmp / shards[index], name, ckpt, keys, site_columns(kind, kept, head_dim))
+                        _restore_projection(tmp / shards[index], name, ckpt, keys, site_columns(kind, kept, head_dim),
+                                            adapter.transposed(model.get_submodule(name)))
                 report.applied = False
                 for e in report.layers:
                     e["applied"] = False

@@ -15,7 +15,7 @@ from headslim.io import load_pruned
 from headslim.offload import materialised_layers, shrink_layerwise
 from headslim.repair import repair
 from headslim.surgery import prune_heads
-from tests.conftest import TINY_DECODERS, tiny_batches, tiny_decoder, tiny_inputs
+from tests.conftest import tiny_batches, tiny_decoder, tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,6 +63,7 @@ CASES = [  # (model_type, class, kv heads, gqa mode, calibration batches, shard 
     ("qwen3", "Qwen3ForCausalLM", None, "kv-groups", 4, True, False),
     ("mistral", "MistralForCausalLM", None, "uniform", 4, False, True),
     ("qwen2", "Qwen2ForCausalLM", None, "ragged", 5, True, False),
+    ("gpt2", "GPT2LMHeadModel", None, "uniform", 5, True, True),  # Conv1D (in, out) weights, biases, wpe
 ]
 
 
@@ -183,9 +184,11 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
     save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
     _one_line_refusal(out, "q_proj.weight is missing", model_dir=partial, prune=0.5, batches=batches)
 
-    gpt2 = TINY_DECODERS["gpt2"][2][0]
-    gpt2_dir = _dense_dir(tmp_path / "g", tiny_decoder("gpt2", gpt2))
-    _one_line_refusal(out, "supports the llama-family", model_dir=gpt2_dir, prune=0.5, batches=batches)
+    bert = _dense_dir(tmp_path / "b", tiny_model("bert", "BertModel"))  # an encoder
+    _one_line_refusal(out, "supports llama, mistral, qwen2, qwen3, gpt2, not bert", model_dir=bert, prune=0.5,
+                      batches=batches)
+    bare_gpt2 = _dense_dir(tmp_path / "g", tiny_decoder("gpt2", "GPT2Model"))
+    _one_line_refusal(out, "causal LMs", model_dir=bare_gpt2, prune=0.5, batches=batches)
     bare = _dense_dir(tmp_path / "bare", tiny_decoder("llama", "LlamaModel"))
     _one_line_refusal(out, "causal LMs", model_dir=bare, prune=0.5, batches=batches)
     mixed = tiny_decoder("qwen2", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4, max_window_layers=1)
@@ -556,6 +559,7 @@ FFN_CASES = [  # (model_type, class, gqa mode, heads pruned, neurons pruned, min
     ("qwen3", "Qwen3ForCausalLM", "ragged", 0, 0.5, 0, 4),  # neurons only
     ("mistral", "MistralForCausalLM", "uniform", 0.25, 0.6, 2, 4),
     ("qwen2", "Qwen2ForCausalLM", "kv-groups", 0.5, "all but one", 0, 5),  # a layer loses its whole FFN
+    ("gpt2", "GPT2LMHeadModel", "uniform", 0.5, 0.4, 0, 5),
 ]
 
 
@@ -608,8 +612,10 @@ def test_heads_and_ffn_neurons_equal_the_in_memory_path(tmp_path, model_type, cl
             torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_undone_repair_restores_the_plain_sliced_down_projections(tmp_path, monkeypatch):
-    dense = tiny_decoder("llama", "LlamaForCausalLM")
+@pytest.mark.parametrize("model_type,class_name", [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
+def test_undone_repair_restores_the_plain_sliced_down_projections(tmp_path, monkeypatch, model_type, class_name):
+    """The undo re-reads the dense projections and slices their input columns (GPT-2: Conv1D rows)."""
+    dense = tiny_decoder(model_type, class_name)
     monkeypatch.setattr(offload, "_mean_kls", lambda *args: [0.0, 1.0])  # "repair made it worse"
     report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=0.5, prune_ffn=0.5,
                               batches=tiny_batches(5), progress=False)
