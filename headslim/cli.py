@@ -73,10 +73,11 @@ def _add_shrink(sub) -> None:
                           "pruned, repaired and written as its own shard); takes --prune, --prune-ffn, --gqa, "
                           "--no-repair, --min-heads-per-layer, --min-neurons-per-layer and the calibration options")
     opt.add_argument("--stream-memory", type=float, default=None, metavar="GIB",
-                     help="--layerwise: GiB of carried calibration streams kept in memory; the rest is spilled to "
-                          "safetensors files, removed at the end (default: no limit)")
+                     help="GiB of repair's carried calibration streams kept in memory (both paths); the rest is "
+                          "spilled to safetensors files, removed at the end (default: no limit)")
     opt.add_argument("--spill-dir", default=None,
-                     help="--layerwise: where the spill directory is made (default: the system's temporary directory)")
+                     help="where the --stream-memory spill directory is made (default: the system's temporary "
+                          "directory)")
     opt.add_argument("--work-dir", default=None,
                      help="--layerwise: keep each finished layer here, so that an interrupted run started again with "
                           "the same arguments resumes after it; emptied once the output is written")
@@ -156,13 +157,16 @@ def _run_shrink(args) -> int:
     calib_samples_given = args.calib_samples is not None
     if not calib_samples_given:
         args.calib_samples = "auto"
-    config = config_from_args(ShrinkConfig, args)
+    if args.stream_memory is not None and not args.stream_memory >= 0:
+        raise HeadslimError(f"--stream-memory must be >= 0 GiB, not {args.stream_memory}")
+    limit = None if args.stream_memory is None else int(args.stream_memory * 2**30)  # GiB -> bytes
+    config = config_from_args(ShrinkConfig, args, stream_memory=limit)
     from headslim import distributed
 
     if args.layerwise:
         return _run_layerwise(args, config, calib_samples_given)
-    if args.stream_memory is not None or args.spill_dir is not None or args.work_dir is not None:
-        raise HeadslimError("--stream-memory, --spill-dir and --work-dir apply to --layerwise only")
+    if args.work_dir is not None:
+        raise HeadslimError("--work-dir applies to --layerwise only (a run without it finishes in one go)")
 
     if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
         if config.target_speedup is not None:
@@ -192,14 +196,10 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
     if getattr(args, "ffn_method", None) is not None:
         raise HeadslimError(f"--layerwise does not take --ffn-method {args.ffn_method} (it scores FFN neurons by the "
                             "function norm of their output, layer-local)")
-    if args.stream_memory is not None and not args.stream_memory >= 0:
-        raise HeadslimError(f"--stream-memory must be >= 0 GiB, not {args.stream_memory}")
-    if args.spill_dir is not None and not Path(args.spill_dir).is_dir():
-        raise HeadslimError(f"--spill-dir {args.spill_dir} is not a directory")
-    limit = None if args.stream_memory is None else int(args.stream_memory * 2**30)
     try:
         report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
-                                    stream_memory=limit, spill_dir=args.spill_dir, work_dir=args.work_dir)
+                                    stream_memory=config.stream_memory, spill_dir=config.spill_dir,
+                                    work_dir=args.work_dir)
     except KeyboardInterrupt:
         if args.work_dir is not None and (Path(args.work_dir) / "headslim-work.json").is_file():
             print(f"headslim: finished layers are kept in {args.work_dir}; run the same command again to resume",

@@ -169,7 +169,7 @@ class Spill:
         self.held = self.on_disk = self.peak_on_disk = self.files_written = 0
         self.dir: Path | None = None
         self._sizes: dict[Path, int] = {}
-        self._meta: dict[Path, tuple] = {}  # a spilled tensor's (dtype, shape)
+        self._meta: dict[Path, tuple] = {}  # a spilled tensor's (dtype, shape, device)
 
     def __enter__(self):
         return self
@@ -191,7 +191,7 @@ class Spill:
         self.files_written += 1
         save_file({"t": tensor.detach().contiguous().cpu()}, str(path))
         self._sizes[path] = nbytes
-        self._meta[path] = (tensor.dtype, tuple(tensor.shape))
+        self._meta[path] = (tensor.dtype, tuple(tensor.shape), tensor.device)
         self.on_disk += nbytes
         self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         return path
@@ -200,7 +200,7 @@ class Spill:
         if isinstance(handle, Path):
             from safetensors.torch import load_file
 
-            return load_file(str(handle))["t"]
+            return load_file(str(handle), device=str(self._meta[handle][2]))["t"]  # back where it was
         return handle
 
     def drop(self, handle) -> None:
@@ -247,7 +247,7 @@ class Store:
     def meta(self, index: int) -> tuple[torch.dtype, tuple]:
         """``(dtype, shape)`` of item ``index``, without reading a spilled one back."""
         h = self._handles[index]
-        return self.spill._meta[h] if isinstance(h, Path) else (h.dtype, tuple(h.shape))
+        return self.spill._meta[h][:2] if isinstance(h, Path) else (h.dtype, tuple(h.shape))
 
     def clear(self) -> None:
         """Free every item (its memory, or its file)."""

@@ -69,6 +69,11 @@ class PruneConfig:
             batches and raises the held-out embedding cosine, so "on" means "on when it helps".
         repair_inputs: ``pruned`` (sequential, default) or ``dense`` (fit on the dense model's activations).
         repair_ridge: ridge strength of the repair solve, relative to the mean feature energy.
+        stream_memory: bytes of repair's carried calibration streams (and a layer's outputs and fit
+            references) kept in memory; the rest goes to safetensors files in a directory made under
+            ``spill_dir`` (default: the system's temporary directory), removed when repair ends,
+            interrupted or not (``headslim.layerwise.Spill``). None (default): no limit.
+        spill_dir: where that directory is made.
         progress: progress bars while scoring and repairing.
     """
 
@@ -90,6 +95,8 @@ class PruneConfig:
     repair: bool = True
     repair_inputs: str = "pruned"
     repair_ridge: float = 1e-2
+    stream_memory: int | None = None
+    spill_dir: str | None = None
     progress: bool = True
 
     @property
@@ -108,6 +115,7 @@ class PruneConfig:
             raise HeadslimError(f"--repair-inputs must be one of {', '.join(INPUTS)}, not {self.repair_inputs!r}")
         if self.repair_ridge < 0:
             raise HeadslimError(f"--repair-ridge must be >= 0, not {self.repair_ridge}")
+        check_spill(self.stream_memory, self.spill_dir)
         if self.gqa not in GQA_MODES:
             raise HeadslimError(f"--gqa must be one of {', '.join(GQA_MODES)}, not {self.gqa!r}")
         if not 0.0 < self.step <= 1.0:
@@ -262,6 +270,15 @@ class _NextTokenBatches:
 def warn(message: str) -> None:
     """One ``headslim: warning:`` line on stderr: the run goes on, but the user should know."""
     print(f"headslim: warning: {message}", file=sys.stderr)
+
+
+def check_spill(stream_memory, spill_dir) -> None:
+    """One-line refusals of a spill budget (bytes) and directory: shared by ``shrink`` and ``--layerwise``."""
+    if stream_memory is not None and (isinstance(stream_memory, bool) or not isinstance(stream_memory, int)
+                                      or stream_memory < 0):
+        raise HeadslimError(f"--stream-memory must be >= 0 GiB, not {stream_memory!r} bytes")
+    if spill_dir is not None and not Path(spill_dir).is_dir():
+        raise HeadslimError(f"--spill-dir {spill_dir} is not a directory")
 
 
 def check_prune_ffn(prune_ffn, min_neurons_per_layer: int) -> None:
@@ -624,6 +641,7 @@ def prune_model(model, calib_batches, config: PruneConfig, *, plan=None, scores:
         >>> result = prune_model(model, calib, PruneConfig(prune=0.5, prune_ffn=0.3))          # doctest: +SKIP
         >>> result.plan.heads_after, result.repair["applied"]                                   # doctest: +SKIP
     """
+    from headslim.layerwise import Spill
     from headslim.repair import repair
     from headslim.surgery import prune_heads
 
@@ -642,9 +660,14 @@ def prune_model(model, calib_batches, config: PruneConfig, *, plan=None, scores:
     prune_heads(model, plan)
     repair_info = {"applied": False, "requested": config.repair}
     if config.repair:
-        report = repair(model, dense, plan, calib_batches if repair_batches is None else repair_batches,
-                        inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress)
+        with Spill(config.stream_memory, config.spill_dir) as spill:
+            report = repair(model, dense, plan, calib_batches if repair_batches is None else repair_batches,
+                            inputs=config.repair_inputs, ridge=config.repair_ridge, progress=config.progress,
+                            spill=spill if config.stream_memory is not None else None)
         repair_info.update(report.to_dict())
+        if config.stream_memory is not None:
+            repair_info["spill"] = {"limit_bytes": config.stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
+                                    "files": spill.files_written}
     plan.provenance["repair"] = repair_info
     return PruneResult(model, plan, repair_info,
                        {"score": t_chosen - t0, "repair": time.perf_counter() - t_chosen})

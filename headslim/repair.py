@@ -61,7 +61,7 @@ import torch
 from headslim import distributed
 from headslim.arch import get_adapter, set_weight_out_in, weight_out_in
 from headslim.errors import HeadslimError
-from headslim.layerwise import Stop, Stream
+from headslim.layerwise import Spill, Stop, Store, Stream
 from headslim.plan import PrunePlan
 from headslim.scoring.common import fidelity
 
@@ -261,7 +261,7 @@ def repair_sites(plan: PrunePlan, bias_only_ok: bool) -> list[tuple[int, str]]:
 
 
 def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ridge: float = 1e-2,
-           holdout: float = 0.25, check: bool = True, progress: bool = True) -> RepairReport:
+           holdout: float = 0.25, check: bool = True, progress: bool = True, spill: Spill | None = None) -> RepairReport:
     """Re-fit the output projection of every layer that lost heads, in place; see the module docstring.
 
     Args:
@@ -275,6 +275,8 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
             out to decide per layer (and overall) whether to keep it; 0 turns both checks off.
         check: undo everything when the held-out outputs do not get closer to dense (``RepairReport.check``).
         progress: show a progress bar over layers.
+        spill: where the carried streams (and a layer's outputs and fit references) go past its
+            memory budget (:class:`headslim.layerwise.Spill`); None: all in memory.
 
     Returns: a :class:`RepairReport`.
 
@@ -324,21 +326,26 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
     local, local_val = [batches[i] for i in own], [is_val[i] for i in own]
     # every layer's inputs computed once and carried forward: the dense model's stream, and the pruned
     # model's through the layers already repaired (cost linear in depth, not quadratic)
-    dense_stream = Stream(dense, local)
-    pruned_stream = Stream(model, local, calls=dense_stream.calls) if inputs == "pruned" else None
+    dense_stream = Stream(dense, local, spill=spill)
+    pruned_stream = Stream(model, local, calls=dense_stream.calls, spill=spill) if inputs == "pruned" else None
     masks = [batch["attention_mask"].bool() for batch in local]  # (B, T)
     bar = tqdm(total=len(sites), desc="repairing layers", unit="projection", disable=not progress, leave=False)
     last = max(layer for layer, _ in sites)
     with torch.no_grad():
         for layer in range(last + 1):
             here = [site for site in sites if site[0] == layer]
-            refs, outputs = {site: [] for site in here}, []
+            refs, outputs, widths = {site: Store(spill) for site in here}, Store(spill), {}
             for i, mask in enumerate(masks):  # the dense layer once: every site's reference and its output
                 out, got = _run_layer(dense_stream, i, here, want_input=inputs == "pruned", stop=False)
                 outputs.append(out)
                 for site in here:
                     g = got[site]
-                    refs[site].append((g["y"] + g["x"])[mask] if inputs == "pruned" else (g["c"][mask], g["y"][mask]))
+                    if inputs == "pruned":
+                        refs[site].append((g["y"] + g["x"])[mask])  # (N, d)
+                    else:  # [c | y], (N, p_dense + d): one stored tensor per batch
+                        widths[site] = g["c"].shape[-1]
+                        refs[site].append(torch.cat([g["c"][mask], g["y"][mask].to(g["c"].dtype)], dim=1))
+                del got
             for site in here:
                 _, kind = site
                 bias = _has_bias(proj[site])
@@ -352,10 +359,10 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                         t = refs[site][i] - cur["x"][mask]  # (N, d): y_dense + x_dense - x_pruned
                     else:
                         cols = site_columns(kind, kept, head_dim)
-                        c, t = refs[site][i]
+                        c, t = refs[site][i].split([widths[site], refs[site].meta(i)[1][1] - widths[site]], dim=1)
                         x = c[:, cols.to(device)]  # (N, p)
                     _add(val if v else fit, x, t, bias)
-                refs[site] = None
+                refs[site].clear()
                 for stats in (fit, val):
                     stats["A"], stats["B"], stats["C"] = distributed.all_sum(stats["A"], stats["B"], stats["C"])
                 w_fit = _solve(fit, w0, ridge, bias)

@@ -152,3 +152,48 @@ def test_repair_runs_each_layer_a_fixed_number_of_times_whatever_the_depth():
     assert max(v for (name, i), v in deep.items() if name == "pruned" and i > 0) == 3
     assert deep[("pruned", 0)] == 4
     assert sum(deep.values()) / sum(shallow.values()) <= 12 / 3 + 0.01
+
+
+@pytest.mark.parametrize("model_type,class_name,inputs", [("bert", "BertModel", "pruned"), ("bert", "BertModel", "dense"),
+                                                          ("llama", "LlamaForCausalLM", "pruned"),
+                                                          ("gpt2", "GPT2LMHeadModel", "dense")])
+@pytest.mark.parametrize("limit", [0, 3000])
+def test_spilled_repair_gives_the_same_weights_and_report_and_leaves_no_files(tmp_path, model_type, class_name,
+                                                                              inputs, limit):
+    """Streams, outputs and fit references spilled to files (all of them, or past a small budget)
+    round-trip exactly: the same re-fitted weights and decisions as in memory."""
+    from headslim.layerwise import Spill
+
+    dense = build(model_type, class_name)
+    plan = joint_plans(dense, 2)[2]
+    ours, ref = prune_heads(copy.deepcopy(dense), plan), prune_heads(copy.deepcopy(dense), plan)
+    batches = tiny_batches(5)
+    with Spill(limit, tmp_path) as spill:
+        report = repair(ours, dense, plan, batches, inputs=inputs, progress=False, spill=spill)
+        assert spill.files_written > 0 and spill.peak_on_disk > 0
+    expected = repair(ref, dense, plan, batches, inputs=inputs, progress=False)
+    assert report.to_dict() == expected.to_dict() and report.layers
+    assert torch.equal(torch.cat([p.flatten() for p in ours.parameters()]),
+                       torch.cat([p.flatten() for p in ref.parameters()]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_spilled_repair_leaves_no_files(tmp_path, monkeypatch):
+    import headslim.repair as repair_module
+    from headslim.layerwise import Spill
+
+    dense = build("bert", "BertModel")
+    plan = joint_plans(dense, 2)[2]
+    solve, calls = repair_module._solve, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C at the second fit, with streams on disk
+        calls.append(1)
+        if len(calls) == 2:
+            assert any(tmp_path.iterdir())
+            raise KeyboardInterrupt
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(repair_module, "_solve", interrupted)
+    with pytest.raises(KeyboardInterrupt), Spill(0, tmp_path) as spill:
+        repair(prune_heads(copy.deepcopy(dense), plan), dense, plan, tiny_batches(4), progress=False, spill=spill)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []

@@ -359,22 +359,36 @@ def test_spill_store_round_trip_and_budget(tmp_path):
         Spill(-1)
 
 
-def test_cli_stream_memory_spills_and_is_refused_without_layerwise(tmp_path, capsys):
+def test_cli_stream_memory_spills_on_both_paths(tmp_path, capsys):
     from headslim.cli import main
+    from safetensors.torch import load_file
 
     src, texts = _cli_model(tmp_path)
     spill_dir = tmp_path / "spill"
     spill_dir.mkdir()
     argv = ["shrink", str(src), "--prune", "0.5", "--calib", str(texts), "--batch-size", "2", "--max-length", "16",
-            "--no-progress", "--json", "--stream-memory", "0", "--spill-dir", str(spill_dir)]
-    assert main([*argv, "--layerwise", "--out", str(tmp_path / "cli")]) == 0
+            "--no-progress", "--json"]
+    spilled = [*argv, "--stream-memory", "0", "--spill-dir", str(spill_dir)]
+    assert main([*spilled, "--layerwise", "--out", str(tmp_path / "cli")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["spill"]["files"] > 0 and report["spill"]["limit_bytes"] == 0
     assert list(spill_dir.iterdir()) == []
-    assert main([*argv, "--out", str(tmp_path / "plain")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "headslim: error: --stream-memory, --spill-dir and --work-dir apply to --layerwise only"
-    assert not (tmp_path / "plain").exists()
+    # the in-memory path: repair's streams spilled, the same model as without
+    assert main([*spilled, "--out", str(tmp_path / "plain")]) == 0
+    spill = json.loads(capsys.readouterr().out)["repair"]["spill"]
+    assert spill["files"] > 0 and spill["limit_bytes"] == 0 and spill["peak_on_disk_bytes"] > 0
+    assert list(spill_dir.iterdir()) == []
+    assert main([*argv, "--out", str(tmp_path / "memory")]) == 0
+    assert "spill" not in json.loads(capsys.readouterr().out)["repair"]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "memory"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for extra, match in [(["--stream-memory", "-1"], "--stream-memory must be >= 0 GiB, not -1.0"),
+                         (["--spill-dir", str(tmp_path / "nowhere")], "is not a directory"),
+                         (["--work-dir", str(tmp_path / "w")], "--work-dir applies to --layerwise only")]:
+        assert main([*argv, *extra, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("headslim: error: ") and match in err and "\n" not in err
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "w").exists()
 
 
 # ---- --work-dir: an interrupted run resumes ----------------------------------------------------------
