@@ -68,7 +68,8 @@ def _add_shrink(sub) -> None:
                      help=f"calibration samples used (default {DEFAULT_CALIB_SAMPLES}; {TARGET_CALIB_SAMPLES} with "
                           f"--target-speedup, {LAYERWISE_CALIB_SAMPLES} with --layerwise; fewer is faster)")
     opt.add_argument("--layerwise", action="store_true",
-                     help="Llama-family and GPT-2 causal LMs larger than memory: one layer's weights in memory at a time "
+                     help="models larger than memory (Llama-family and GPT-2 causal LMs, bare BERT-family / DistilBERT "
+                          "encoders): one layer's weights in memory at a time "
                           "(read from the safetensors shards, scored by the function norm of each head's output, "
                           "pruned, repaired and written as its own shard); takes --prune, --prune-ffn, --gqa, "
                           "--no-repair, --min-heads-per-layer, --min-neurons-per-layer and the calibration options")
@@ -229,7 +230,8 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
     else:
         check = r.get("check") or {}
         fitted = sum(1 for e in r.get("layers", []) if e.get("applied"))
-        where = (f"; held-out calibration KL to dense {check['before']:.4g} -> {check['after']:.4g}" if check else "")
+        what = "KL to dense" if check.get("metric") == "kl" else "embedding cosine to dense"
+        where = (f"; held-out calibration {what} {check['before']:.4g} -> {check['after']:.4g}" if check else "")
         state = f"applied to {fitted} of {len(r.get('layers', []))} pruned projections" if r.get("applied") else \
             "not applied (it did not help on held-out calibration data)"
         print(f"repair: {state}{where}")

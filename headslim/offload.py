@@ -1,4 +1,4 @@
-"""Shrink a decoder LLM larger than memory: one transformer layer's weights in memory at a time.
+"""Shrink a model larger than memory: one transformer layer's weights in memory at a time.
 
 :func:`shrink_layerwise` never builds the dense model. Its skeleton is made on the meta device (as
 ``headslim.load_pruned`` does); weights are read per layer from the memory-mapped safetensors files
@@ -24,11 +24,12 @@ Two passes over the layers:
    ``inputs="pruned"`` (attention first, then the FFN through the repaired attention; the dense layer's and
    the pruned, already repaired, model's streams carried side by side; the same moments, ridge
    solve and per-layer held-out decision, reusing repair's helpers), and written as its own shard.
-   The final held-out check of repair (mean ``KL(dense || pruned)`` of next-token predictions over
-   real held-out tokens, repaired against unrepaired) is computed from carried streams too (a third
-   one, the pruned model without repair, on the held-out batches only) with the logits built in
-   vocabulary chunks; when the repair does not bring the predictions closer to dense, the re-fitted
-   output projections in the written shards are put back to their plain sliced weights.
+   The final held-out check of repair (for a causal LM the mean ``KL(dense || pruned)`` of next-token
+   predictions over real held-out tokens, for a bare encoder the mean cosine of the mean-pooled sentence
+   embeddings, repaired against unrepaired, as ``headslim.repair`` judges) is computed from carried
+   streams too (a third one, the pruned model without repair, on the held-out batches only) with the
+   logits built in vocabulary chunks; when the repair does not bring the outputs closer to dense, the
+   re-fitted output projections in the written shards are put back to their plain sliced weights.
 
 The result is what ``headslim.repair.repair`` gives in memory for the same plan and batches (parity
 test: ``tests/test_offload.py``), written as ``save_pruned`` writes a model (config with headslim's
@@ -36,7 +37,10 @@ record, ``headslim_plan.json``, the output marker), sharded: one shard per layer
 weights outside the layers, with ``model.safetensors.index.json``.
 
 Scope: causal LMs of the Llama family (llama, mistral, qwen2, qwen3) and GPT-2 (its ``Conv1D``
-projections store weights ``(in, out)``; the undo slices their rows). Every layer must receive the
+projections store weights ``(in, out)``; the undo slices their rows), and bare encoders of the BERT
+family and DistilBERT (``AutoModel``, sentence-embedding models; their sentence-transformers files are
+copied; a layer that keeps no head keeps a bias-only output projection, re-fitted as in memory).
+Models with a task head on an encoder are refused. Every layer must receive the
 same call arguments (mask, rotary embeddings), recorded once from layer 0; models that mix full and
 sliding-window layers (Qwen2/Qwen3 with ``use_sliding_window``) are refused, a Mistral whose layers all
 slide is fine. The carried streams (and a layer's outputs and references) stay in memory up to
@@ -69,7 +73,8 @@ from headslim.repair import (RepairReport, _add, _error, _has_bias, _o_weight, _
 from headslim.workdir import WorkDir
 
 # adapter name -> the model types it covers, as the refusal names them
-FAMILIES = {"llama-family": "llama, mistral, qwen2, qwen3", "gpt2": "gpt2"}
+FAMILIES = {"llama-family": "llama, mistral, qwen2, qwen3", "gpt2": "gpt2",
+            "bert-family": "bert, roberta, xlm-roberta, electra", "distilbert": "distilbert"}
 METHOD = "function-norm"
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 # elements of one temporary block (embedding rows read, logits of a vocabulary chunk): bounded memory
@@ -259,7 +264,7 @@ def _entry(ckpt: Checkpoint, model, keys: dict, embed_key: str, batches: list, d
     every layer gets (one pass of the skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
     hidden, calls = Store(spill), []
     for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids")}
+        inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids", "token_type_ids")}
         inputs["inputs_embeds"] = _embed(ckpt, keys[embed_key], batch["input_ids"], dtype)
         first, (call,) = layer_calls(model, inputs, every_layer=False)
         hidden.append(first)
@@ -323,8 +328,9 @@ def _restore_projection(path: Path, name: str, ckpt: Checkpoint, keys: dict, col
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(path))  # one layer
-    weight = ckpt.get(keys[name + ".weight"]).index_select(0 if transposed else 1, columns)  # (d, p) or (p, d)
-    state[name + ".weight"] = weight.to(state[name + ".weight"].dtype).contiguous()
+    if name + ".weight" in state:  # not in a bias-only projection (an encoder layer that kept no head or neuron)
+        weight = ckpt.get(keys[name + ".weight"]).index_select(0 if transposed else 1, columns)  # (d, p) or (p, d)
+        state[name + ".weight"] = weight.to(state[name + ".weight"].dtype).contiguous()
     if name + ".bias" in state:  # slicing input columns keeps the dense bias
         state[name + ".bias"] = ckpt.get(keys[name + ".bias"]).to(state[name + ".bias"].dtype).contiguous()
     partial = path.with_name(path.name + ".partial")  # a new file: a work dir's link to the old one keeps it
@@ -366,12 +372,25 @@ def _mean_kls(ref: torch.Tensor, others: list[torch.Tensor], head: Callable, voc
     return [float((tk / s - lse_ref + lk).sum()) / max(n, 1) for tk, lk in zip(t, lse)]
 
 
+def _mean_cosines(ref: torch.Tensor, others: list[torch.Tensor]) -> list[float]:
+    """Mean over samples of the cosine between ``ref`` ``(N, d)`` and each of ``others``."""
+    return [float(nn.functional.cosine_similarity(ref, x, dim=-1).mean()) for x in others]
+
+
+def _pooled(stream: Stream, rows: list[tuple[int, int]], masks: list) -> torch.Tensor:
+    """Mean-pooled sentence embeddings ``(N, d)`` float64 of the carried final hidden states: stream item
+    ``j`` with batch ``i``'s mask, for each ``(j, i)`` in ``rows``."""
+    from headslim.quality import pool
+
+    return torch.cat([pool(stream.hidden[j], masks[i]).double() for j, i in rows])
+
+
 # --------------------------------------------------------------------------------------------------
 # the two passes
 
 
 @torch.no_grad()
-def _score_layer(stream: Stream, block, adapter, masks: list, n_heads: int, head_dim: int, neurons: bool = False):
+def _score_layer(stream: Stream, block, mlp, adapter, masks: list, n_heads: int, head_dim: int, neurons: bool = False):
     """``(head scores (n_heads,) float64, neuron scores (F,) float64 or None, the layer's outputs per
     batch)``: each head's summed squared contribution ``||W_O[:, h] c_h||^2`` to the attention output
     over real tokens; with ``neurons``, each FFN neuron's to the FFN output, ``||W_down[:, j]||^2 sum_t a_j^2``
@@ -384,7 +403,7 @@ def _score_layer(stream: Stream, block, adapter, masks: list, n_heads: int, head
     got: dict = {}
     handles = [o_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("c", args[0]))]
     if neurons:
-        down = adapter.down_proj(block)
+        down = adapter.down_proj(mlp)
         column_norms = weight_out_in(down).detach().double().pow(2).sum(0)  # (F,)
         energy = torch.zeros_like(column_norms)  # (F,): sum_t a_j^2
         handles.append(down.register_forward_pre_hook(lambda module, args: got.__setitem__("a", args[0])))
@@ -478,9 +497,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
+    """The tokenizer, the generation config and a sentence-transformers pipeline (pooling, normalisation)."""
+    from headslim.io import copy_sentence_transformers_files
+
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    copy_sentence_transformers_files(src, dst)
 
 
 def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | int, batches: list[dict],
@@ -489,8 +512,8 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                      min_neurons_per_layer: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
                      spill_dir: str | Path | None = None, work_dir: str | Path | None = None) -> dict:
-    """Score, select, prune, repair and write a Llama-family or GPT-2 causal LM one layer at a time; see the
-    module docstring.
+    """Score, select, prune, repair and write a Llama-family or GPT-2 causal LM, or a bare BERT-family /
+    DistilBERT encoder, one layer at a time; see the module docstring.
 
     Args:
         model_dir: dense checkpoint dir (safetensors, one file or sharded).
@@ -558,14 +581,17 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         raise HeadslimError("layer-at-a-time shrink needs calibration batches with input_ids and attention_mask")
     ckpt = Checkpoint(path)
     model = _skeleton(config)
-    if model.get_output_embeddings() is None:
+    if adapter.decoder and model.get_output_embeddings() is None:
         raise HeadslimError(f"layer-at-a-time shrink handles causal LMs; {type(model).__name__} has no LM head")
+    if not adapter.decoder and model.base_model is not model:
+        raise HeadslimError(f"layer-at-a-time shrink handles bare encoders (AutoModel, a sentence-embedding model); "
+                            f"{type(model).__name__} has a task head: use headslim shrink")
     names = {id(m): n for n, m in model.named_modules()}
     embed_name = names[id(model.get_input_embeddings())] + ".weight"
-    head_name = names[id(model.get_output_embeddings())] + ".weight"
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_name = names[id(model.get_output_embeddings())] + ".weight" if adapter.decoder else None
+    tied = adapter.decoder and bool(getattr(config, "tie_word_embeddings", False))
     keys = _weight_keys(ckpt, model, head_name if tied else None)
-    head_key = keys[embed_name if tied else head_name]
+    head_key = keys[embed_name if tied else head_name] if adapter.decoder else None
     if dtype is None:
         dtype = {v: k for k, v in SAFE_DTYPES.items()}.get(ckpt.dtypes[keys[embed_name]], torch.float32)
     if dtype not in SAFE_DTYPES:
@@ -582,6 +608,11 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         layer = _load_layer(ckpt, model, index, prefixes[index], keys, dtype)
         peak[0] = max(peak[0], materialised_layers(model))
         return layer
+
+    def blocks(index: int) -> tuple[nn.Module, nn.Module]:
+        """Layer ``index``'s attention block and FFN block, as the adapter names them (the layer itself
+        in decoders; ``layer.attention`` and the layer in BERT)."""
+        return adapter.attention_blocks(model)[index], adapter.mlp_blocks(model)[index]
 
     work = None
     if work_dir is not None:
@@ -616,7 +647,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         for index in tqdm(range(done, n_layers), desc="scoring layers", unit="layer", initial=done, total=n_layers,
                           disable=not progress, leave=False):
             block = load(index)
-            heads, neurons, outputs = _score_layer(dense, block, adapter, masks, num_heads[index], head_dim,
+            heads, neurons, outputs = _score_layer(dense, *blocks(index), adapter, masks, num_heads[index], head_dim,
                                                    neurons=bool(widths))
             scores[index, :num_heads[index]] = heads
             if widths:
@@ -705,13 +736,13 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                         refs[site].append((got[site]["y"] + got[site]["x"])[mask])  # (N, d)
                 del got
             if len(kept) < n:
-                adapter.prune_block(block, kept)
+                adapter.prune_block(blocks(index)[0], kept)
             if kept_neurons[index] is not None and len(kept_neurons[index]) < plan.num_neurons[index]:
-                adapter.prune_mlp(block, kept_neurons[index])
+                adapter.prune_mlp(blocks(index)[1], kept_neurons[index])
             plain_out = None
             for site in here:
                 kind = site[1]
-                proj = adapter.o_proj(block) if kind == "attention" else adapter.down_proj(block)
+                proj = adapter.o_proj(blocks(index)[0]) if kind == "attention" else adapter.down_proj(blocks(index)[1])
                 cols = kept if kind == "attention" else kept_neurons[index]
                 bias = _has_bias(proj)
                 w0 = _o_weight(proj)
@@ -771,20 +802,30 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         if report is not None:
             report.applied = bool(fitted)
         if checked:
-            def final(stream, rows):  # final-normed hidden states of the real held-out tokens, (N, d)
-                return torch.cat([adapter.export_final(model, stream.hidden[j])[fit_masks[i]] for j, i in rows])
+            rows = {"dense": [(i, i) for i in val_index], "plain": list(enumerate(val_index)),
+                    "pruned": [(i, i) for i in val_index]}
+            if adapter.decoder:  # KL(dense || model) of the next-token predictions, as repair's check
+                def final(stream, rows):  # final-normed hidden states of the real held-out tokens, (N, d)
+                    return torch.cat([adapter.export_final(model, stream.hidden[j])[fit_masks[i]] for j, i in rows])
 
-            ref = final(dense, [(i, i) for i in val_index])
-            before = final(plain, list(enumerate(val_index)))
-            after = final(pruned, [(i, i) for i in val_index])
-            metric_before, metric_after = _mean_kls(ref, [before, after], lambda a, b: ckpt.rows(head_key, [(a, b)]),
-                                                    ckpt.shape(head_key)[0], dtype)
+                metric = "kl"
+                ref, before, after = (final(s, rows[k]) for s, k in ((dense, "dense"), (plain, "plain"),
+                                                                     (pruned, "pruned")))
+                metric_before, metric_after = _mean_kls(ref, [before, after],
+                                                        lambda a, b: ckpt.rows(head_key, [(a, b)]),
+                                                        ckpt.shape(head_key)[0], dtype)
+            else:  # a bare encoder: mean cosine of the mean-pooled sentence embeddings, as repair's check
+                metric = "cosine"
+                ref, before, after = (_pooled(s, rows[k], fit_masks) for s, k in ((dense, "dense"), (plain, "plain"),
+                                                                                  (pruned, "pruned")))
+                metric_before, metric_after = _mean_cosines(ref, [before, after])
             if not report.applied:
                 metric_after = metric_before
-            report.check = {"metric": "kl", "before": metric_before, "after": metric_after,
+            report.check = {"metric": metric, "before": metric_before, "after": metric_after,
                             "n_batches": len(val_index), "n_held_out": held_out["n_held_out"],
                             "unit": held_out["unit"]}
-            if report.applied and metric_after >= metric_before:  # undo: the plain sliced projections
+            worse = metric_after <= metric_before if metric == "cosine" else metric_after >= metric_before
+            if report.applied and worse:  # undo: the plain sliced projections
                 for index, projections in fitted.items():
                     for name, kind in projections:
                         kept = plan.kept_heads[index] if kind == "attention" else kept_neurons[index]

@@ -184,9 +184,6 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
     save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
     _one_line_refusal(out, "q_proj.weight is missing", model_dir=partial, prune=0.5, batches=batches)
 
-    bert = _dense_dir(tmp_path / "b", tiny_model("bert", "BertModel"))  # an encoder
-    _one_line_refusal(out, "supports llama, mistral, qwen2, qwen3, gpt2, not bert", model_dir=bert, prune=0.5,
-                      batches=batches)
     bare_gpt2 = _dense_dir(tmp_path / "g", tiny_decoder("gpt2", "GPT2Model"))
     _one_line_refusal(out, "causal LMs", model_dir=bare_gpt2, prune=0.5, batches=batches)
     bare = _dense_dir(tmp_path / "bare", tiny_decoder("llama", "LlamaModel"))
@@ -235,11 +232,11 @@ def test_index_and_plan_files(tmp_path):
     assert config["headslim"]["attention"]["kept_heads"] == plan["attention"]["kept_heads"]
 
 
-def _cli_model(tmp_path):
-    """A tiny Llama with a tokenizer that fits its vocabulary, and a calibration text file."""
+def _cli_model(tmp_path, model=None):
+    """A tiny Llama (or ``model``) with a tokenizer that fits its vocabulary, and a calibration text file."""
     from tests.test_export import _tiny_tokenizer
 
-    src = _dense_dir(tmp_path, tiny_decoder("llama", "LlamaForCausalLM"))
+    src = _dense_dir(tmp_path, model if model is not None else tiny_decoder("llama", "LlamaForCausalLM"))
     _tiny_tokenizer(src)
     texts = tmp_path / "calib.txt"
     texts.write_text("\n".join(f"the {w} of it said {i} and that was on the {w}" for i, w in
@@ -685,3 +682,96 @@ def test_cli_layerwise_prunes_ffn_neurons(tmp_path, capsys):
     loaded = load_pruned(tmp_path / "cli")
     assert sum(get_adapter(loaded).num_neurons(loaded)) == 83
     assert get_adapter(loaded).num_heads(loaded) == [8, 8, 8]  # --prune 0: every head stays
+
+
+# ---- encoders (bare models, sentence embeddings) -------------------------------------------------------
+
+ENCODER_CASES = [  # (model_type, class, heads pruned, neurons pruned, calibration batches)
+    ("bert", "BertModel", 0.5, None, 5),
+    ("roberta", "RobertaModel", 0.5, 0.3, 4),
+    ("distilbert", "DistilBertModel", "all but one", 0.5, 5),  # layers keep no head: bias-only projections
+    ("electra", "ElectraModel", 0, "all but one", 5),  # neurons only; layers lose their whole FFN
+]
+
+
+@pytest.mark.parametrize("model_type,class_name,prune,prune_ffn,n_batches", ENCODER_CASES)
+def test_encoders_equal_the_in_memory_path(tmp_path, model_type, class_name, prune, prune_ffn, n_batches):
+    from headslim.selection import select_plan
+
+    dense = tiny_model(model_type, class_name)
+    adapter = get_adapter(dense)
+    heads, widths = adapter.num_heads(dense), adapter.num_neurons(dense)
+    prune = sum(heads) - 1 if prune == "all but one" else prune
+    prune_ffn = sum(widths) - 1 if prune_ffn == "all but one" else prune_ffn
+    batches = tiny_batches(n_batches)
+    report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=prune, prune_ffn=prune_ffn,
+                              min_heads_per_layer=0, batches=batches, progress=False)
+
+    scores = _reference_scores(dense, batches)
+    torch.testing.assert_close(torch.tensor(report["scores"], dtype=torch.float64), scores, rtol=1e-5, atol=1e-9)
+    neurons = _reference_neuron_scores(dense, batches) if prune_ffn is not None else None
+    plan = select_plan(scores, heads, prune=prune, min_per_layer=0, kv_head_of_q=kv_maps(dense),
+                       neuron_scores=neurons, num_neurons=widths if neurons is not None else None, prune_ffn=prune_ffn)
+    assert report["plan"]["attention"]["kept_heads"] == plan.kept_heads
+    if prune_ffn is not None:
+        assert report["plan"]["mlp"]["kept_neurons"] == plan.kept_neurons
+
+    model = prune_heads(copy.deepcopy(dense), plan)
+    expected = repair(model, dense, plan, batches, progress=False)
+    got = report["repair"]
+    assert [(e["layer"], e["kind"], e["applied"]) for e in got["layers"]] == \
+        [(e["layer"], e["kind"], e["applied"]) for e in expected.layers] and got["layers"]
+    for a, b in zip(got["layers"], expected.layers):
+        assert a["val_after"] == pytest.approx(b["val_after"], rel=1e-5)
+    assert got["applied"] == expected.applied
+    assert got["check"]["metric"] == expected.check["metric"] == "cosine"
+    assert got["check"]["before"] == pytest.approx(expected.check["before"], rel=1e-6)
+    assert got["check"]["after"] == pytest.approx(expected.check["after"], rel=1e-6)
+
+    loaded = load_pruned(tmp_path / "out")
+    assert type(loaded) is type(dense)
+    with torch.no_grad():
+        for seed in range(2):
+            inputs = tiny_inputs(seed=seed + 7)
+            torch.testing.assert_close(loaded(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_undo_restores_the_plain_sliced_projections_and_refuses_task_heads(tmp_path, monkeypatch):
+    dense = tiny_model("bert", "BertModel")
+    heads = sum(get_adapter(dense).num_heads(dense))
+    monkeypatch.setattr(offload, "_mean_cosines", lambda *args: [0.9, 0.5])  # "repair made it worse"
+    report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=heads - 1, prune_ffn=0.5,
+                              min_heads_per_layer=0, batches=tiny_batches(5), progress=False)
+    monkeypatch.undo()
+    assert report["repair"]["check"]["after"] == 0.5 and not report["repair"]["applied"]
+    assert any(e["heads"] == 0 for e in report["repair"]["layers"] if e["kind"] == "attention")  # bias-only
+    from headslim.plan import PrunePlan
+
+    model = prune_heads(copy.deepcopy(dense), PrunePlan.from_dict(report["plan"]))
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=3)
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(**inputs).last_hidden_state,
+                                   model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+    classifier = _dense_dir(tmp_path / "c", tiny_model("bert", "BertForSequenceClassification"))
+    _one_line_refusal(tmp_path / "out2", "BertForSequenceClassification has a task head", model_dir=classifier,
+                      prune=0.5, batches=tiny_batches(2))
+
+
+def test_cli_layerwise_shrinks_a_sentence_embedding_model(tmp_path, capsys):
+    from headslim.cli import main
+
+    src, texts = _cli_model(tmp_path, tiny_model("bert", "BertModel"))
+    (src / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "x.Transformer"},
+                                                  {"idx": 1, "name": "1", "path": "1_Pooling", "type": "x.Pooling"}]))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    argv = ["shrink", str(src), "--layerwise", "--prune", "0.5", "--prune-ffn", "0.25", "--calib", str(texts),
+            "--batch-size", "2", "--max-length", "16", "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "held-out calibration embedding cosine to dense" in out
+    assert (tmp_path / "cli" / "modules.json").is_file() and (tmp_path / "cli" / "1_Pooling" / "config.json").is_file()
+    loaded = load_pruned(tmp_path / "cli")
+    dense = tiny_model("bert", "BertModel")
+    assert sum(get_adapter(loaded).num_heads(loaded)) == sum(get_adapter(dense).num_heads(dense)) // 2
