@@ -43,13 +43,14 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--threads", type=int, default=None, help="CPU threads for latency tables and timings")
     opt.add_argument("--calib", default="bbc-news",
                      help="calibration text: .txt (one sample a line), .csv/.jsonl with a text column, or bbc-news")
-    opt.add_argument("--method", default="fisher",
+    opt.add_argument("--method", default=argparse.SUPPRESS,  # absent: ShrinkConfig's default, or --layerwise's
                      help="scoring method: fisher (default; Fisher / Gauss-Newton with a mask search over each "
                           "layer's heads), fisher-exact (the same search with exact leave-one-out costs per head; "
                           "costs a forward pass per head), obs (fisher's per-layer budgets, heads chosen by their cost after the "
                           "least-squares repair), gradient, ablation, "
                           "iterative (re-score every 10 %% of heads), entropy, confidence, magnitude, learned, "
-                          "random, or iterative:<method>")
+                          "random, or iterative:<method>; with --layerwise: function-norm (default) or obs-local "
+                          "(repair-aware reconstruction error, layer-local)")
     opt.add_argument("--step", type=float, default=0.1,
                      help="iterative: share of all heads removed per round (default 0.1)")
     opt.add_argument("--no-repair", dest="repair", action="store_false",
@@ -158,6 +159,9 @@ def _run_shrink(args) -> int:
     calib_samples_given = args.calib_samples is not None
     if not calib_samples_given:
         args.calib_samples = "auto"
+    layer_method = None
+    if args.layerwise:  # --layerwise has its own, layer-local scorers; the config's is not read
+        layer_method = vars(args).pop("method", None)
     if args.stream_memory is not None and not args.stream_memory >= 0:
         raise HeadslimError(f"--stream-memory must be >= 0 GiB, not {args.stream_memory}")
     limit = None if args.stream_memory is None else int(args.stream_memory * 2**30)  # GiB -> bytes
@@ -165,7 +169,7 @@ def _run_shrink(args) -> int:
     from headslim import distributed
 
     if args.layerwise:
-        return _run_layerwise(args, config, calib_samples_given)
+        return _run_layerwise(args, config, calib_samples_given, layer_method)
     if args.work_dir is not None:
         raise HeadslimError("--work-dir applies to --layerwise only (a run without it finishes in one go)")
 
@@ -187,7 +191,7 @@ def _run_shrink(args) -> int:
     return 0
 
 
-def _run_layerwise(args, config, calib_samples_given: bool) -> int:
+def _run_layerwise(args, config, calib_samples_given: bool, method: str | None = None) -> int:
     import os
 
     from headslim.offload import shrink_from_config
@@ -200,7 +204,7 @@ def _run_layerwise(args, config, calib_samples_given: bool) -> int:
     try:
         report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
                                     stream_memory=config.stream_memory, spill_dir=config.spill_dir,
-                                    work_dir=args.work_dir)
+                                    work_dir=args.work_dir, method=method)
     except KeyboardInterrupt:
         if args.work_dir is not None and (Path(args.work_dir) / "headslim-work.json").is_file():
             print(f"headslim: finished layers are kept in {args.work_dir}; run the same command again to resume",

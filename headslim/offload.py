@@ -18,7 +18,12 @@ Two passes over the layers:
    ``prune_ffn``, each FFN neuron is scored the same way, ``||W_down[:, j]||^2 sum_t a_j(t)^2`` (its
    contribution to the FFN output), and the neuron budget is chosen globally
    (:func:`headslim.selection.select_neurons`), separately from the heads' (two budgets, as
-   ``shrink --prune --prune-ffn``).
+   ``shrink --prune --prune-ffn``). ``method="obs-local"`` instead orders each layer's heads (and
+   neurons) by their repair-aware cost: the greedy OBS sequence of
+   :func:`headslim.scoring.reconstruction.obs_sequence` with the identity metric, i.e. how much the
+   block's output reconstruction error grows when the structure goes and the kept ones are re-fitted
+   by least squares (what the repair then does), from the full second moment of the projection's
+   input; the layers' sequences are merged by marginal cost (:func:`headslim.scoring.common.merged_scores`).
 2. **Prune, repair, write.** Each layer is read again, pruned (``Adapter.prune_block``,
    ``Adapter.prune_mlp``), its output and down projections re-fitted as ``headslim.repair`` does with
    ``inputs="pruned"`` (attention first, then the FFN through the repaired attention; the dense layer's and
@@ -75,7 +80,9 @@ from headslim.workdir import WorkDir
 # adapter name -> the model types it covers, as the refusal names them
 FAMILIES = {"llama-family": "llama, mistral, qwen2, qwen3", "gpt2": "gpt2",
             "bert-family": "bert, roberta, xlm-roberta, electra", "distilbert": "distilbert"}
-METHOD = "function-norm"
+METHOD = "function-norm"  # the default layer-local scorer
+OBS_LOCAL = "obs-local"  # repair-aware: each projection's reconstruction error after the re-fit
+METHODS = (METHOD, OBS_LOCAL)
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 # elements of one temporary block (embedding rows read, logits of a vocabulary chunk): bounded memory
 CHUNK_ELEMENTS = 1 << 22
@@ -390,35 +397,66 @@ def _pooled(stream: Stream, rows: list[tuple[int, int]], masks: list) -> torch.T
 
 
 @torch.no_grad()
-def _score_layer(stream: Stream, block, mlp, adapter, masks: list, n_heads: int, head_dim: int, neurons: bool = False):
-    """``(head scores (n_heads,) float64, neuron scores (F,) float64 or None, the layer's outputs per
-    batch)``: each head's summed squared contribution ``||W_O[:, h] c_h||^2`` to the attention output
-    over real tokens; with ``neurons``, each FFN neuron's to the FFN output, ``||W_down[:, j]||^2 sum_t a_j^2``
-    (its activation ``a_j``: what the down projection reads)."""
+def _score_layer(stream: Stream, block, mlp, adapter, masks: list, n_heads: int, head_dim: int, neurons: bool = False,
+                 method: str = METHOD, ridge: float = 1e-2):
+    """``(heads, neurons or None, the layer's outputs per batch)``.
+
+    ``function-norm``: heads and neurons are score vectors (float64): each head's summed squared
+    contribution ``||W_O[:, h] c_h||^2`` to the attention output over real tokens; with ``neurons``,
+    each FFN neuron's to the FFN output, ``||W_down[:, j]||^2 sum_t a_j^2`` (its activation ``a_j``: what
+    the down projection reads). ``obs-local``: they are greedy removal sequences ``[(index, marginal
+    cost), ...]`` (:func:`headslim.scoring.reconstruction.obs_sequence` with the identity metric): the
+    output projection's reconstruction error after the least-squares re-fit the repair makes, from the
+    full second moment of its input over real tokens (centred where the projection has a bias, which
+    the re-fit also moves)."""
     o_proj = adapter.o_proj(block)
-    w = weight_out_in(o_proj).detach().double()  # (d, H * D)
-    w = w.view(w.shape[0], n_heads, head_dim)
-    gram = torch.einsum("khd,khe->hde", w, w)  # (H, D, D): W_h^T W_h
-    moment = torch.zeros_like(gram)  # (H, D, D): sum_t c_h c_h^T
+    down = adapter.down_proj(mlp) if neurons else None
+    local = method == OBS_LOCAL
     got: dict = {}
     handles = [o_proj.register_forward_pre_hook(lambda module, args: got.__setitem__("c", args[0]))]
     if neurons:
-        down = adapter.down_proj(mlp)
-        column_norms = weight_out_in(down).detach().double().pow(2).sum(0)  # (F,)
-        energy = torch.zeros_like(column_norms)  # (F,): sum_t a_j^2
         handles.append(down.register_forward_pre_hook(lambda module, args: got.__setitem__("a", args[0])))
+    sums = {key: {"c": 0, "cc": 0, "n": 0} for key in ("c", "a")}  # obs-local: input moments
+    if not local:
+        w = weight_out_in(o_proj).detach().double()  # (d, H * D)
+        w = w.view(w.shape[0], n_heads, head_dim)
+        gram = torch.einsum("khd,khe->hde", w, w)  # (H, D, D): W_h^T W_h
+        moment = torch.zeros_like(gram)  # (H, D, D): sum_t c_h c_h^T
+        if neurons:
+            column_norms = weight_out_in(down).detach().double().pow(2).sum(0)  # (F,)
+            energy = torch.zeros_like(column_norms)  # (F,): sum_t a_j^2
     outputs = Store(stream.spill)
     try:
         for i, mask in enumerate(masks):
             outputs.append(stream.run(i))
-            c = got.pop("c")[mask].double().view(-1, n_heads, head_dim)  # (N, H, D)
-            moment += torch.einsum("nhd,nhe->hde", c, c)
-            if neurons:
-                energy += got.pop("a")[mask].double().pow(2).sum(0)
+            for key in ("c", "a") if neurons else ("c",):
+                x = got.pop(key)[mask].double()  # (N, H * D) or (N, F)
+                if local:
+                    acc = sums[key]
+                    acc["c"], acc["cc"], acc["n"] = acc["c"] + x.sum(0), acc["cc"] + x.T @ x, acc["n"] + len(x)
+                elif key == "c":
+                    c = x.view(-1, n_heads, head_dim)  # (N, H, D)
+                    moment += torch.einsum("nhd,nhe->hde", c, c)
+                else:
+                    energy += x.pow(2).sum(0)
     finally:
         for handle in handles:
             handle.remove()
-    return (gram * moment).sum((1, 2)), (column_norms * energy if neurons else None), outputs
+    if not local:
+        return (gram * moment).sum((1, 2)), (column_norms * energy if neurons else None), outputs
+    from headslim.scoring.reconstruction import obs_sequence
+
+    def sequence(proj, acc, group):
+        n = max(acc["n"], 1)
+        sigma = acc["cc"] / n
+        if _has_bias(proj):  # the re-fit moves the bias too: what it cannot explain is the centred part
+            mean = acc["c"] / n
+            sigma = sigma - torch.outer(mean, mean)
+        return obs_sequence(sigma, None, weight_out_in(proj), group, ridge)
+
+    heads = sequence(o_proj, sums["c"], head_dim)
+    neuron_seq = sequence(down, sums["a"], 1) if neurons else None
+    return heads, neuron_seq, outputs
 
 
 def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_per_layer: int, overwrite: bool,
@@ -511,7 +549,8 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                      min_heads_per_layer: int = 1, prune_ffn: float | int | None = None,
                      min_neurons_per_layer: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
-                     spill_dir: str | Path | None = None, work_dir: str | Path | None = None) -> dict:
+                     spill_dir: str | Path | None = None, work_dir: str | Path | None = None,
+                     method: str = METHOD) -> dict:
     """Score, select, prune, repair and write a Llama-family or GPT-2 causal LM, or a bare BERT-family /
     DistilBERT encoder, one layer at a time; see the module docstring.
 
@@ -537,6 +576,11 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
         stream_memory: bytes of carried streams (and a layer's outputs and references) kept in memory;
             the rest goes to safetensors files in a directory made under ``spill_dir`` (default: the
             system's temporary directory) and removed at the end, interrupted or not. None: no limit.
+        method: the layer-local scorer: ``function-norm`` (default: each structure's own contribution to
+            its block's output) or ``obs-local`` (repair-aware: the greedy order in which removing heads,
+            or neurons, adds least to the block's reconstruction error after the least-squares re-fit,
+            merged over layers by marginal cost; a ``(H * D)^2`` and, with ``prune_ffn``, an ``F^2``
+            moment per layer, and an ``O(F^3)`` neuron sequence).
         work_dir: keep each finished layer (its shard, the carried streams, scores and plan) in this
             directory, so that a run interrupted after layer k and started again with the same
             arguments resumes there (:mod:`headslim.workdir`); emptied (and removed when the run made
@@ -556,7 +600,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                                    repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer,
                                    prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer, dtype=dtype,
                                    overwrite=overwrite, provenance=provenance, progress=progress, spill=spill,
-                                   work_dir=work_dir)
+                                   work_dir=work_dir, method=method)
         report["spill"] = {"limit_bytes": stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
                            "files": spill.files_written}
         return report
@@ -564,7 +608,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
 
 def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, prune_ffn,
                       min_neurons_per_layer, dtype,
-                      overwrite, provenance, progress, spill: Spill, work_dir) -> dict:
+                      overwrite, provenance, progress, spill: Spill, work_dir, method) -> dict:
     from tqdm.auto import tqdm
 
     from headslim.autoload import CONFIG_KEY, config_record
@@ -573,6 +617,8 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     from headslim.selection import select_plan
 
     t0 = time.perf_counter()
+    if method not in METHODS:
+        raise HeadslimError(f"--layerwise scores with {' or '.join(METHODS)} (layer-local), not --method {method}")
     path, config, adapter = _check_inputs(model_dir, out, prune=prune, gqa=gqa, holdout=holdout,
                                           min_heads_per_layer=min_heads_per_layer, overwrite=overwrite,
                                           prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer)
@@ -624,7 +670,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         work = WorkDir(work_dir, _fingerprint(path, batches, prune=prune, gqa=gqa, holdout=holdout, repair=repair,
                                               ridge=ridge, min_heads_per_layer=min_heads_per_layer,
                                               prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer,
-                                              dtype=dtype))
+                                              dtype=dtype, method=method))
 
     # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
     masks = [b["attention_mask"].bool() for b in batches]  # (B, T)
@@ -638,29 +684,44 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill)
         dense = _Carried(model, hidden, calls, spill)
         hidden.clear()
+        # obs-local: per layer, the greedy removal sequences [(index, marginal cost), ...] of heads and neurons
+        sequences = {"attention": [], "mlp": []}
         if done:
-            scores[:done] = torch.tensor(state["scores"], dtype=torch.float64)
-            if widths:
-                neuron_scores[:done] = torch.tensor(state["neuron_scores"], dtype=torch.float64)
+            if method == OBS_LOCAL:
+                sequences = {k: [[tuple(x) for x in seq] for seq in v] for k, v in state["sequences"].items()}
+            else:
+                scores[:done] = torch.tensor(state["scores"], dtype=torch.float64)
+                if widths:
+                    neuron_scores[:done] = torch.tensor(state["neuron_scores"], dtype=torch.float64)
             dense.hidden.clear()
             dense.hidden, dense.layer = work.streams(spill)["dense"], done
         for index in tqdm(range(done, n_layers), desc="scoring layers", unit="layer", initial=done, total=n_layers,
                           disable=not progress, leave=False):
             block = load(index)
             heads, neurons, outputs = _score_layer(dense, *blocks(index), adapter, masks, num_heads[index], head_dim,
-                                                   neurons=bool(widths))
-            scores[index, :num_heads[index]] = heads
-            if widths:
-                neuron_scores[index, :widths[index]] = neurons
+                                                   neurons=bool(widths), method=method, ridge=ridge)
+            if method == OBS_LOCAL:
+                sequences["attention"].append(heads)
+                sequences["mlp"].append(neurons)
+            else:
+                scores[index, :num_heads[index]] = heads
+                if widths:
+                    neuron_scores[index, :widths[index]] = neurons
             dense.advance(outputs)
             _free(block)
             if work is not None:
                 work.commit({"pass": 1, "layers_done": index + 1, "scores": scores[:index + 1].tolist(),
-                             "neuron_scores": neuron_scores[:index + 1].tolist() if widths else None},
-                            {"dense": dense.hidden})
+                             "neuron_scores": neuron_scores[:index + 1].tolist() if widths else None,
+                             "sequences": sequences}, {"dense": dense.hidden})
         dense.hidden.clear()
         del dense
-        info = {"source_model": str(path), "method": METHOD, "layerwise": True,
+        if method == OBS_LOCAL:  # a structure's score: its position in the merged cost-ordered path
+            from headslim.scoring.common import merged_scores
+
+            scores = merged_scores(sequences["attention"], num_heads, min_heads_per_layer).double()
+            if widths:
+                neuron_scores = merged_scores(sequences["mlp"], widths, min_neurons_per_layer).double()
+        info = {"source_model": str(path), "method": method, "layerwise": True,
                 "calibration": {"n_batches": len(batches), "n_samples": sum(len(m) for m in masks),
                                 "tokens": int(sum(int(m.sum()) for m in masks))}}
         plan = select_plan(scores, num_heads, prune=prune, min_per_layer=min_heads_per_layer, kv_head_of_q=kv_maps(model),
@@ -877,9 +938,7 @@ LAYERWISE_CALIB_SAMPLES = 128
 
 def check_layerwise_config(config) -> None:
     """One-line refusals for the ``shrink`` settings the layer-at-a-time path does not have."""
-    unsupported = [(config.method != "fisher", f"--method {config.method} (it scores with the whole model in memory; "
-                                               f"--layerwise scores each head by its {METHOD}, layer-local)"),
-                   (config.target_speedup is not None, "--target-speedup"),
+    unsupported = [(config.target_speedup is not None, "--target-speedup"),
                    (config.plan is not None, "--plan"),
                    (config.objective != "dense", "--objective task"),
                    (config.repair_inputs != "pruned", "--repair-inputs dense"),
@@ -891,16 +950,21 @@ def check_layerwise_config(config) -> None:
 
 def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib_samples_given: bool = True,
                        stream_memory: int | None = None, spill_dir: str | Path | None = None,
-                       work_dir: str | Path | None = None) -> dict:
+                       work_dir: str | Path | None = None, method: str | None = None) -> dict:
     """``shrink_layerwise`` with the data handling of ``headslim shrink``: calibration texts from
     ``config.calib`` (a seeded sample of ``config.calib_samples``, or :data:`LAYERWISE_CALIB_SAMPLES`
     when the user gave none), tokenised with the model's tokenizer. Returns ``shrink_layerwise``'s
-    report plus ``calibration``. ``stream_memory``, ``spill_dir``, ``work_dir``: as for ``shrink_layerwise``."""
+    report plus ``calibration``. ``stream_memory``, ``spill_dir``, ``work_dir``, ``method`` (None: the
+    default): as for ``shrink_layerwise``; ``config.method`` is not read (its scorers need the whole model)."""
     from headslim.checkpoints import load_tokenizer
     from headslim.data import batches, load_texts, sample
     from headslim.io import check_length, check_output_dir, load_config, resolve_model_path
 
     check_layerwise_config(config)
+    method = METHOD if method is None else method
+    if method not in METHODS:
+        raise HeadslimError(f"--layerwise does not take --method {method} (it scores with the whole model in memory; "
+                            f"--layerwise scores layer-locally: {', '.join(METHODS)})")
     src = resolve_model_path(model_path)
     check_output_dir(out, overwrite=config.overwrite, inputs=(src, config.calib))
     max_length = check_length(load_config(src), config.max_length)
@@ -915,6 +979,6 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
                               prune_ffn=config.prune_ffn, min_neurons_per_layer=config.min_neurons_per_layer,
                               overwrite=config.overwrite, progress=config.progress,
                               provenance={"calibration": calibration, "seed": config.seed},
-                              stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir)
+                              stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir, method=method)
     report["calibration"] = calibration
     return report

@@ -775,3 +775,106 @@ def test_cli_layerwise_shrinks_a_sentence_embedding_model(tmp_path, capsys):
     loaded = load_pruned(tmp_path / "cli")
     dense = tiny_model("bert", "BertModel")
     assert sum(get_adapter(loaded).num_heads(loaded)) == sum(get_adapter(dense).num_heads(dense)) // 2
+
+
+# ---- obs-local: repair-aware layer-local scores ----------------------------------------------------------
+
+
+def _reference_sequences(model, batches, ffn: bool, ridge: float = 1e-2):
+    """Per kind, per layer: obs_sequence with the identity metric on the projection's input moments over
+    real tokens (centred where it has a bias), from hooks on the whole model."""
+    from headslim.repair import _has_bias
+    from headslim.scoring.reconstruction import obs_sequence
+
+    adapter = get_adapter(model)
+    kinds = {"attention": ([adapter.o_proj(b) for b in adapter.attention_blocks(model)], adapter.head_dim(model))}
+    if ffn:
+        kinds["mlp"] = ([adapter.down_proj(b) for b in adapter.mlp_blocks(model)], 1)
+    out = {}
+    for kind, (projs, group) in kinds.items():
+        xs = [[] for _ in projs]
+        with torch.no_grad():
+            for mask, got in _inputs_of(model, projs, batches):
+                for layer in range(len(projs)):
+                    xs[layer].append(got[layer][mask].double())
+        seqs = []
+        for proj, x in zip(projs, xs):
+            x = torch.cat(x)
+            sigma = x.T @ x / len(x)
+            if _has_bias(proj):
+                sigma = sigma - torch.outer(x.mean(0), x.mean(0))
+            seqs.append(obs_sequence(sigma, None, weight_out_in(proj), group, ridge))
+        out[kind] = seqs
+    return out
+
+
+OBS_CASES = [  # (model_type, class, heads pruned, neurons pruned, gqa mode)
+    ("llama", "LlamaForCausalLM", 0.5, 0.3, "uniform"),
+    ("qwen3", "Qwen3ForCausalLM", 0.4, None, "ragged"),
+    ("gpt2", "GPT2LMHeadModel", 0.5, 0.4, "uniform"),
+    ("bert", "BertModel", 0.5, 0.5, "uniform"),
+]
+
+
+@pytest.mark.parametrize("model_type,class_name,prune,prune_ffn,mode", OBS_CASES)
+def test_obs_local_scores_plan_and_repair_equal_the_reference(tmp_path, model_type, class_name, prune, prune_ffn,
+                                                              mode):
+    from headslim.scoring.common import merged_scores
+    from headslim.selection import select_plan
+
+    dense = tiny_model(model_type, class_name) if model_type == "bert" else tiny_decoder(model_type, class_name)
+    adapter = get_adapter(dense)
+    heads, widths = adapter.num_heads(dense), adapter.num_neurons(dense)
+    batches = tiny_batches(5)
+    report = shrink_layerwise(_dense_dir(tmp_path, dense), tmp_path / "out", prune=prune, prune_ffn=prune_ffn,
+                              batches=batches, gqa=mode, method="obs-local", progress=False)
+    assert report["plan"]["provenance"]["method"] == "obs-local"
+
+    seqs = _reference_sequences(dense, batches, prune_ffn is not None)
+    scores = merged_scores(seqs["attention"], heads, 1).double()
+    assert torch.equal(torch.tensor(report["scores"], dtype=torch.float64), scores)  # the same removal order
+    neurons = merged_scores(seqs["mlp"], widths, 0).double() if prune_ffn is not None else None
+    plan = select_plan(scores, heads, prune=prune, kv_head_of_q=kv_maps(dense), gqa=mode, neuron_scores=neurons,
+                       num_neurons=widths if neurons is not None else None, prune_ffn=prune_ffn)
+    assert report["plan"]["attention"]["kept_heads"] == plan.kept_heads
+    if prune_ffn is not None:
+        assert report["plan"]["mlp"]["kept_neurons"] == plan.kept_neurons
+        fn = shrink_layerwise(_dense_dir(tmp_path / "f", dense), tmp_path / "fn", prune=prune, prune_ffn=prune_ffn,
+                              batches=batches, gqa=mode, progress=False)
+        assert fn["plan"]["mlp"]["kept_neurons"] != plan.kept_neurons  # a different scorer, a different choice
+
+    model = prune_heads(copy.deepcopy(dense), plan)
+    expected = repair(model, dense, plan, batches, progress=False)
+    assert report["repair"]["applied"] == expected.applied
+    assert report["repair"]["check"]["after"] == pytest.approx(expected.check["after"], rel=1e-6)
+    loaded = load_pruned(tmp_path / "out")
+    with torch.no_grad():
+        inputs = tiny_inputs(seed=7)
+        key = "logits" if adapter.decoder else "last_hidden_state"
+        torch.testing.assert_close(getattr(loaded(**inputs), key), getattr(model(**inputs), key), rtol=1e-5, atol=1e-5)
+
+
+def test_obs_local_resumes_from_a_work_dir_and_the_cli_takes_it(tmp_path, monkeypatch, capsys):
+    from headslim.cli import main
+
+    dense = tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=3)
+    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
+    kw = dict(prune=0.5, prune_ffn=0.4, batches=tiny_batches(4), progress=False, method="obs-local")
+    whole = shrink_layerwise(src, tmp_path / "whole", **kw)
+    _interrupt_at(monkeypatch, 2)  # scoring layer 1: layer 0's sequences are in the work dir
+    with pytest.raises(KeyboardInterrupt):
+        shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    monkeypatch.undo()
+    resumed = shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    assert resumed["resumed"] == {"pass": 1, "layers_done": 1}
+    assert resumed["scores"] == whole["scores"] and resumed["neuron_scores"] == whole["neuron_scores"]
+    assert all(resumed["plan"][k] == whole["plan"][k] for k in ("attention", "mlp"))  # not the time it was made
+    _same_shards(tmp_path / "whole", tmp_path / "out")
+    with pytest.raises(HeadslimError, match="--layerwise scores with function-norm or obs-local"):
+        shrink_layerwise(src, tmp_path / "x", **{**kw, "method": "fisher"})
+
+    src2, texts = _cli_model(tmp_path / "c")
+    argv = ["shrink", str(src2), "--layerwise", "--method", "obs-local", "--prune", "0.5", "--calib", str(texts),
+            "--batch-size", "2", "--max-length", "16", "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert main(argv) == 0
+    assert "method: obs-local (layer at a time" in capsys.readouterr().out
