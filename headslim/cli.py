@@ -74,6 +74,9 @@ def _add_shrink(sub) -> None:
                           "(read from the safetensors shards, scored by the function norm of each head's output, "
                           "pruned, repaired and written as its own shard); takes --prune, --prune-ffn, --gqa, "
                           "--no-repair, --min-heads-per-layer, --min-neurons-per-layer and the calibration options")
+    opt.add_argument("--device", default="cpu",
+                     help="where the model is scored, pruned and repaired: cpu (default) or cuda[:N]; with --layerwise "
+                          "one layer at a time is on it; under torchrun, cuda is each rank's cuda:LOCAL_RANK")
     opt.add_argument("--stream-memory", type=float, default=None, metavar="GIB",
                      help="GiB of repair's carried calibration streams kept in memory (both paths); the rest is "
                           "spilled to safetensors files, removed at the end (default: no limit)")

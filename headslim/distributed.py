@@ -21,6 +21,26 @@ import torch
 from headslim.errors import HeadslimError
 
 
+DEVICES = "cpu (default) or cuda[:N]"
+
+
+def device_for(name: str | None) -> torch.device:
+    """The device ``--device NAME`` names, checked: ``cpu`` (or None), ``cuda`` (under ``torchrun``,
+    ``cuda:LOCAL_RANK``: one GPU per rank; else the current one) or ``cuda:N``; a one-line error for
+    anything else, and for CUDA where this torch has none."""
+    text = "cpu" if name is None else str(name).strip().lower()
+    if text == "cpu":
+        return torch.device("cpu")
+    if text != "cuda" and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise HeadslimError(f"--device must be {DEVICES}, not {name!r}")
+    if not torch.cuda.is_available():
+        raise HeadslimError(f"--device {name}: this torch sees no CUDA device (torch.cuda.is_available() is False)")
+    index = int(text[5:]) if ":" in text else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    if index >= torch.cuda.device_count():
+        raise HeadslimError(f"--device {name}: cuda:{index} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return torch.device("cuda", index)
+
+
 def active() -> bool:
     """Whether a process group with more than one rank is running."""
     import torch.distributed as dist

@@ -147,7 +147,7 @@ def write_streamed(path: Path, tensors: list[tuple[str, torch.dtype, tuple, Call
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name, dtype, _, chunks in tensors:
             for chunk in chunks():
-                f.write(memoryview(chunk.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()))
+                f.write(memoryview(chunk.to(device="cpu", dtype=dtype).contiguous().view(-1).view(torch.uint8).numpy()))
     return offset
 
 

@@ -183,7 +183,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, keys: dict, d
 
 
 def _materialise_outside(model, prefixes: list[str], skip: tuple[str, ...], ckpt: Checkpoint, keys: dict,
-                         dtype: torch.dtype) -> None:
+                         dtype: torch.dtype, device: torch.device) -> None:
     """Read the parameters outside the layers but the embeddings ``skip`` (the final norm; GPT-2's
     position embeddings, ``n_positions x hidden``): the model's own forward up to layer 0 and its final
     norm then run as they are."""
@@ -195,7 +195,7 @@ def _materialise_outside(model, prefixes: list[str], skip: tuple[str, ...], ckpt
         tensor = ckpt.get(keys[name]).to(dtype)
         _refuse_non_finite([(name, tensor)], ckpt.path)
         owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        model.get_submodule(owner)._parameters[leaf] = nn.Parameter(tensor.to(device), requires_grad=False)
 
 
 def _load_layer(ckpt: Checkpoint, model, index: int, prefix: str, keys: dict, dtype: torch.dtype) -> nn.Module:
@@ -266,13 +266,14 @@ def _embed(ckpt: Checkpoint, key: str, input_ids: torch.Tensor, dtype: torch.dty
 
 
 def _entry(ckpt: Checkpoint, model, keys: dict, embed_key: str, batches: list, dtype: torch.dtype,
-           spill: Spill | None = None):
+           spill: Spill | None = None, device: torch.device = torch.device("cpu")):
     """Per batch, the stream entering layer 0 (a :class:`Store` kept by ``spill``) and the :class:`Call`
     every layer gets (one pass of the skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
     hidden, calls = Store(spill), []
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids", "token_type_ids")}
         inputs["inputs_embeds"] = _embed(ckpt, keys[embed_key], batch["input_ids"], dtype)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         first, (call,) = layer_calls(model, inputs, every_layer=False)
         hidden.append(first)
         calls.append(call)
@@ -360,12 +361,13 @@ def _mean_kls(ref: torch.Tensor, others: list[torch.Tensor], head: Callable, voc
     """
     n = len(ref)
     rows = max(1, CHUNK_ELEMENTS // max(n, 1))
-    m = torch.full((n,), -math.inf, dtype=torch.float64)  # running max of the reference logits
-    s = torch.zeros(n, dtype=torch.float64)  # sum exp(z_ref - m)
-    t = [torch.zeros(n, dtype=torch.float64) for _ in others]  # sum exp(z_ref - m) (z_ref - z_x)
-    lse = [torch.full((n,), -math.inf, dtype=torch.float64) for _ in others]
+    on = {"dtype": torch.float64, "device": ref.device}
+    m = torch.full((n,), -math.inf, **on)  # running max of the reference logits
+    s = torch.zeros(n, **on)  # sum exp(z_ref - m)
+    t = [torch.zeros(n, **on) for _ in others]  # sum exp(z_ref - m) (z_ref - z_x)
+    lse = [torch.full((n,), -math.inf, **on) for _ in others]
     for start in range(0, vocab, rows):
-        w = head(start, min(start + rows, vocab)).to(dtype)  # (r, d)
+        w = head(start, min(start + rows, vocab)).to(device=ref.device, dtype=dtype)  # (r, d)
         z = nn.functional.linear(ref, w).double()  # (N, r)
         new_m = torch.maximum(m, z.max(1).values)
         scale, e = torch.exp(m - new_m), torch.exp(z - new_m[:, None])
@@ -443,7 +445,7 @@ def _score_layer(stream: Stream, block, mlp, adapter, masks: list, n_heads: int,
         for handle in handles:
             handle.remove()
     if not local:
-        return (gram * moment).sum((1, 2)), (column_norms * energy if neurons else None), outputs
+        return (gram * moment).sum((1, 2)).cpu(), ((column_norms * energy).cpu() if neurons else None), outputs
     from headslim.scoring.reconstruction import obs_sequence
 
     def sequence(proj, acc, group):
@@ -452,7 +454,7 @@ def _score_layer(stream: Stream, block, mlp, adapter, masks: list, n_heads: int,
         if _has_bias(proj):  # the re-fit moves the bias too: what it cannot explain is the centred part
             mean = acc["c"] / n
             sigma = sigma - torch.outer(mean, mean)
-        return obs_sequence(sigma, None, weight_out_in(proj), group, ridge)
+        return obs_sequence(sigma.cpu(), None, weight_out_in(proj), group, ridge)
 
     heads = sequence(o_proj, sums["c"], head_dim)
     neuron_seq = sequence(down, sums["a"], 1) if neurons else None
@@ -550,7 +552,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                      min_neurons_per_layer: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
                      spill_dir: str | Path | None = None, work_dir: str | Path | None = None,
-                     method: str = METHOD) -> dict:
+                     method: str = METHOD, device: str | torch.device | None = None) -> dict:
     """Score, select, prune, repair and write a Llama-family or GPT-2 causal LM, or a bare BERT-family /
     DistilBERT encoder, one layer at a time; see the module docstring.
 
@@ -581,6 +583,9 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
             or neurons, adds least to the block's reconstruction error after the least-squares re-fit,
             merged over layers by marginal cost; a ``(H * D)^2`` and, with ``prune_ffn``, an ``F^2``
             moment per layer, and an ``O(F^3)`` neuron sequence).
+        device: where each layer is scored, pruned and re-fitted (``cpu``, default, or ``cuda[:N]``): the
+            one layer in memory and the carried streams are on it (past ``stream_memory``, on disk), the
+            weights outside the layers are read from the files and written back from the CPU.
         work_dir: keep each finished layer (its shard, the carried streams, scores and plan) in this
             directory, so that a run interrupted after layer k and started again with the same
             arguments resumes there (:mod:`headslim.workdir`); emptied (and removed when the run made
@@ -600,7 +605,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                                    repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer,
                                    prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer, dtype=dtype,
                                    overwrite=overwrite, provenance=provenance, progress=progress, spill=spill,
-                                   work_dir=work_dir, method=method)
+                                   work_dir=work_dir, method=method, device=device)
         report["spill"] = {"limit_bytes": stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
                            "files": spill.files_written}
         return report
@@ -608,8 +613,10 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
 
 def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, prune_ffn,
                       min_neurons_per_layer, dtype,
-                      overwrite, provenance, progress, spill: Spill, work_dir, method) -> dict:
+                      overwrite, provenance, progress, spill: Spill, work_dir, method, device) -> dict:
     from tqdm.auto import tqdm
+
+    from headslim.distributed import device_for
 
     from headslim.autoload import CONFIG_KEY, config_record
     from headslim.io import atomic_output_dir
@@ -619,6 +626,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     t0 = time.perf_counter()
     if method not in METHODS:
         raise HeadslimError(f"--layerwise scores with {' or '.join(METHODS)} (layer-local), not --method {method}")
+    device = device_for(None if device is None else str(device))
     path, config, adapter = _check_inputs(model_dir, out, prune=prune, gqa=gqa, holdout=holdout,
                                           min_heads_per_layer=min_heads_per_layer, overwrite=overwrite,
                                           prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer)
@@ -645,13 +653,17 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     _to_dtype(model, dtype)
     layers = adapter.layers(model)
     prefixes = [names[id(layer)] + "." for layer in layers]
-    _materialise_outside(model, prefixes, (embed_name, head_name), ckpt, keys, dtype)
+    for module in model.modules():  # the skeleton's buffers (rotary frequencies, ...) where the layers run
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                module._buffers[name] = buf.to(device)
+    _materialise_outside(model, prefixes, (embed_name, head_name), ckpt, keys, dtype, device)
     head_dim, num_heads = adapter.head_dim(model), adapter.num_heads(model)
     n_layers = len(layers)
     peak = [0]
 
     def load(index: int) -> nn.Module:
-        layer = _load_layer(ckpt, model, index, prefixes[index], keys, dtype)
+        layer = _load_layer(ckpt, model, index, prefixes[index], keys, dtype).to(device)
         peak[0] = max(peak[0], materialised_layers(model))
         return layer
 
@@ -673,7 +685,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                                               dtype=dtype, method=method))
 
     # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
-    masks = [b["attention_mask"].bool() for b in batches]  # (B, T)
+    masks = [b["attention_mask"].bool().to(device) for b in batches]  # (B, T)
     state = work.state if work is not None else None  # what an interrupted run finished
     resumed = None if state is None else {"pass": state["pass"], "layers_done": state["layers_done"]}
     scores = torch.zeros(n_layers, max(num_heads), dtype=torch.float64)
@@ -681,7 +693,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     neuron_scores = torch.zeros(n_layers, max(widths), dtype=torch.float64) if widths else None
     if state is None or state["pass"] == 1:
         done = 0 if state is None else state["layers_done"]
-        hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill)
+        hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill, device)
         dense = _Carried(model, hidden, calls, spill)
         hidden.clear()
         # obs-local: per layer, the greedy removal sequences [(index, marginal cost), ...] of heads and neurons
@@ -694,7 +706,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                 if widths:
                     neuron_scores[:done] = torch.tensor(state["neuron_scores"], dtype=torch.float64)
             dense.hidden.clear()
-            dense.hidden, dense.layer = work.streams(spill)["dense"], done
+            dense.hidden, dense.layer = work.streams(spill, device)["dense"], done
         for index in tqdm(range(done, n_layers), desc="scoring layers", unit="layer", initial=done, total=n_layers,
                           disable=not progress, leave=False):
             block = load(index)
@@ -760,15 +772,15 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     done = state["layers_done"]
     plain = None
     if sites:
-        fit_masks = [b["attention_mask"].bool() for b in fit_batches]
-        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype, spill)
+        fit_masks = [b["attention_mask"].bool().to(device) for b in fit_batches]
+        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype, spill, device)
         dense, pruned = _Carried(model, hidden, calls, spill), _Carried(model, hidden, calls, spill)
         val_index = [i for i, v in enumerate(is_val) if v]
         # the pruned model without repair, on the held-out batches: the "before" of the final check
         plain = _Carried(model, [hidden[i] for i in val_index], [calls[i] for i in val_index], spill) if checked else None
         hidden.clear()
         if done:  # the streams after the last layer an interrupted run finished
-            saved = work.streams(spill)
+            saved = work.streams(spill, device)
             for name, stream in (("dense", dense), ("pruned", pruned), ("plain", plain)):
                 if stream is not None:
                     stream.hidden.clear()
@@ -925,6 +937,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
             "heads_before": sum(plan.num_heads), "heads_after": sum(plan.heads_after),
             "repair": report.to_dict() if report is not None else None,
             "max_layers_in_memory": peak[0], "bytes_written": total, "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
             "seconds": {"scoring": t_scored - t0, "pruning": t_end - t_scored, "total": t_end - t0}}
 
 
@@ -960,7 +973,10 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
     from headslim.data import batches, load_texts, sample
     from headslim.io import check_length, check_output_dir, load_config, resolve_model_path
 
+    from headslim.distributed import device_for
+
     check_layerwise_config(config)
+    device_for(config.device)  # a device this torch lacks: refused before the calibration data is read
     method = METHOD if method is None else method
     if method not in METHODS:
         raise HeadslimError(f"--layerwise does not take --method {method} (it scores with the whole model in memory; "
@@ -979,6 +995,7 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
                               prune_ffn=config.prune_ffn, min_neurons_per_layer=config.min_neurons_per_layer,
                               overwrite=config.overwrite, progress=config.progress,
                               provenance={"calibration": calibration, "seed": config.seed},
-                              stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir, method=method)
+                              stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir, method=method,
+                              device=config.device)
     report["calibration"] = calibration
     return report

@@ -174,6 +174,9 @@ class ShrinkConfig(PruneConfig):
         max_length: tokens per sample; default 128, or the model's position limit when that is lower
             (a larger value than the limit is refused before any work).
         plan: a hand-written plan JSON to apply instead of scoring.
+        device: where the model is scored, pruned, repaired and checked: ``cpu`` (default) or
+            ``cuda[:N]`` (under ``torchrun``, ``cuda`` is each rank's ``cuda:LOCAL_RANK``); the output is
+            the same checkpoint wherever it was computed (up to the device's arithmetic).
     """
 
     runtime: str = "ort-cpu"
@@ -192,6 +195,7 @@ class ShrinkConfig(PruneConfig):
     plan: str | None = None
     allow_pickle: bool = False
     overwrite: bool = False
+    device: str = "cpu"
 
     @property
     def _scores(self) -> bool:
@@ -697,6 +701,11 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     check_output_dir(out, overwrite=config.overwrite, inputs=(src, config.plan, config.calib, config.eval_data))
     if (Path(src) / PLAN_FILE).is_file():
         raise HeadslimError(f"{src} is already pruned by headslim; shrink its dense original instead")
+    from headslim.distributed import device_for
+
+    device = device_for(config.device)
+    if config.target_speedup is not None and device.type != "cpu":
+        raise HeadslimError("--target-speedup times models on --runtime; run it with --device cpu")
     model_config = load_config(src)  # the checks that need only config.json come before any slow work
     max_length = check_length(model_config, config.max_length)
     if config.plan is None and config.prune != 0:
@@ -709,7 +718,7 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     calib, held_out = _split_eval(config, calib)
     calib = sample(calib, config.calib_samples, config.seed)
     held_out = sample(held_out, config.eval_samples, seed=0)  # same texts for every method and seed
-    model = load_model(src, allow_pickle=config.allow_pickle)
+    model = load_model(src, allow_pickle=config.allow_pickle).to(device)
     tokenizer = load_tokenizer(src, pad=True)
     num_heads, num_neurons, kv_map = model_structure(model)
     causal = detect_task(model) == "causal-lm"

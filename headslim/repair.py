@@ -100,13 +100,13 @@ def _has_bias(o_proj) -> bool:
 
 
 def _o_weight(o_proj) -> torch.Tensor:
-    """``[W | b]`` as ``(d, p + 1)`` float64, or ``W`` ``(d, p)`` for a projection without a bias
-    (``p = 0``: a bias-only projection)."""
+    """``[W | b]`` as ``(d, p + 1)`` float64 on the CPU (where the moments and the solve are), or ``W``
+    ``(d, p)`` for a projection without a bias (``p = 0``: a bias-only projection)."""
     cols = []
     if getattr(o_proj, "in_features", None) != 0 and hasattr(o_proj, "weight"):
-        cols.append(weight_out_in(o_proj).detach().double())  # (d, p)
+        cols.append(weight_out_in(o_proj).detach().double().cpu())  # (d, p)
     if _has_bias(o_proj):
-        cols.append(o_proj.bias.detach().double()[:, None])
+        cols.append(o_proj.bias.detach().double().cpu()[:, None])
     return torch.cat(cols, dim=1)
 
 

@@ -107,14 +107,15 @@ class WorkDir:
         """Where a layer shard is written (it outlives an interrupted run)."""
         return self.path / name
 
-    def streams(self, spill=None) -> dict[str, Store]:
-        """The committed carried streams, each a :class:`Store` kept by ``spill`` (read one batch at a time)."""
+    def streams(self, spill=None, device=None) -> dict[str, Store]:
+        """The committed carried streams, each a :class:`Store` kept by ``spill`` (read one batch at a time,
+        onto ``device``: the CPU by default)."""
         from safetensors import safe_open
 
         if self._streams is None:
             return {}
         out: dict[str, Store] = {}
-        with safe_open(str(self.path / self._streams), framework="pt") as f:
+        with safe_open(str(self.path / self._streams), framework="pt", device=str(device or "cpu")) as f:
             for key in sorted(f.keys(), key=lambda k: (k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1]))):
                 out.setdefault(key.rsplit(".", 1)[0], Store(spill)).append(f.get_tensor(key))  # batches in order
         return out

@@ -878,3 +878,33 @@ def test_obs_local_resumes_from_a_work_dir_and_the_cli_takes_it(tmp_path, monkey
             "--batch-size", "2", "--max-length", "16", "--out", str(tmp_path / "cli"), "--no-progress"]
     assert main(argv) == 0
     assert "method: obs-local (layer at a time" in capsys.readouterr().out
+
+
+def test_device_choice_is_checked_in_one_line(tmp_path, capsys, monkeypatch):
+    """--device cpu is the default path; a device this torch lacks is refused before any work (the CUDA
+    runs themselves are checked on a GPU machine: bench/gpu_shrink_check.py)."""
+    from headslim.cli import main
+    from headslim.distributed import device_for
+
+    assert device_for(None) == device_for("cpu") == device_for(" CPU ") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, match in [("cuda", "sees no CUDA device"), ("cuda:1", "sees no CUDA device"),
+                        ("gpu", r"must be cpu \(default\) or cuda\[:N\], not .gpu."), ("cuda:x", "must be cpu")]:
+        with pytest.raises(HeadslimError, match=match):
+            device_for(name)
+    src, texts = _cli_model(tmp_path)
+    capsys.readouterr()
+    argv = ["shrink", str(src), "--prune", "0.5", "--calib", str(texts), "--batch-size", "2", "--max-length", "16",
+            "--no-progress", "--device"]
+    for extra in ([], ["--layerwise"]):
+        assert main([*argv, "cuda", *extra, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "headslim: error: --device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)"
+        assert not (tmp_path / "bad").exists()
+    monkeypatch.undo()
+    assert main([*argv, "cpu", "--layerwise", "--out", str(tmp_path / "cpu"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(HeadslimError, match="cuda:3 does not exist"):
+        device_for("cuda:3")

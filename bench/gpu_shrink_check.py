@@ -1,0 +1,211 @@
+"""`shrink --device cuda` checked on a GPU: the same results as on the CPU, and what the GPU saves.
+
+For a session lent a GPU machine (none was when ``--device`` was written; CI never has one). Needs only
+torch, transformers, safetensors, accelerate and the ``headslim`` package: random weights and random
+token batches, so neither the bundled model nor the BBC corpus has to travel. Never put the repository
+root on ``sys.path`` (its ``kernels/`` folder would shadow the PyPI package transformers imports):
+
+    mkdir -p /tmp/site && ln -s $PWD/headslim /tmp/site/headslim && \
+        PYTHONPATH=/tmp/site python3 bench/gpu_shrink_check.py --out $OUT     # on the GPU machine
+    python bench/gpu_shrink_check.py --smoke --out /tmp/gpu-check            # here: both sides on the CPU
+
+1. **Parity** on tiny random models (Llama with GQA, Qwen3 ragged GQA, GPT-2, BERT), 6 batches of 3 x 11
+   tokens, TF32 off:
+   - layer at a time: ``shrink_layerwise(device="cpu")`` against ``device=DEVICE``, with
+     ``function-norm`` (heads and FFN neurons) and ``obs-local`` (heads): the plans, and the reloaded
+     models' outputs (max abs difference, relative to the output's scale);
+   - in memory: ``prune_model`` (Fisher scores, repair) on a model on the CPU and on the device: the
+     head scores (max abs difference of the scores), the plans, and with the CPU's plan applied on
+     both, the repaired outputs.
+2. **Speed** (not with ``--smoke``): a Llama-3.2-1B-shaped model with random bf16 weights
+   (``bench/offload_1b.py``'s writer), ``shrink_layerwise`` at 50 % of the query heads on 128 random
+   sequences of 128 tokens, on the device and on the CPU (all cores), one run each: wall seconds,
+   peak GPU memory, the same plan or not.
+
+Writes ``gpu_shrink_check.json`` and ``gpu_shrink_check.md`` under ``--out``; exits 1 when a parity
+check fails its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+TOL = 2e-3  # relative output difference allowed between the CPU's and the device's float32 arithmetic
+
+
+def tiny(model_type: str, class_name: str, **overrides):
+    import torch
+    import transformers
+
+    from headslim.arch import adapters
+
+    for adapter in adapters():
+        for tc in adapter.tiny_configs():
+            if tc.model_type == model_type:
+                config = getattr(transformers, tc.config_class)(**{**tc.kwargs, **overrides})
+                config.architectures = [class_name]
+                torch.manual_seed(0)
+                return getattr(transformers, class_name)(config).eval()
+    raise SystemExit(f"no tiny config for {model_type}")
+
+
+def token_batches(vocab: int, n: int, batch: int, seq: int, seed: int = 0) -> list[dict]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[-1, seq // 2:] = 0  # a padded row
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def outputs(model, batch) -> "torch.Tensor":
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float().cpu()
+
+
+def rel_diff(a, b) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+CASES = [("llama", "LlamaForCausalLM", dict(num_key_value_heads=2)), ("qwen3", "Qwen3ForCausalLM", {}),
+         ("gpt2", "GPT2LMHeadModel", {}), ("bert", "BertModel", {})]
+
+
+def parity(device: str, work: Path) -> list[dict]:
+    import torch
+
+    from headslim.io import load_pruned
+    from headslim.offload import shrink_layerwise
+    from headslim.pipeline import PruneConfig, prune_model
+    from headslim.surgery import prune_heads
+
+    rows = []
+    for model_type, class_name, overrides in CASES:
+        dense = tiny(model_type, class_name, **overrides)
+        src = work / model_type / "dense"
+        dense.save_pretrained(str(src))
+        batches = token_batches(dense.config.vocab_size, 6, 3, 11)
+        probe = token_batches(dense.config.vocab_size, 1, 3, 11, seed=9)[0]
+        gqa = "ragged" if model_type == "qwen3" else "uniform"
+        for method, ffn in (("function-norm", 0.3), ("obs-local", None)):
+            got = {}
+            for where in ("cpu", device):
+                out = work / model_type / f"{method}-{where.replace(':', '')}"
+                t = time.perf_counter()
+                report = shrink_layerwise(src, out, prune=0.5, prune_ffn=ffn, batches=batches, gqa=gqa, method=method,
+                                          device=where, progress=False, overwrite=True)
+                got[where] = (report, outputs(load_pruned(out), probe), time.perf_counter() - t)
+            (a, ya, ta), (b, yb, tb) = got["cpu"], got[device]
+            same = a["plan"]["attention"] == b["plan"]["attention"] and a["plan"].get("mlp") == b["plan"].get("mlp")
+            rows.append({"path": "layerwise", "model": model_type, "method": method, "prune_ffn": ffn,
+                         "same_plan": same, "output_rel_diff": rel_diff(ya, yb) if same else None,
+                         "check_cpu": (a["repair"] or {}).get("check"), "check_device": (b["repair"] or {}).get("check"),
+                         "device_reported": b.get("device"), "seconds_cpu": ta, "seconds_device": tb,
+                         "ok": same and rel_diff(ya, yb) < TOL})
+        # in memory: Fisher scores and repair, the model on the CPU and on the device
+        config = PruneConfig(prune=0.5, progress=False, gqa=gqa)
+        res = {}
+        for where in ("cpu", device):
+            model = copy.deepcopy(dense).to(where)
+            res[where] = prune_model(model, batches, config)
+        same = res["cpu"].plan.kept_heads == res[device].plan.kept_heads
+        plan = res["cpu"].plan
+        fixed = copy.deepcopy(dense).to(device)
+        from headslim.repair import repair
+
+        prune_heads(fixed, plan)
+        repair(fixed, copy.deepcopy(dense).to(device), plan, batches, progress=False)
+        diff = rel_diff(outputs(res["cpu"].model, probe), outputs(fixed, probe))
+        rows.append({"path": "in-memory", "model": model_type, "method": "fisher", "same_plan": same,
+                     "output_rel_diff": diff, "ok": diff < TOL,
+                     "repair_applied": [res["cpu"].repair.get("applied"), res[device].repair.get("applied")]})
+        del res, fixed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speed(device: str, work: Path, threads: int) -> list[dict]:
+    import torch
+
+    import importlib.util
+
+    from headslim.offload import shrink_layerwise
+
+    spec = importlib.util.spec_from_file_location("offload_1b", Path(__file__).with_name("offload_1b.py"))
+    offload_1b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(offload_1b)
+    SHAPE, write_model = offload_1b.SHAPE, offload_1b.write_model
+
+    src = work / "llama-1b"
+    size = write_model(src)
+    batches = token_batches(SHAPE["vocab_size"], 32, 4, 128)
+    rows = []
+    for where in (device, "cpu"):
+        torch.set_num_threads(threads)
+        if where != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        report = shrink_layerwise(src, work / f"slim-{where.replace(':', '')}", prune=0.5, gqa="uniform",
+                                  batches=batches, progress=False, overwrite=True)
+        rows.append({"device": where, "seconds": time.perf_counter() - t, "model_bytes": size,
+                     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if where != "cpu" else None,
+                     "kept_heads": report["plan"]["attention"]["kept_heads"],
+                     "repair_check": (report["repair"] or {}).get("check")})
+    rows[0]["same_plan_as_cpu"] = rows[0]["kept_heads"] == rows[1]["kept_heads"]
+    return rows
+
+
+def main(argv=None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="both sides on the CPU, no speed run: checks the script")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU side (default: torch's)")
+    args = p.parse_args(argv)
+    device = "cpu" if args.smoke else args.device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"device": device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    import transformers
+
+    result["transformers"] = transformers.__version__
+    with tempfile.TemporaryDirectory(prefix="headslim-gpu-check-") as tmp:
+        result["parity"] = parity(device, Path(tmp))
+        if not args.smoke:
+            result["speed"] = speed(device, Path(tmp), args.threads or torch.get_num_threads())
+    (args.out / "gpu_shrink_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# shrink --device {device} against the CPU", "",
+             f"torch {result['torch']}, transformers {result['transformers']}, GPU {result['gpu']}", "",
+             "| path | model | method | same plan | output rel. diff | ok |", "|---|---|---|---|---:|---|"]
+    for r in result["parity"]:
+        diff = "-" if r["output_rel_diff"] is None else f"{r['output_rel_diff']:.1e}"
+        lines.append(f"| {r['path']} | {r['model']} | {r['method']} | {r['same_plan']} | {diff} | {r['ok']} |")
+    for r in result.get("speed", []):
+        gpu = "" if r["peak_gpu_bytes"] is None else f", peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB"
+        lines.append(f"\nLlama-3.2-1B shape, layer at a time on {r['device']}: {r['seconds']:.1f} s{gpu}")
+    (args.out / "gpu_shrink_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r["ok"] for r in result["parity"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
