@@ -266,16 +266,18 @@ def _embed(ckpt: Checkpoint, key: str, input_ids: torch.Tensor, dtype: torch.dty
 
 
 def _entry(ckpt: Checkpoint, model, keys: dict, embed_key: str, batches: list, dtype: torch.dtype,
-           spill: Spill | None = None, device: torch.device = torch.device("cpu")):
-    """Per batch, the stream entering layer 0 (a :class:`Store` kept by ``spill``) and the :class:`Call`
-    every layer gets (one pass of the skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
+           spill: Spill | None = None, device: torch.device = torch.device("cpu"), keep: bool = True):
+    """Per batch, the stream entering layer 0 (a :class:`Store` kept by ``spill``; left empty without
+    ``keep``: a resumed run takes its streams from the work dir) and the :class:`Call` every layer gets
+    (one pass of the skeleton up to layer 0, fed the embeddings of the batch's tokens)."""
     hidden, calls = Store(spill), []
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k in ("attention_mask", "position_ids", "token_type_ids")}
         inputs["inputs_embeds"] = _embed(ckpt, keys[embed_key], batch["input_ids"], dtype)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         first, (call,) = layer_calls(model, inputs, every_layer=False)
-        hidden.append(first)
+        if keep:
+            hidden.append(first)
         calls.append(call)
     return hidden, calls
 
@@ -693,7 +695,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     neuron_scores = torch.zeros(n_layers, max(widths), dtype=torch.float64) if widths else None
     if state is None or state["pass"] == 1:
         done = 0 if state is None else state["layers_done"]
-        hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill, device)
+        hidden, calls = _entry(ckpt, model, keys, embed_name, batches, dtype, spill, device, keep=not done)
         dense = _Carried(model, hidden, calls, spill)
         hidden.clear()
         # obs-local: per layer, the greedy removal sequences [(index, marginal cost), ...] of heads and neurons
@@ -773,11 +775,12 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     plain = None
     if sites:
         fit_masks = [b["attention_mask"].bool().to(device) for b in fit_batches]
-        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype, spill, device)
+        hidden, calls = _entry(ckpt, model, keys, embed_name, fit_batches, dtype, spill, device, keep=not done)
         dense, pruned = _Carried(model, hidden, calls, spill), _Carried(model, hidden, calls, spill)
         val_index = [i for i, v in enumerate(is_val) if v]
         # the pruned model without repair, on the held-out batches: the "before" of the final check
-        plain = _Carried(model, [hidden[i] for i in val_index], [calls[i] for i in val_index], spill) if checked else None
+        plain = _Carried(model, [hidden[i] for i in val_index] if len(hidden) else [], [calls[i] for i in val_index],
+                         spill) if checked else None
         hidden.clear()
         if done:  # the streams after the last layer an interrupted run finished
             saved = work.streams(spill, device)
