@@ -35,6 +35,9 @@ def _add_shrink(sub) -> None:
                           "0 with --prune-ffn: FFN neurons only)")
     add_ffn_arguments(opt, prune_arg, "fraction of all FFN neurons to remove, in [0, 1), or a whole neuron count "
                                        "(default: the FFNs are left alone)")
+    opt.add_argument("--prune-params", type=float, default=None, metavar="F",
+                     help="--layerwise: one budget instead of --prune/--prune-ffn: remove this fraction (0-1) of "
+                          "the parameters heads and FFN neurons hold, cheapest first by estimated cost per parameter")
     opt.add_argument("--target-speedup", type=float, default=None,
                      help="plan for this speed-up on --runtime instead of --prune/--prune-ffn: heads and FFN "
                           "neurons ranked together by quality cost per unit of latency saved (per-layer latency "
@@ -157,8 +160,14 @@ def _run_shrink(args) -> int:
 
     if args.target_speedup is not None and (args.prune is not None or args.prune_ffn is not None):
         raise HeadslimError("--target-speedup decides what to remove: leave out --prune/--prune-heads and --prune-ffn")
+    if args.prune_params is not None:
+        if not args.layerwise:
+            raise HeadslimError("--prune-params applies to --layerwise (in memory, --target-speedup spends one budget "
+                                "on heads and neurons)")
+        if args.prune is not None or args.prune_ffn is not None:
+            raise HeadslimError("--prune-params decides how many heads and neurons go: leave out --prune and --prune-ffn")
     if args.prune is None:
-        args.prune = 0 if args.target_speedup is not None else 0.5
+        args.prune = 0 if args.target_speedup is not None else 0.5  # with --prune-params: unused, not read
     calib_samples_given = args.calib_samples is not None
     if not calib_samples_given:
         args.calib_samples = "auto"
@@ -207,7 +216,7 @@ def _run_layerwise(args, config, calib_samples_given: bool, method: str | None =
     try:
         report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
                                     stream_memory=config.stream_memory, spill_dir=config.spill_dir,
-                                    work_dir=args.work_dir, method=method)
+                                    work_dir=args.work_dir, method=method, prune_params=args.prune_params)
     except KeyboardInterrupt:
         if args.work_dir is not None and (Path(args.work_dir) / "headslim-work.json").is_file():
             print(f"headslim: finished layers are kept in {args.work_dir}; run the same command again to resume",
@@ -226,6 +235,9 @@ def _run_layerwise(args, config, calib_samples_given: bool, method: str | None =
     if mlp:
         after = [len(k) for k in mlp["kept_neurons"]]
         print(f"FFN neurons per layer: {mlp['num_neurons']} -> {after} ({sum(after)} of {sum(mlp['num_neurons'])} kept)")
+    if report["params"]["target"] is not None:
+        print(f"parameters of heads and FFN neurons removed: {report['params']['removed']:.1%} "
+              f"(--prune-params {report['params']['target']:g})")
     c = report["calibration"]
     print(f"method: {report['plan']['provenance']['method']} (layer at a time, at most "
           f"{report['max_layers_in_memory']} layer in memory), {c['n_samples']} calibration samples of {c['source']}")

@@ -388,6 +388,42 @@ def _mean_cosines(ref: torch.Tensor, others: list[torch.Tensor]) -> list[float]:
     return [float(nn.functional.cosine_similarity(ref, x, dim=-1).mean()) for x in others]
 
 
+def _sequence_costs(sequences: list, counts: list[int]) -> torch.Tensor:
+    """``(layers, max count)`` float64: each structure's marginal cost in its layer's greedy removal
+    sequence, made non-decreasing along the sequence (a structure never costs less than one removed
+    before it), so that taking the cheapest first keeps every layer's removals a prefix of its sequence."""
+    costs = torch.zeros(len(counts), max(counts, default=0), dtype=torch.float64)
+    for layer, seq in enumerate(sequences):
+        running = 0.0
+        for index, cost in seq:
+            running = max(running, cost)
+            costs[layer, index] = running
+    return costs
+
+
+def _structure_params(model, adapter) -> tuple[list[float], list[float]]:
+    """Per layer, the parameters one query head and one FFN neuron hold (weights; biases left out): a
+    head its Q rows and O columns and its share of its KV head's K and V rows, a neuron its row (two in
+    a gated FFN) and its down-projection column. From the (meta) skeleton's shapes."""
+    heads, kv, head_dim = adapter.num_heads(model), kv_maps(model), adapter.head_dim(model)
+    hidden = [weight_out_in(adapter.o_proj(b)).shape[0] for b in adapter.attention_blocks(model)]
+    per_head = [2 * head_dim * d * (1 + len(set(kv[l])) / max(n, 1)) for l, (n, d) in enumerate(zip(heads, hidden))]
+    per_neuron = [(3 if adapter.gated_mlp else 2) * d for d in hidden]
+    return per_head, per_neuron
+
+
+def _params_removed(plan: PrunePlan, head_params: list[float], neuron_params: list[float],
+                    target: float | None) -> dict:
+    """The share of the heads' and FFN neurons' parameters ``plan`` removes (as
+    :func:`_structure_params` counts them), and the ``--prune-params`` target if one was given."""
+    widths = plan.num_neurons or [0] * len(plan.num_heads)
+    kept_n = plan.kept_neurons or [[] for _ in widths]
+    total = sum(n * hp + w * np for n, w, hp, np in zip(plan.num_heads, widths, head_params, neuron_params))
+    gone = sum((n - len(k)) * hp + (w - len(kn)) * np for n, k, w, kn, hp, np
+               in zip(plan.num_heads, plan.kept_heads, widths, kept_n, head_params, neuron_params))
+    return {"target": target, "removed": gone / max(total, 1e-30)}
+
+
 def _pooled(stream: Stream, rows: list[tuple[int, int]], masks: list) -> torch.Tensor:
     """Mean-pooled sentence embeddings ``(N, d)`` float64 of the carried final hidden states: stream item
     ``j`` with batch ``i``'s mask, for each ``(j, i)`` in ``rows``."""
@@ -464,7 +500,7 @@ def _score_layer(stream: Stream, block, mlp, adapter, masks: list, n_heads: int,
 
 
 def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_per_layer: int, overwrite: bool,
-                  prune_ffn=None, min_neurons_per_layer: int = 0):
+                  prune_ffn=None, min_neurons_per_layer: int = 0, prune_params: float | None = None):
     """Every check that needs no weights: ``(path, config, adapter)``; one-line errors, nothing written."""
     from headslim.gqa import GQA_MODES
     from headslim.io import _load_config, _model_dir, check_output_dir
@@ -488,7 +524,14 @@ def _check_inputs(model_dir, out, *, prune, gqa: str, holdout: float, min_heads_
         raise HeadslimError(f"unknown --gqa mode {gqa!r}; available: {', '.join(GQA_MODES)}")
     if not 0.0 <= holdout < 1.0:
         raise HeadslimError("holdout must be in [0, 1)")
-    if prune_ffn is None or prune != 0:  # --prune 0 with --prune-ffn: neurons only
+    if prune_params is not None:
+        if prune != 0 or prune_ffn is not None:
+            raise HeadslimError("--prune-params decides how many heads and neurons go: leave out --prune and --prune-ffn")
+        if isinstance(prune_params, bool) or not isinstance(prune_params, (int, float)) or not 0 < prune_params < 1:
+            raise HeadslimError(f"--prune-params must be a fraction in (0, 1), not {prune_params!r}")
+        if min_neurons_per_layer < 0:
+            raise HeadslimError(f"--min-neurons-per-layer must be >= 0, not {min_neurons_per_layer}")
+    elif prune_ffn is None or prune != 0:  # --prune 0 with --prune-ffn: neurons only
         check_prune_target(prune, config, min_heads_per_layer)
     if prune_ffn is not None:
         check_prune_ffn(prune_ffn, min_neurons_per_layer)
@@ -554,7 +597,8 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                      min_neurons_per_layer: int = 0, dtype: torch.dtype | None = None, overwrite: bool = False,
                      provenance: dict | None = None, progress: bool = True, stream_memory: int | None = None,
                      spill_dir: str | Path | None = None, work_dir: str | Path | None = None,
-                     method: str = METHOD, device: str | torch.device | None = None) -> dict:
+                     method: str = METHOD, device: str | torch.device | None = None,
+                     prune_params: float | None = None) -> dict:
     """Score, select, prune, repair and write a Llama-family or GPT-2 causal LM, or a bare BERT-family /
     DistilBERT encoder, one layer at a time; see the module docstring.
 
@@ -580,6 +624,9 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
         stream_memory: bytes of carried streams (and a layer's outputs and references) kept in memory;
             the rest goes to safetensors files in a directory made under ``spill_dir`` (default: the
             system's temporary directory) and removed at the end, interrupted or not. None: no limit.
+        prune_params: instead of ``prune`` / ``prune_ffn`` (give 0 and None), one budget: this fraction
+            (in (0, 1)) of the parameters the heads and FFN neurons hold goes, the cheapest first by
+            estimated cost per parameter over both kinds (:func:`headslim.selection.split_params`).
         method: the layer-local scorer: ``function-norm`` (default: each structure's own contribution to
             its block's output) or ``obs-local`` (repair-aware: the greedy order in which removing heads,
             or neurons, adds least to the block's reconstruction error after the least-squares re-fit,
@@ -607,7 +654,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
                                    repair=repair, ridge=ridge, min_heads_per_layer=min_heads_per_layer,
                                    prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer, dtype=dtype,
                                    overwrite=overwrite, provenance=provenance, progress=progress, spill=spill,
-                                   work_dir=work_dir, method=method, device=device)
+                                   work_dir=work_dir, method=method, device=device, prune_params=prune_params)
         report["spill"] = {"limit_bytes": stream_memory, "peak_on_disk_bytes": spill.peak_on_disk,
                            "files": spill.files_written}
         return report
@@ -615,7 +662,7 @@ def shrink_layerwise(model_dir: str | Path, out: str | Path, *, prune: float | i
 
 def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, ridge, min_heads_per_layer, prune_ffn,
                       min_neurons_per_layer, dtype,
-                      overwrite, provenance, progress, spill: Spill, work_dir, method, device) -> dict:
+                      overwrite, provenance, progress, spill: Spill, work_dir, method, device, prune_params) -> dict:
     from tqdm.auto import tqdm
 
     from headslim.distributed import device_for
@@ -631,7 +678,8 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     device = device_for(None if device is None else str(device))
     path, config, adapter = _check_inputs(model_dir, out, prune=prune, gqa=gqa, holdout=holdout,
                                           min_heads_per_layer=min_heads_per_layer, overwrite=overwrite,
-                                          prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer)
+                                          prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer,
+                                          prune_params=prune_params)
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     if not batches or any("input_ids" not in b or "attention_mask" not in b for b in batches):
         raise HeadslimError("layer-at-a-time shrink needs calibration batches with input_ids and attention_mask")
@@ -661,6 +709,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                 module._buffers[name] = buf.to(device)
     _materialise_outside(model, prefixes, (embed_name, head_name), ckpt, keys, dtype, device)
     head_dim, num_heads = adapter.head_dim(model), adapter.num_heads(model)
+    head_params, neuron_params = _structure_params(model, adapter)  # of the dense model (the skeleton gets pruned)
     n_layers = len(layers)
     peak = [0]
 
@@ -684,14 +733,14 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
         work = WorkDir(work_dir, _fingerprint(path, batches, prune=prune, gqa=gqa, holdout=holdout, repair=repair,
                                               ridge=ridge, min_heads_per_layer=min_heads_per_layer,
                                               prune_ffn=prune_ffn, min_neurons_per_layer=min_neurons_per_layer,
-                                              dtype=dtype, method=method))
+                                              dtype=dtype, method=method, prune_params=prune_params))
 
     # ---- pass 1: layer-local scores on the dense stream ------------------------------------------
     masks = [b["attention_mask"].bool().to(device) for b in batches]  # (B, T)
     state = work.state if work is not None else None  # what an interrupted run finished
     resumed = None if state is None else {"pass": state["pass"], "layers_done": state["layers_done"]}
     scores = torch.zeros(n_layers, max(num_heads), dtype=torch.float64)
-    widths = adapter.num_neurons(model) if prune_ffn is not None else None
+    widths = adapter.num_neurons(model) if prune_ffn is not None or prune_params is not None else None
     neuron_scores = torch.zeros(n_layers, max(widths), dtype=torch.float64) if widths else None
     if state is None or state["pass"] == 1:
         done = 0 if state is None else state["layers_done"]
@@ -729,12 +778,22 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
                              "sequences": sequences}, {"dense": dense.hidden})
         dense.hidden.clear()
         del dense
+        head_costs, neuron_costs = scores, neuron_scores  # function-norm: the scores are the costs
         if method == OBS_LOCAL:  # a structure's score: its position in the merged cost-ordered path
             from headslim.scoring.common import merged_scores
 
+            head_costs = _sequence_costs(sequences["attention"], num_heads)
+            neuron_costs = _sequence_costs(sequences["mlp"], widths) if widths else None
             scores = merged_scores(sequences["attention"], num_heads, min_heads_per_layer).double()
             if widths:
                 neuron_scores = merged_scores(sequences["mlp"], widths, min_neurons_per_layer).double()
+        if prune_params is not None:  # one budget: how many heads and neurons, by cost per parameter
+            from headslim.selection import split_params
+
+            prune, prune_ffn = split_params(head_costs, neuron_costs, num_heads, widths, fraction=prune_params,
+                                            head_params=head_params, neuron_params=neuron_params,
+                                            min_heads_per_layer=min_heads_per_layer,
+                                            min_neurons_per_layer=min_neurons_per_layer)
         info = {"source_model": str(path), "method": method, "layerwise": True,
                 "calibration": {"n_batches": len(batches), "n_samples": sum(len(m) for m in masks),
                                 "tokens": int(sum(int(m.sum()) for m in masks))}}
@@ -935,6 +994,7 @@ def _shrink_layerwise(model_dir, out, *, prune, batches, gqa, holdout, repair, r
     t_end = time.perf_counter()
     return {"out": str(out), "plan": plan.to_dict(), "scores": scores.tolist(), "resumed": resumed,
             "neuron_scores": neuron_scores.tolist() if widths else None,
+            "params": _params_removed(plan, head_params, neuron_params, prune_params),
             "neurons_before": sum(plan.num_neurons) if plan.num_neurons else None,
             "neurons_after": sum(plan.neurons_after) if plan.num_neurons else None,
             "heads_before": sum(plan.num_heads), "heads_after": sum(plan.heads_after),
@@ -966,7 +1026,8 @@ def check_layerwise_config(config) -> None:
 
 def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib_samples_given: bool = True,
                        stream_memory: int | None = None, spill_dir: str | Path | None = None,
-                       work_dir: str | Path | None = None, method: str | None = None) -> dict:
+                       work_dir: str | Path | None = None, method: str | None = None,
+                       prune_params: float | None = None) -> dict:
     """``shrink_layerwise`` with the data handling of ``headslim shrink``: calibration texts from
     ``config.calib`` (a seeded sample of ``config.calib_samples``, or :data:`LAYERWISE_CALIB_SAMPLES`
     when the user gave none), tokenised with the model's tokenizer. Returns ``shrink_layerwise``'s
@@ -993,12 +1054,12 @@ def shrink_from_config(model_path: str | Path, out: str | Path, config, *, calib
     calib_batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
                      for b in batches(calib, tokenizer, batch_size=config.batch_size, max_length=max_length)]
     calibration = {"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib), "max_length": max_length}
-    report = shrink_layerwise(src, out, prune=config.prune, batches=calib_batches, gqa=config.gqa,
-                              repair=config.repair, min_heads_per_layer=config.min_heads_per_layer,
-                              prune_ffn=config.prune_ffn, min_neurons_per_layer=config.min_neurons_per_layer,
+    report = shrink_layerwise(src, out, prune=0 if prune_params is not None else config.prune, batches=calib_batches,
+                              gqa=config.gqa, repair=config.repair, min_heads_per_layer=config.min_heads_per_layer,
+                              prune_ffn=None if prune_params is not None else config.prune_ffn, min_neurons_per_layer=config.min_neurons_per_layer,
                               overwrite=config.overwrite, progress=config.progress,
                               provenance={"calibration": calibration, "seed": config.seed},
                               stream_memory=stream_memory, spill_dir=spill_dir, work_dir=work_dir, method=method,
-                              device=config.device)
+                              device=config.device, prune_params=prune_params)
     report["calibration"] = calibration
     return report

@@ -112,3 +112,42 @@ def select_plan(scores: torch.Tensor | None, num_heads: list[int], *, prune: flo
     kept = select_neurons(neuron_scores, num_neurons, prune=prune_ffn, min_per_layer=min_neurons_per_layer)
     return PrunePlan(plan.num_heads, plan.kept_heads, plan.provenance, plan.kv_head_of_q, plan.kept_kv_heads,
                      num_neurons, kept)
+
+
+def split_params(head_costs: torch.Tensor, neuron_costs: torch.Tensor, num_heads: list[int], widths: list[int], *,
+                 fraction: float, head_params: list[float], neuron_params: list[float], min_heads_per_layer: int = 1,
+                 min_neurons_per_layer: int = 0) -> tuple[int, int]:
+    """One budget for heads and FFN neurons: ``(heads, neurons)`` to remove so that ``fraction`` of the
+    parameters they hold goes, taking the cheapest first by estimated cost per parameter over both
+    kinds and every layer (``head_costs`` ``(layers, max heads)`` and ``neuron_costs`` ``(layers, max
+    width)`` in one unit, e.g. the function norms of their outputs; ``head_params[l]``,
+    ``neuron_params[l]``: what one structure of layer ``l`` holds). The counts are then chosen per kind
+    by :func:`select_plan` (its per-layer floors and GQA modes); a kind is capped at what those floors
+    leave removable, the other then takes the rest of the budget (all of both when it is too large).
+
+    Example:
+        >>> split_params(torch.tensor([[1.0, 9.0]]), torch.tensor([[2.0, 3.0, 8.0]]), [2], [3], fraction=0.5,
+        ...              head_params=[4.0], neuron_params=[2.0], min_heads_per_layer=0)
+        (1, 2)
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise HeadslimError(f"--prune-params must be a fraction in (0, 1), not {fraction!r}")
+    ratios, sizes, kinds = [], [], []
+    for kind, (costs, counts, params) in enumerate(((head_costs, num_heads, head_params),
+                                                     (neuron_costs, widths, neuron_params))):
+        for layer, n in enumerate(counts):
+            ratios.append(costs[layer, :n].double().clamp_min(0.0) / params[layer])
+            sizes.append(torch.full((n,), float(params[layer]), dtype=torch.float64))
+            kinds.append(torch.full((n,), kind))
+    ratio, size, kind = torch.cat(ratios), torch.cat(sizes), torch.cat(kinds)
+    caps = torch.tensor([sum(max(n - min_heads_per_layer, 0) for n in num_heads),
+                         sum(max(w - min_neurons_per_layer, 0) for w in widths)])
+    order = torch.argsort(ratio, stable=True)
+    ranked = kind[order]
+    rank = torch.zeros_like(ranked)  # each item's place among its own kind's, cheapest first
+    for k in (0, 1):
+        rank[ranked == k] = torch.arange(int((ranked == k).sum()))
+    order = order[rank < caps[ranked]]  # a kind at its cap leaves the rest of the budget to the other
+    taken = int(torch.searchsorted(torch.cumsum(size[order], 0), fraction * float(size.sum()))) + 1
+    chosen = kind[order[:taken]]
+    return int((chosen == 0).sum()), int((chosen == 1).sum())

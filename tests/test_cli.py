@@ -277,7 +277,8 @@ def test_every_shrink_option_reaches_its_config_field():
     # --layerwise is read by the CLI itself: it routes the run to headslim.offload (tests/test_offload.py)
     # so is --work-dir, which only the layer-at-a-time path takes; --stream-memory is given in GiB and
     # converted to the field's bytes by the CLI (config_from_args(..., stream_memory=bytes))
-    assert _options("shrink") - {"model", "out", "json", "layerwise", "work_dir"} <= {f.name for f in fields(ShrinkConfig)}
+    assert _options("shrink") - {"model", "out", "json", "layerwise", "work_dir", "prune_params"} \
+        <= {f.name for f in fields(ShrinkConfig)}  # --prune-params: read by the CLI for --layerwise
     args = build_parser().parse_args(["shrink", "m", "--out", "o", "--prune", "7", "--gqa", "ragged", "--no-repair",
                                       "--no-progress", "--shapes", "1x64"])
     config = config_from_args(ShrinkConfig, args)

@@ -908,3 +908,58 @@ def test_device_choice_is_checked_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(HeadslimError, match="cuda:3 does not exist"):
         device_for("cuda:3")
+
+
+# ---- --prune-params: one budget for heads and FFN neurons ------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type,class_name,method,min_neurons", [
+    ("llama", "LlamaForCausalLM", "function-norm", 20),  # neurons capped: the heads take the rest of the budget
+    ("bert", "BertModel", "obs-local", 0)])
+def test_prune_params_is_the_plan_of_the_counts_it_chose(tmp_path, model_type, class_name, method, min_neurons):
+    from headslim.selection import split_params
+
+    dense = tiny_model(model_type, class_name) if model_type == "bert" else tiny_decoder(model_type, class_name)
+    src, batches = _dense_dir(tmp_path, dense), tiny_batches(5)
+    kw = dict(batches=batches, method=method, gqa="ragged", min_neurons_per_layer=min_neurons, progress=False)
+    report = shrink_layerwise(src, tmp_path / "one", prune=0, prune_params=0.4, **kw)
+    heads = report["heads_before"] - report["heads_after"]
+    neurons = report["neurons_before"] - report["neurons_after"]
+    assert heads > 0 and neurons > 0  # both kinds spent the one budget here
+    head_params, neuron_params = offload._structure_params(dense, get_adapter(dense))
+    assert report["params"]["target"] == 0.4
+    assert 0.4 <= report["params"]["removed"] < 0.4 + max(head_params) / (sum(
+        n * h for n, h in zip(get_adapter(dense).num_heads(dense), head_params)) + sum(
+        w * p for w, p in zip(get_adapter(dense).num_neurons(dense), neuron_params)))
+    two = shrink_layerwise(src, tmp_path / "two", prune=heads, prune_ffn=neurons, **kw)
+    assert two["plan"]["attention"] == report["plan"]["attention"] and two["plan"]["mlp"] == report["plan"]["mlp"]
+    _same_shards(tmp_path / "one", tmp_path / "two")
+    # the counts are split_params' on the reported costs (function-norm: the scores themselves)
+    if method == "function-norm":
+        got = split_params(torch.tensor(report["scores"]), torch.tensor(report["neuron_scores"]),
+                           get_adapter(dense).num_heads(dense), get_adapter(dense).num_neurons(dense), fraction=0.4,
+                           head_params=head_params, neuron_params=neuron_params, min_neurons_per_layer=min_neurons)
+        assert got == (heads, neurons)
+
+
+def test_prune_params_refusals_and_cli(tmp_path, capsys):
+    from headslim.cli import main
+
+    dense = tiny_decoder("llama", "LlamaForCausalLM")
+    src = _dense_dir(tmp_path, dense)
+    for kwargs, match in [(dict(prune=0.5, prune_params=0.3), "leave out --prune and --prune-ffn"),
+                          (dict(prune=0, prune_ffn=0.2, prune_params=0.3), "leave out --prune and --prune-ffn"),
+                          (dict(prune=0, prune_params=1.0), r"--prune-params must be a fraction in \(0, 1\)")]:
+        with pytest.raises(HeadslimError, match=match):
+            shrink_layerwise(src, tmp_path / "out", batches=tiny_batches(2), progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+    src2, texts = _cli_model(tmp_path / "c")
+    capsys.readouterr()
+    argv = ["shrink", str(src2), "--prune-params", "0.3", "--calib", str(texts), "--batch-size", "2", "--max-length",
+            "16", "--no-progress"]
+    for extra, err in [([], "--prune-params applies to --layerwise"),
+                       (["--layerwise", "--prune", "0.5"], "leave out --prune and --prune-ffn")]:
+        assert main([*argv, *extra, "--out", str(tmp_path / "bad")]) == 2
+        assert err in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*argv, "--layerwise", "--out", str(tmp_path / "cli")]) == 0
+    assert "parameters of heads and FFN neurons removed: " in capsys.readouterr().out

@@ -60,3 +60,23 @@ def test_plan_json_round_trip(tmp_path):
     assert again == PrunePlan([4, 4], [[0, 3], []], {"method": "gradient", "scores": [[1.0, None]]})
     assert again.pruned_heads == {0: [1, 2], 1: [0, 1, 2, 3]}
     assert again.mask().tolist() == [[1, 0, 0, 1], [0, 0, 0, 0]]
+
+
+def test_split_params_takes_the_cheapest_per_parameter_over_both_kinds_and_caps_at_the_floors():
+    from headslim.selection import split_params
+
+    heads = torch.tensor([[1.0, 9.0, 0.5], [4.0, 2.0, 0.0]])  # the second layer has 2 heads (padding ignored)
+    neurons = torch.tensor([[2.0, 3.0, 8.0, 1.0], [6.0, 0.1, 7.0, 5.0]])
+    kw = dict(head_params=[4.0, 4.0], neuron_params=[1.0, 1.0])
+    # per parameter: heads .25 2.25 .125 | 1 .5; neurons 2 3 8 1 | 6 .1 7 5 (total 5 * 4 + 8 = 28 parameters)
+    # cheapest first: n(1,1) .1, h(0,2) .125, h(0,0) .25, h(1,1) .5, h(1,0) 1, n(0,3) 1, n(0,0) 2, ...
+    assert split_params(heads, neurons, [3, 2], [4, 4], fraction=0.1, min_heads_per_layer=0, **kw) == (1, 1)
+    # cumulative parameters in that order: 1 5 9 13 17 18 19 23 ...
+    assert split_params(heads, neurons, [3, 2], [4, 4], fraction=0.5, min_heads_per_layer=0, **kw) == (4, 1)  # 14
+    assert split_params(heads, neurons, [3, 2], [4, 4], fraction=0.7, min_heads_per_layer=0, **kw) == (5, 3)  # 19.6
+    # one head per layer must stay: 3 heads at most, the neurons take the rest: 12 + 5 neurons >= 16.8
+    assert split_params(heads, neurons, [3, 2], [4, 4], fraction=0.6, min_heads_per_layer=1, **kw) == (3, 5)
+    assert split_params(heads, neurons, [3, 2], [4, 4], fraction=0.99, min_heads_per_layer=1, **kw) == (3, 8)  # all
+    for bad in (0, 1.0, -0.2, True, "0.3"):
+        with pytest.raises(HeadslimError, match="--prune-params must be a fraction in"):
+            split_params(heads, neurons, [3, 2], [4, 4], fraction=bad, **kw)
