@@ -74,9 +74,10 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--layerwise", action="store_true",
                      help="models larger than memory (Llama-family and GPT-2 causal LMs, bare BERT-family / DistilBERT "
                           "encoders): one layer's weights in memory at a time "
-                          "(read from the safetensors shards, scored by the function norm of each head's output, "
-                          "pruned, repaired and written as its own shard); takes --prune, --prune-ffn, --gqa, "
-                          "--no-repair, --min-heads-per-layer, --min-neurons-per-layer and the calibration options")
+                          "(read from the safetensors shards, scored layer-locally: --method function-norm or "
+                          "obs-local, pruned, repaired and written as its own shard); takes --prune, --prune-ffn or "
+                          "--prune-params, --gqa, --no-repair, --min-heads-per-layer, --min-neurons-per-layer, "
+                          "--device, --stream-memory, --work-dir and the calibration options")
     opt.add_argument("--device", default="cpu",
                      help="where the model is scored, pruned and repaired: cpu (default) or cuda[:N]; with --layerwise "
                           "one layer at a time is on it; under torchrun, cuda is each rank's cuda:LOCAL_RANK")
@@ -211,8 +212,8 @@ def _run_layerwise(args, config, calib_samples_given: bool, method: str | None =
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HeadslimError("--layerwise runs in one process, not under torchrun")
     if getattr(args, "ffn_method", None) is not None:
-        raise HeadslimError(f"--layerwise does not take --ffn-method {args.ffn_method} (it scores FFN neurons by the "
-                            "function norm of their output, layer-local)")
+        raise HeadslimError(f"--layerwise does not take --ffn-method {args.ffn_method} (it scores FFN neurons "
+                            "layer-locally, with the heads' --method)")
     try:
         report = shrink_from_config(args.model, args.out, config, calib_samples_given=calib_samples_given,
                                     stream_memory=config.stream_memory, spill_dir=config.spill_dir,
