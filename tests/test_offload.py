@@ -276,6 +276,7 @@ def test_cli_layerwise_refusals_are_one_line(tmp_path, capsys, extra, match):
     from headslim.cli import main
 
     src, texts = _cli_model(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
     out = tmp_path / "out"
     assert main(["shrink", str(src), "--layerwise", "--calib", str(texts), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
