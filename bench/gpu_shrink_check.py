@@ -18,9 +18,11 @@ root on ``sys.path`` (its ``kernels/`` folder would shadow the PyPI package tran
      head scores (max abs difference of the scores), the plans, and with the CPU's plan applied on
      both, the repaired outputs.
 2. **Speed** (not with ``--smoke``): a Llama-3.2-1B-shaped model with random bf16 weights
-   (``bench/offload_1b.py``'s writer), ``shrink_layerwise`` at 50 % of the query heads on 128 random
-   sequences of 128 tokens, on the device and on the CPU (all cores), one run each: wall seconds,
-   peak GPU memory, the same plan or not.
+   (``bench/offload_1b.py``'s writer), ``shrink_layerwise`` at 50 % of the query heads on ``--samples``
+   (16) random sequences of 128 tokens, on the device and (unless ``--no-cpu``) on the CPU with all
+   cores, one run each: wall seconds, peak GPU memory, the same plan or not. On the 2-core EPYC the
+   CPU side took 755 s for 16 articles (``bench/results/offload_1b``): budget the device time for it,
+   or pass ``--no-cpu``.
 
 Writes ``gpu_shrink_check.json`` and ``gpu_shrink_check.md`` under ``--out``; exits 1 when a parity
 check fails its tolerance.
@@ -139,7 +141,7 @@ def parity(device: str, work: Path) -> list[dict]:
     return rows
 
 
-def speed(device: str, work: Path, threads: int) -> list[dict]:
+def speed(device: str, work: Path, threads: int, samples: int, cpu: bool) -> list[dict]:
     import torch
 
     import importlib.util
@@ -153,9 +155,9 @@ def speed(device: str, work: Path, threads: int) -> list[dict]:
 
     src = work / "llama-1b"
     size = write_model(src)
-    batches = token_batches(SHAPE["vocab_size"], 32, 4, 128)
+    batches = token_batches(SHAPE["vocab_size"], max(1, samples // 4), 4, 128)
     rows = []
-    for where in (device, "cpu"):
+    for where in (device, "cpu") if cpu else (device,):
         torch.set_num_threads(threads)
         if where != "cpu":
             torch.cuda.reset_peak_memory_stats()
@@ -166,7 +168,8 @@ def speed(device: str, work: Path, threads: int) -> list[dict]:
                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if where != "cpu" else None,
                      "kept_heads": report["plan"]["attention"]["kept_heads"],
                      "repair_check": (report["repair"] or {}).get("check")})
-    rows[0]["same_plan_as_cpu"] = rows[0]["kept_heads"] == rows[1]["kept_heads"]
+    if cpu:
+        rows[0]["same_plan_as_cpu"] = rows[0]["kept_heads"] == rows[1]["kept_heads"]
     return rows
 
 
@@ -178,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="both sides on the CPU, no speed run: checks the script")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU side (default: torch's)")
+    p.add_argument("--samples", type=int, default=16, help="sequences of 128 tokens for the speed run")
+    p.add_argument("--no-cpu", dest="cpu", action="store_false", help="time the speed run on the device only")
     args = p.parse_args(argv)
     device = "cpu" if args.smoke else args.device
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="headslim-gpu-check-") as tmp:
         result["parity"] = parity(device, Path(tmp))
         if not args.smoke:
-            result["speed"] = speed(device, Path(tmp), args.threads or torch.get_num_threads())
+            result["speed"] = speed(device, Path(tmp), args.threads or torch.get_num_threads(), args.samples, args.cpu)
     (args.out / "gpu_shrink_check.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# shrink --device {device} against the CPU", "",
              f"torch {result['torch']}, transformers {result['transformers']}, GPU {result['gpu']}", "",
