@@ -964,3 +964,18 @@ def test_prune_params_refusals_and_cli(tmp_path, capsys):
         assert err in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main([*argv, "--layerwise", "--out", str(tmp_path / "cli")]) == 0
     assert "parameters of heads and FFN neurons removed: " in capsys.readouterr().out
+
+
+def test_the_prepared_gpu_check_runs(tmp_path):
+    """bench/gpu_shrink_check.py is run blind on a lent GPU with minutes of device time: keep it working
+    (here both sides on the CPU, so every row must agree exactly)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_shrink_check", Path(__file__).resolve().parent.parent / "bench" / "gpu_shrink_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_shrink_check.json").read_text())
+    assert len(result["parity"]) == 3 * len(check.CASES) and all(r["ok"] for r in result["parity"])
