@@ -24,8 +24,10 @@ root on ``sys.path`` (its ``kernels/`` folder would shadow the PyPI package tran
    CPU side took 755 s for 16 articles (``bench/results/offload_1b``): budget the device time for it,
    or pass ``--no-cpu``.
 
-Writes ``gpu_shrink_check.json`` and ``gpu_shrink_check.md`` under ``--out``; exits 1 when a parity
-check fails its tolerance.
+Writes ``gpu_shrink_check.json`` and ``gpu_shrink_check.md`` under ``--out`` after every row (a device
+run cut off by its time limit keeps what it measured); a check that raises becomes a row with its error
+and the run goes on. Exits 1 when a check fails or raises. Results of the H200 run:
+``bench/results/gpu_shrink_check/``.
 """
 
 from __future__ import annotations
@@ -87,7 +89,20 @@ CASES = [("llama", "LlamaForCausalLM", dict(num_key_value_heads=2)), ("qwen3", "
          ("gpt2", "GPT2LMHeadModel", {}), ("bert", "BertModel", {})]
 
 
-def parity(device: str, work: Path) -> list[dict]:
+def guarded(rows: list, save, info: dict, fn) -> None:
+    """Run one check; a failure becomes a row (with its error) instead of ending the run, and the results
+    so far are written after every row, so a crash or the device's time limit keeps what was measured."""
+    import traceback
+
+    try:
+        rows.append({**info, **fn()})
+    except Exception as exc:  # noqa: BLE001 - one failed check must not lose the others on a one-shot device run
+        rows.append({**info, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                     "traceback": traceback.format_exc(limit=6)})
+    save()
+
+
+def parity(device: str, work: Path, rows: list, save) -> list[dict]:
     import torch
 
     from headslim.io import load_pruned
@@ -95,7 +110,6 @@ def parity(device: str, work: Path) -> list[dict]:
     from headslim.pipeline import PruneConfig, prune_model
     from headslim.surgery import prune_heads
 
-    rows = []
     for model_type, class_name, overrides in CASES:
         dense = tiny(model_type, class_name, **overrides)
         src = work / model_type / "dense"
@@ -104,44 +118,47 @@ def parity(device: str, work: Path) -> list[dict]:
         probe = token_batches(dense.config.vocab_size, 1, 3, 11, seed=9)[0]
         gqa = "ragged" if model_type == "qwen3" else "uniform"
         for method, ffn in (("function-norm", 0.3), ("obs-local", None)):
-            got = {}
-            for where in ("cpu", device):
-                out = work / model_type / f"{method}-{where.replace(':', '')}"
-                t = time.perf_counter()
-                report = shrink_layerwise(src, out, prune=0.5, prune_ffn=ffn, batches=batches, gqa=gqa, method=method,
-                                          device=where, progress=False, overwrite=True)
-                got[where] = (report, outputs(load_pruned(out), probe), time.perf_counter() - t)
-            (a, ya, ta), (b, yb, tb) = got["cpu"], got[device]
-            same = a["plan"]["attention"] == b["plan"]["attention"] and a["plan"].get("mlp") == b["plan"].get("mlp")
-            rows.append({"path": "layerwise", "model": model_type, "method": method, "prune_ffn": ffn,
-                         "same_plan": same, "output_rel_diff": rel_diff(ya, yb) if same else None,
-                         "check_cpu": (a["repair"] or {}).get("check"), "check_device": (b["repair"] or {}).get("check"),
-                         "device_reported": b.get("device"), "seconds_cpu": ta, "seconds_device": tb,
-                         "ok": same and rel_diff(ya, yb) < TOL})
-        # in memory: Fisher scores and repair, the model on the CPU and on the device
-        config = PruneConfig(prune=0.5, progress=False, gqa=gqa)
-        res = {}
-        for where in ("cpu", device):
-            model = copy.deepcopy(dense).to(where)
-            res[where] = prune_model(model, batches, config)
-        same = res["cpu"].plan.kept_heads == res[device].plan.kept_heads
-        plan = res["cpu"].plan
-        fixed = copy.deepcopy(dense).to(device)
-        from headslim.repair import repair
+            def layerwise(method=method, ffn=ffn):
+                got = {}
+                for where in ("cpu", device):
+                    out = work / model_type / f"{method}-{where.replace(':', '')}"
+                    t = time.perf_counter()
+                    report = shrink_layerwise(src, out, prune=0.5, prune_ffn=ffn, batches=batches, gqa=gqa,
+                                              method=method, device=where, progress=False, overwrite=True)
+                    got[where] = (report, outputs(load_pruned(out), probe), time.perf_counter() - t)
+                (a, ya, ta), (b, yb, tb) = got["cpu"], got[device]
+                same = a["plan"]["attention"] == b["plan"]["attention"] and a["plan"].get("mlp") == b["plan"].get("mlp")
+                return {"same_plan": same, "output_rel_diff": rel_diff(ya, yb) if same else None,
+                        "check_cpu": (a["repair"] or {}).get("check"),
+                        "check_device": (b["repair"] or {}).get("check"),
+                        "device_reported": b.get("device"), "seconds_cpu": ta, "seconds_device": tb,
+                        "ok": same and rel_diff(ya, yb) < TOL}
 
-        prune_heads(fixed, plan)
-        repair(fixed, copy.deepcopy(dense).to(device), plan, batches, progress=False)
-        diff = rel_diff(outputs(res["cpu"].model, probe), outputs(fixed, probe))
-        rows.append({"path": "in-memory", "model": model_type, "method": "fisher", "same_plan": same,
-                     "output_rel_diff": diff, "ok": diff < TOL,
-                     "repair_applied": [res["cpu"].repair.get("applied"), res[device].repair.get("applied")]})
-        del res, fixed
+            guarded(rows, save, {"path": "layerwise", "model": model_type, "method": method, "prune_ffn": ffn},
+                    layerwise)
+
+        def in_memory():
+            # Fisher scores and repair, the model on the CPU and on the device
+            from headslim.repair import repair
+
+            config = PruneConfig(prune=0.5, progress=False, gqa=gqa)
+            res = {where: prune_model(copy.deepcopy(dense).to(where), batches, config) for where in ("cpu", device)}
+            same = res["cpu"].plan.kept_heads == res[device].plan.kept_heads
+            plan = res["cpu"].plan
+            fixed = copy.deepcopy(dense).to(device)
+            prune_heads(fixed, plan)
+            repair(fixed, copy.deepcopy(dense).to(device), plan, batches, progress=False)
+            diff = rel_diff(outputs(res["cpu"].model, probe), outputs(fixed, probe))
+            return {"same_plan": same, "output_rel_diff": diff, "ok": diff < TOL,
+                    "repair_applied": [res["cpu"].repair.get("applied"), res[device].repair.get("applied")]}
+
+        guarded(rows, save, {"path": "in-memory", "model": model_type, "method": "fisher"}, in_memory)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
 
 
-def speed(device: str, work: Path, threads: int, samples: int, cpu: bool) -> list[dict]:
+def speed(device: str, work: Path, threads: int, samples: int, cpu: bool, rows: list, save) -> list[dict]:
     import torch
 
     import importlib.util
@@ -156,20 +173,23 @@ def speed(device: str, work: Path, threads: int, samples: int, cpu: bool) -> lis
     src = work / "llama-1b"
     size = write_model(src)
     batches = token_batches(SHAPE["vocab_size"], max(1, samples // 4), 4, 128)
-    rows = []
     for where in (device, "cpu") if cpu else (device,):
-        torch.set_num_threads(threads)
-        if where != "cpu":
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        report = shrink_layerwise(src, work / f"slim-{where.replace(':', '')}", prune=0.5, gqa="uniform",
-                                  batches=batches, progress=False, overwrite=True)
-        rows.append({"device": where, "seconds": time.perf_counter() - t, "model_bytes": size,
-                     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if where != "cpu" else None,
-                     "kept_heads": report["plan"]["attention"]["kept_heads"],
-                     "repair_check": (report["repair"] or {}).get("check")})
-    if cpu:
+        def run(where=where):
+            torch.set_num_threads(threads)
+            if where != "cpu":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            report = shrink_layerwise(src, work / f"slim-{where.replace(':', '')}", prune=0.5, gqa="uniform",
+                                      device=where, batches=batches, progress=False, overwrite=True)
+            return {"seconds": time.perf_counter() - t, "model_bytes": size, "samples": samples,
+                    "peak_gpu_bytes": torch.cuda.max_memory_allocated() if where != "cpu" else None,
+                    "kept_heads": report["plan"]["attention"]["kept_heads"],
+                    "repair_check": (report["repair"] or {}).get("check"), "ok": True}
+
+        guarded(rows, save, {"device": where}, run)
+    if cpu and len(rows) == 2 and "kept_heads" in rows[0] and "kept_heads" in rows[1]:
         rows[0]["same_plan_as_cpu"] = rows[0]["kept_heads"] == rows[1]["kept_heads"]
+        save()
     return rows
 
 
@@ -193,23 +213,36 @@ def main(argv=None) -> int:
     import transformers
 
     result["transformers"] = transformers.__version__
+    result["parity"] = []
+
+    def save():
+        (args.out / "gpu_shrink_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        lines = [f"# shrink --device {device} against the CPU", "",
+                 f"torch {result['torch']}, transformers {result['transformers']}, GPU {result['gpu']}", "",
+                 "| path | model | method | same plan | output rel. diff | ok |", "|---|---|---|---|---:|---|"]
+        for r in result["parity"]:
+            diff = "-" if r.get("output_rel_diff") is None else f"{r['output_rel_diff']:.1e}"
+            lines.append(f"| {r['path']} | {r['model']} | {r['method']} | {r.get('same_plan', r.get('error'))} "
+                         f"| {diff} | {r['ok']} |")
+        for r in result.get("speed", []):
+            if "error" in r:
+                lines.append(f"\nLlama-3.2-1B shape on {r['device']}: {r['error']}")
+                continue
+            gpu = "" if r["peak_gpu_bytes"] is None else f", peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB"
+            lines.append(f"\nLlama-3.2-1B shape, layer at a time on {r['device']}, {r['samples']} x 128 tokens: "
+                         f"{r['seconds']:.1f} s{gpu}")
+        (args.out / "gpu_shrink_check.md").write_text("\n".join(lines) + "\n")
+        return lines
+
     with tempfile.TemporaryDirectory(prefix="headslim-gpu-check-") as tmp:
-        result["parity"] = parity(device, Path(tmp))
+        parity(device, Path(tmp), result["parity"], save)
+        print("\n".join(save()[4:]), flush=True)
         if not args.smoke:
-            result["speed"] = speed(device, Path(tmp), args.threads or torch.get_num_threads(), args.samples, args.cpu)
-    (args.out / "gpu_shrink_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# shrink --device {device} against the CPU", "",
-             f"torch {result['torch']}, transformers {result['transformers']}, GPU {result['gpu']}", "",
-             "| path | model | method | same plan | output rel. diff | ok |", "|---|---|---|---|---:|---|"]
-    for r in result["parity"]:
-        diff = "-" if r["output_rel_diff"] is None else f"{r['output_rel_diff']:.1e}"
-        lines.append(f"| {r['path']} | {r['model']} | {r['method']} | {r['same_plan']} | {diff} | {r['ok']} |")
-    for r in result.get("speed", []):
-        gpu = "" if r["peak_gpu_bytes"] is None else f", peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB"
-        lines.append(f"\nLlama-3.2-1B shape, layer at a time on {r['device']}: {r['seconds']:.1f} s{gpu}")
-    (args.out / "gpu_shrink_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0 if all(r["ok"] for r in result["parity"]) else 1
+            result["speed"] = []
+            speed(device, Path(tmp), args.threads or torch.get_num_threads(), args.samples, args.cpu,
+                  result["speed"], save)
+    print("\n".join(save()))
+    return 0 if all(r["ok"] for r in result["parity"] + result.get("speed", [])) else 1
 
 
 if __name__ == "__main__":
