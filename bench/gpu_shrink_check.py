@@ -17,6 +17,13 @@ root on ``sys.path`` (its ``kernels/`` folder would shadow the PyPI package tran
    - in memory: ``prune_model`` (Fisher scores, repair) on a model on the CPU and on the device: the
      head scores (max abs difference of the scores), the plans, and with the CPU's plan applied on
      both, the repaired outputs.
+   - over a device map (``--device-map``): each model's first layers on DEVICE and the rest on the CPU
+     (``placement.split_map``), pruned and repaired by every scorer (``MAP_METHODS``), against a plain
+     CPU model: the plans and the outputs.
+   - the ``headslim shrink`` command (when ``--assets`` holds MiniLM's config and tokenizer and BBC
+     text, written here by ``--make-assets``): a MiniLM-shaped random model with ``--device cpu``,
+     ``--device DEVICE``, ``--device-map auto`` (a small ``--max-memory`` on the GPU splits it) and
+     ``--layerwise`` on both: the same plans, seconds, held-out checks.
 2. **Speed** (not with ``--smoke``): a Llama-3.2-1B-shaped model with random bf16 weights
    (``bench/offload_1b.py``'s writer), ``shrink_layerwise`` at 50 % of the query heads on ``--samples``
    (16) random sequences of 128 tokens, on the device and (unless ``--no-cpu``) on the CPU with all
@@ -158,6 +165,104 @@ def parity(device: str, work: Path, rows: list, save) -> list[dict]:
     return rows
 
 
+# head method, FFN method (None: heads only); entropy / confidence are for bidirectional encoders only
+MAP_METHODS = [("fisher", None), ("fisher", "magnitude"), ("fisher", "fisher"), ("gradient", "gradient"),
+               ("fisher-exact", None), ("obs", "obs"), ("ablation", None), ("iterative:fisher", None),
+               ("entropy", None), ("confidence", None), ("magnitude", None), ("learned", None), ("random", "random")]
+
+
+def device_map_parity(device: str, rows: list, save, methods=MAP_METHODS) -> None:
+    """``--device-map``: each tiny model with its first layers (and embeddings) on ``device`` and the
+    rest on the CPU (accelerate's hooks move the activations between them), pruned and repaired by
+    every scorer, against the same on a plain CPU model: the same plan, outputs within TOL."""
+    import torch
+
+    from headslim.pipeline import PruneConfig, prune_model
+    from headslim.placement import place, split_map
+
+    index = "cpu" if device == "cpu" else torch.device(device).index or 0
+    for model_type, class_name, overrides in CASES:
+        dense = tiny(model_type, class_name, **overrides)
+        batches = token_batches(dense.config.vocab_size, 6, 3, 11)
+        probe = token_batches(dense.config.vocab_size, 1, 3, 11, seed=9)[0]
+        gqa = "ragged" if model_type == "qwen3" else "uniform"
+        for method, ffn_method in methods:
+            if method in ("entropy", "confidence") and model_type != "bert":
+                continue
+
+            def run(method=method, ffn_method=ffn_method):
+                config = PruneConfig(prune=0.5, prune_ffn=0.3 if ffn_method else None, ffn_method=ffn_method,
+                                     method=method, gqa=gqa, progress=False)
+                plain = prune_model(copy.deepcopy(dense), batches, config)
+                model = copy.deepcopy(dense)
+                used = place(model, split_map(model, [index, "cpu"]), force_hooks=True)
+                got = prune_model(model, batches, config)
+                same = (got.plan.kept_heads == plain.plan.kept_heads
+                        and got.plan.kept_neurons == plain.plan.kept_neurons)
+                diff = rel_diff(outputs(plain.model, probe), outputs(got.model, probe)) if same else None
+                return {"same_plan": same, "output_rel_diff": diff, "ok": same and diff < TOL,
+                        "devices": sorted({str(p.device) for p in got.model.parameters()}),
+                        "layers_per_device": {str(d): list(used.values()).count(d) for d in set(used.values())},
+                        "repair_applied": [plain.repair.get("applied"), got.repair.get("applied")]}
+
+            guarded(rows, save, {"path": "device-map", "model": model_type,
+                                 "method": method + (f" + ffn {ffn_method}" if ffn_method else "")}, run)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def cli_check(device: str, work: Path, assets: Path, rows: list, save) -> None:
+    """The ``headslim shrink`` command itself on a MiniLM-shaped BERT (all-MiniLM-L6-v2's config and
+    tokenizer from ``assets``, random weights) and BBC News text (``assets/calib.txt``): ``--device
+    cpu`` against ``--device DEVICE``, ``--device-map auto`` (with ``--max-memory`` small enough on the GPU
+    to put the last layers on the CPU), and ``--layerwise`` on each device."""
+    import contextlib
+    import io
+    import shutil
+
+    import torch
+    import transformers
+
+    from headslim.cli import main as cli
+
+    src = work / "minilm-shaped"
+    config = transformers.BertConfig.from_pretrained(str(assets))
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(str(src))
+    for f in assets.iterdir():
+        if f.is_dir():
+            shutil.copytree(f, src / f.name)
+        elif f.name not in ("calib.txt", "config.json"):
+            shutil.copy(f, src / f.name)
+    index = 0 if device == "cpu" else torch.device(device).index or 0
+    base = ["shrink", str(src), "--prune", "0.5", "--prune-ffn", "0.3", "--calib", str(assets / "calib.txt"),
+            "--calib-samples", "128", "--eval-samples", "64", "--no-progress", "--json"]
+    runs = {"cpu": ["--device", "cpu"], "device": ["--device", device],
+            "device-map": ["--device-map", "auto", "--max-memory", f"{index}=150MiB,cpu=16GiB"],
+            "layerwise-cpu": ["--layerwise", "--device", "cpu"], "layerwise-device": ["--layerwise", "--device", device]}
+    if device == "cpu":  # --smoke: no GPU to place on
+        runs.pop("device-map")
+    got = {}
+    for name, extra in runs.items():
+        def run(name=name, extra=extra):
+            buf = io.StringIO()
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(buf):
+                code = cli([*base, *extra, "--out", str(work / f"cli-{name}")])
+            if code != 0:
+                raise RuntimeError(f"headslim shrink {' '.join(extra)} exited {code}")
+            got[name] = json.loads(buf.getvalue())
+            ref = got["layerwise-cpu" if name.startswith("layerwise") else "cpu"]
+            plan, plan_ref = got[name]["plan"], ref["plan"]
+            same = plan["attention"] == plan_ref["attention"] and plan.get("mlp") == plan_ref.get("mlp")
+            quality = got[name].get("quality") or (got[name].get("repair") or {}).get("check")  # layerwise: repair's
+            return {"same_plan": same, "ok": same, "seconds": time.perf_counter() - t, "quality": quality,
+                    "device_map": got[name].get("device_map"), "output_rel_diff": None}
+
+        guarded(rows, save, {"path": "cli", "model": "minilm-shaped", "method": " ".join(extra)}, run)
+
+
+
 def speed(device: str, work: Path, threads: int, samples: int, cpu: bool, rows: list, save) -> list[dict]:
     import torch
 
@@ -203,7 +308,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU side (default: torch's)")
     p.add_argument("--samples", type=int, default=16, help="sequences of 128 tokens for the speed run")
     p.add_argument("--no-cpu", dest="cpu", action="store_false", help="time the speed run on the device only")
+    p.add_argument("--assets", type=Path, default=Path(".gpu-assets"),
+                   help="all-MiniLM-L6-v2's config and tokenizer files and calib.txt for the CLI check (skipped "
+                        "when absent); make it here with --make-assets")
+    p.add_argument("--make-assets", action="store_true", help="write --assets from the bundled model and corpus, exit")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: parity, device-map, cli, speed")
     args = p.parse_args(argv)
+    if args.make_assets:
+        return make_assets(args.assets)
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     device = "cpu" if args.smoke else args.device
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -224,6 +337,14 @@ def main(argv=None) -> int:
             diff = "-" if r.get("output_rel_diff") is None else f"{r['output_rel_diff']:.1e}"
             lines.append(f"| {r['path']} | {r['model']} | {r['method']} | {r.get('same_plan', r.get('error'))} "
                          f"| {diff} | {r['ok']} |")
+        if result.get("cli"):
+            lines += ["", "| headslim shrink (MiniLM shape, random weights) | same plan as on the CPU | seconds "
+                      "| quality | placed | ok |", "|---|---|---:|---|---|---|"]
+            for r in result["cli"]:
+                q = r.get("quality") or {}
+                qual = ", ".join(f"{k} {v:.4f}" for k, v in q.items() if isinstance(v, float)) if q else "-"
+                lines.append(f"| {r['method']} | {r.get('same_plan', r.get('error'))} | {r.get('seconds', 0):.1f} "
+                             f"| {qual} | {r.get('device_map') or '-'} | {r['ok']} |")
         for r in result.get("speed", []):
             if "error" in r:
                 lines.append(f"\nLlama-3.2-1B shape on {r['device']}: {r['error']}")
@@ -235,14 +356,45 @@ def main(argv=None) -> int:
         return lines
 
     with tempfile.TemporaryDirectory(prefix="headslim-gpu-check-") as tmp:
-        parity(device, Path(tmp), result["parity"], save)
+        if "parity" not in skip:
+            parity(device, Path(tmp), result["parity"], save)
+        if "device-map" not in skip:
+            device_map_parity(device, result["parity"], save,
+                              methods=MAP_METHODS if not args.smoke else MAP_METHODS[:2])
         print("\n".join(save()[4:]), flush=True)
-        if not args.smoke:
+        if "cli" not in skip and (args.assets / "calib.txt").is_file():
+            result["cli"] = []
+            cli_check(device, Path(tmp), args.assets, result["cli"], save)
+            print("\n".join(save()[-len(result["cli"]) - 2:]), flush=True)
+        if not args.smoke and "speed" not in skip:
             result["speed"] = []
             speed(device, Path(tmp), args.threads or torch.get_num_threads(), args.samples, args.cpu,
                   result["speed"], save)
     print("\n".join(save()))
-    return 0 if all(r["ok"] for r in result["parity"] + result.get("speed", [])) else 1
+    return 0 if all(r["ok"] for r in result["parity"] + result.get("cli", []) + result.get("speed", [])) else 1
+
+
+def make_assets(assets: Path) -> int:
+    """all-MiniLM-L6-v2's config and tokenizer files (not its weights: 87 MiB, over what a device call carries)
+    and 400 BBC News training articles, one per line, for :func:`cli_check` on a machine without them."""
+    import shutil
+
+    from headslim.data import load_texts
+    from headslim.io import bundled_model_dir
+
+    src = Path(bundled_model_dir())
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                 "modules.json", "sentence_bert_config.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, assets / name)
+    if (src / "1_Pooling").is_dir():
+        shutil.copytree(src / "1_Pooling", assets / "1_Pooling", dirs_exist_ok=True)
+    texts = load_texts("bbc-news:train")
+    lines = [" ".join(t.split()) for t in list(texts.texts)[:400]]
+    (assets / "calib.txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {assets} ({sum(f.stat().st_size for f in assets.rglob('*') if f.is_file()) / 2**20:.1f} MiB)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -81,6 +82,13 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--device", default="cpu",
                      help="where the model is scored, pruned and repaired: cpu (default) or cuda[:N]; with --layerwise "
                           "one layer at a time is on it; under torchrun, cuda is each rank's cuda:LOCAL_RANK")
+    opt.add_argument("--device-map", choices=["auto"], default=None,
+                     help="auto: the model over every GPU (and the CPU when they are not enough), whole layers per "
+                          "device (accelerate), for a model one GPU cannot hold; instead of --device; not with "
+                          "--layerwise (one layer at a time needs one device) or torchrun")
+    opt.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                     help="--device-map: what each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB (default: its "
+                          "free memory); half for the model, half for repair's unpruned copy")
     opt.add_argument("--stream-memory", type=float, default=None, metavar="GIB",
                      help="GiB of repair's carried calibration streams kept in memory (both paths); the rest is "
                           "spilled to safetensors files, removed at the end (default: no limit)")
@@ -150,6 +158,8 @@ def _print_summary(result) -> None:
             print(f"  batch {shape['batch']:>3} x seq {shape['seq']:>4}: estimated x{shape['estimated_speedup']:.2f}, "
                   f"measured x{shape['measured_speedup']:.2f} (dense {shape['measured_dense_ms']:.2f} ms, "
                   f"pruned {shape['measured_pruned_ms']:.2f} ms, interleaved)")
+    if result.device_map:
+        print("placed with --device-map: " + ", ".join(f"{n} blocks on {d}" for d, n in result.device_map.items()))
     s = result.seconds
     print(f"time: load {s['load']:.1f} s, scoring {s['score']:.1f} s, repair {s.get('repair', 0.0):.1f} s, "
           f"total {s['total']:.1f} s")
@@ -186,6 +196,8 @@ def _run_shrink(args) -> int:
     if args.work_dir is not None:
         raise HeadslimError("--work-dir applies to --layerwise only (a run without it finishes in one go)")
 
+    if config.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise HeadslimError("--device-map spreads one model over the devices: run it in one process, not under torchrun")
     if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
         if config.target_speedup is not None:
             raise HeadslimError("--target-speedup times models on this machine: run it in one process, not under torchrun")
@@ -205,12 +217,12 @@ def _run_shrink(args) -> int:
 
 
 def _run_layerwise(args, config, calib_samples_given: bool, method: str | None = None) -> int:
-    import os
-
     from headslim.offload import shrink_from_config
 
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise HeadslimError("--layerwise runs in one process, not under torchrun")
+    if config.device_map is not None:
+        raise HeadslimError("--layerwise holds one layer at a time on --device, for any depth: leave out --device-map")
     if getattr(args, "ffn_method", None) is not None:
         raise HeadslimError(f"--layerwise does not take --ffn-method {args.ffn_method} (it scores FFN neurons "
                             "layer-locally, with the heads' --method)")

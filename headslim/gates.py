@@ -60,7 +60,7 @@ def _neuron_hooks(model: nn.Module, gates: torch.Tensor) -> list:
             continue
 
         def hook(module, args, layer=layer, n=n):
-            g = gates[..., layer, :n].to(args[0].dtype)  # (n,) or (B, n)
+            g = gates[..., layer, :n].to(device=args[0].device, dtype=args[0].dtype)  # (n,) or (B, n)
             return (args[0] * (g if g.dim() == 1 else g[:, None]), *args[1:])  # (B, T, n)
 
         handles.append(adapter.down_proj(block).register_forward_pre_hook(hook))
@@ -83,7 +83,7 @@ def _head_hooks(model: nn.Module, gates: torch.Tensor) -> list:
 
         def hook(module, args, layer=layer, n=n):
             x = args[0]  # (B, T, n * D)
-            g = gates[..., layer, :n].to(x.dtype)  # (n,) or (B, n)
+            g = gates[..., layer, :n].to(device=x.device, dtype=x.dtype)  # (n,) or (B, n); --device-map: x's device
             g = g[:, None] if g.dim() == 1 else g[:, None, :, None]
             x = (x.unflatten(-1, (n, head_dim)) * g).flatten(-2)  # (B, T, n * D)
             return (x, *args[1:])

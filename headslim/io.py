@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -526,7 +527,9 @@ def save_pruned(model, out: str | Path, plan: PrunePlan, *, tokenizer=None, sour
     # the plan's shapes in config.json too: the stock Auto classes rebuild them from it (headslim.autoload)
     setattr(model.config, CONFIG_KEY, config_record(plan))
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        with warnings.catch_warnings():  # --device-map: layers on the CPU run there (headslim.placement),
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")  # none are
+            model.save_pretrained(str(tmp), safe_serialization=True)
         plan.save(tmp / PLAN_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

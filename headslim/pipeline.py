@@ -177,6 +177,10 @@ class ShrinkConfig(PruneConfig):
         device: where the model is scored, pruned, repaired and checked: ``cpu`` (default) or
             ``cuda[:N]`` (under ``torchrun``, ``cuda`` is each rank's ``cuda:LOCAL_RANK``); the output is
             the same checkpoint wherever it was computed (up to the device's arithmetic).
+        device_map: ``auto``: the model over every GPU (and the CPU when they are not enough), whole
+            layers per device (:mod:`headslim.placement`); instead of ``device``. ``max_memory``: what
+            each device may hold (``"0=20GiB,1=20GiB,cpu=64GiB"``; default: its free memory), half of
+            it for the model and half for repair's unpruned copy.
     """
 
     runtime: str = "ort-cpu"
@@ -196,6 +200,8 @@ class ShrinkConfig(PruneConfig):
     allow_pickle: bool = False
     overwrite: bool = False
     device: str = "cpu"
+    device_map: str | None = None
+    max_memory: str | None = None
 
     @property
     def _scores(self) -> bool:
@@ -212,6 +218,18 @@ class ShrinkConfig(PruneConfig):
             if self.threads is not None and self.threads < 1:
                 raise HeadslimError(f"--threads must be >= 1, not {self.threads}")
         super().__post_init__()
+        from headslim.placement import check_device_map, parse_max_memory
+
+        check_device_map(self.device_map)
+        if self.device_map is not None:
+            if str(self.device).strip().lower() != "cpu":
+                raise HeadslimError("--device-map places the model over the devices itself: leave out --device")
+            if self.target_speedup is not None:
+                raise HeadslimError("--target-speedup times models on --runtime; run it without --device-map")
+        if self.max_memory is not None:
+            if self.device_map is None:
+                raise HeadslimError("--max-memory applies to --device-map")
+            parse_max_memory(self.max_memory)
         if self.calib_samples == "auto":
             self.calib_samples = DEFAULT_CALIB_SAMPLES if self.target_speedup is None else TARGET_CALIB_SAMPLES
         if isinstance(self.calib_samples, str):
@@ -236,6 +254,7 @@ class ShrinkResult:
     quality: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     repair: dict = field(default_factory=dict)
+    device_map: dict | None = None  # with --device-map: blocks per device
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -718,7 +737,15 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
     calib, held_out = _split_eval(config, calib)
     calib = sample(calib, config.calib_samples, config.seed)
     held_out = sample(held_out, config.eval_samples, seed=0)  # same texts for every method and seed
-    model = load_model(src, allow_pickle=config.allow_pickle).to(device)
+    model = load_model(src, allow_pickle=config.allow_pickle)
+    placement = None
+    if config.device_map is not None:  # over several devices (accelerate); else all of it on one
+        from headslim.placement import parse_max_memory, place, summary
+
+        placement = summary(place(model, config.device_map, parse_max_memory(config.max_memory),
+                                  copies=2 if config.repair else 1))
+    else:
+        model.to(device)
     tokenizer = load_tokenizer(src, pad=True)
     num_heads, num_neurons, kv_map = model_structure(model)
     causal = detect_task(model) == "causal-lm"
@@ -728,7 +755,8 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
 
     provenance = base_provenance(config.seed, source_model=str(src),
                                  calibration={"source": calib.source, "sha256": calib.sha256, "n_samples": len(calib),
-                                              "max_length": max_length})
+                                              "max_length": max_length},
+                                 **({"device_map": placement} if placement is not None else {}))
     plan = speed = None
     if config.plan is not None:
         data = read_json(config.plan, "plan file")
@@ -791,5 +819,5 @@ def shrink(model_path: str | Path, out: str | Path, config: ShrinkConfig | None 
         seconds={"load": round(t_loaded - t0, 2), "score": round(t_tables - t_loaded + pruned.seconds["score"], 2),
                  "repair": round(pruned.seconds["repair"], 2), "total": round(t_end - t0, 2),
                  **({"latency": round(t_tables - t_loaded, 2)} if speed is not None else {})},
-        repair=pruned.repair, speedup=speedup,
+        repair=pruned.repair, speedup=speedup, device_map=placement,
     )

@@ -340,11 +340,13 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                 outputs.append(out)
                 for site in here:
                     g = got[site]
+                    m = mask.to(g["y"].device)  # --device-map: the layer's device, not the inputs'
                     if inputs == "pruned":
-                        refs[site].append((g["y"] + g["x"])[mask])  # (N, d)
+                        # the residual can be captured on its way in, before accelerate moves it to the layer
+                        refs[site].append((g["y"] + g["x"].to(g["y"].device))[m])  # (N, d)
                     else:  # [c | y], (N, p_dense + d): one stored tensor per batch
                         widths[site] = g["c"].shape[-1]
-                        refs[site].append(torch.cat([g["c"][mask], g["y"][mask].to(g["c"].dtype)], dim=1))
+                        refs[site].append(torch.cat([g["c"][m], g["y"][m].to(g["c"].dtype)], dim=1))
                 del got
             for site in here:
                 _, kind = site
@@ -355,12 +357,13 @@ def repair(model, dense, plan: PrunePlan, batches, *, inputs: str = "pruned", ri
                 for i, (mask, v) in enumerate(zip(masks, local_val)):
                     if inputs == "pruned":
                         cur = _run_layer(pruned_stream, i, [site], want_input=True, stop=True)[1][site]
-                        x = cur["c"][mask] if kept else cur["c"][mask][:, :0]  # (N, p)
-                        t = refs[site][i] - cur["x"][mask]  # (N, d): y_dense + x_dense - x_pruned
+                        m = mask.to(cur["c"].device)
+                        x = cur["c"][m] if kept else cur["c"][m][:, :0]  # (N, p)
+                        t = refs[site][i].to(x.device) - cur["x"].to(x.device)[m]  # (N, d): y_dense + x_dense - x_pruned
                     else:
                         cols = site_columns(kind, kept, head_dim)
                         c, t = refs[site][i].split([widths[site], refs[site].meta(i)[1][1] - widths[site]], dim=1)
-                        x = c[:, cols.to(device)]  # (N, p)
+                        x = c[:, cols.to(c.device)]  # (N, p)
                     _add(val if v else fit, x, t, bias)
                 refs[site].clear()
                 for stats in (fit, val):

@@ -60,7 +60,7 @@ def _statistic(model, batches, statistic: str, progress: bool) -> torch.Tensor:
         handles.append(k_proj.register_forward_hook(grab("k", layer)))
 
         def on_output(module, args, layer=layer, n=n):
-            mask = state["mask"]  # (B, T)
+            mask = state["mask"].to(args[0].device)  # (B, T), on this layer's device (--device-map)
             p = attention_probs(captured.pop(("q", layer)), captured.pop(("k", layer)), mask, n, head_dim)
             if statistic == "confidence":
                 per_query = p.amax(-1)  # (B, n, T)

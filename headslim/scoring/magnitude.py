@@ -43,7 +43,7 @@ def score_magnitude(model, batches, *, objective: str = "dense", seed: int = 0, 
             w = o_weight(module).unflatten(1, (n, head_dim))  # (d, n, D)
             contrib = torch.einsum("btnk,dnk->btnd", ctx, w)  # (B, T, n, d)
             sq = contrib.float().pow(2).sum(-1)  # (B, T, n)
-            sums[layer, :n] += (sq * state["mask"][..., None].to(sq.dtype)).sum((0, 1)).double().cpu()  # (n,)
+            sums[layer, :n] += (sq * state["mask"][..., None].to(device=sq.device, dtype=sq.dtype)).sum((0, 1)).double().cpu()  # (n,)
 
         handles.append(o_proj.register_forward_pre_hook(hook))
     tokens = run_hooked(model, batches, handles, state, "scoring heads (magnitude)", progress)

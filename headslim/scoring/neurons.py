@@ -202,7 +202,7 @@ def _magnitude(model, batches, progress: bool) -> torch.Tensor:
         col_norm = o_weight(down).float().norm(dim=0)  # (n,)
 
         def hook(module, args, layer=layer, n=n, col_norm=col_norm):
-            a = args[0].float().pow(2) * state["mask"][..., None].float()  # (B, T, n)
+            a = args[0].float().pow(2) * state["mask"][..., None].to(args[0].device, torch.float32)  # (B, T, n)
             sums[layer, :n] += (a.sum((0, 1)) * col_norm.pow(2).to(a.device)).double().cpu()
 
         handles.append(down.register_forward_pre_hook(hook))

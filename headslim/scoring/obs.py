@@ -83,7 +83,7 @@ def layer_moments(model, batches, *, objective: str = "dense", seed: int = 0, pr
             if set(captured) != set(live):
                 raise HeadslimError("obs: not every layer's output projection ran")
             contexts = [captured[layer] for layer in live]
-            xs = [c.detach()[mask].double() for c in contexts]  # (N, p) each
+            xs = [c.detach()[mask.to(c.device)].double() for c in contexts]  # (N, p) each, on its layer's device
             for layer, x in zip(live, xs):
                 m = moments[layer]
                 m["sum_c"] = m["sum_c"] + x.sum(0).cpu()
@@ -96,7 +96,7 @@ def layer_moments(model, batches, *, objective: str = "dense", seed: int = 0, pr
                 for layer, x, u in zip(live, xs, grads):
                     if u is None:  # the layer does not reach the objective
                         continue
-                    u = u[mask].double()  # (N, p)
+                    u = u[mask.to(u.device)].double()  # (N, p)
                     moments[layer]["sum_uu"] = moments[layer]["sum_uu"] + (u.T @ u).cpu() / probes
                     g[layer, : heads[layer]] = (u * x).sum(0).view(heads[layer], head_dim).sum(-1).cpu()
                 gate_grads.append(g)

@@ -61,7 +61,7 @@ def projection_moments(model, batches, *, objective: str = "dense", seed: int = 
             outputs, handles = [], []
 
             def capture(module, args, output, kind, layer):
-                x = args[0].detach()[mask].double()  # (N, n) real tokens
+                x = args[0].detach()[mask.to(args[0].device)].double()  # (N, n) real tokens
                 s = stats[kind][layer]
                 s["sum_c"] = s["sum_c"] + x.sum(0).cpu()
                 s["sum_cc"] = s["sum_cc"] + (x.T @ x).cpu()
