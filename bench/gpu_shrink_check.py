@@ -24,7 +24,10 @@ root on ``sys.path`` (its ``kernels/`` folder would shadow the PyPI package tran
      text, written here by ``--make-assets``): a MiniLM-shaped random model with ``--device cpu``,
      ``--device DEVICE``, ``--device-map auto`` (a small ``--max-memory`` on the GPU splits it) and
      ``--layerwise`` on both: the same plans, seconds, held-out checks.
-2. **Speed** (not with ``--smoke``): a Llama-3.2-1B-shaped model with random bf16 weights
+2. **Device map at size** (not with ``--smoke``; ``map-speed``): the in-memory shrink of the Llama-3.2-1B
+   shape in float32 all on the device, then with ``--device-map auto`` and ``--map-gpu-gib`` (6) GiB for
+   the GPU: seconds, peak GPU memory, blocks per device, the same plan or not.
+3. **Speed** (not with ``--smoke``): a Llama-3.2-1B-shaped model with random bf16 weights
    (``bench/offload_1b.py``'s writer), ``shrink_layerwise`` at 50 % of the query heads on ``--samples``
    (16) random sequences of 128 tokens, on the device and (unless ``--no-cpu``) on the CPU with all
    cores, one run each: wall seconds, peak GPU memory, the same plan or not. On the 2-core EPYC the
@@ -263,20 +266,69 @@ def cli_check(device: str, work: Path, assets: Path, rows: list, save) -> None:
 
 
 
-def speed(device: str, work: Path, threads: int, samples: int, cpu: bool, rows: list, save) -> list[dict]:
-    import torch
-
+def llama_1b(work: Path) -> tuple[dict, Path, int]:
+    """``bench/offload_1b.py``'s Llama-3.2-1B-shaped checkpoint (random bf16 weights), written once per run."""
     import importlib.util
-
-    from headslim.offload import shrink_layerwise
 
     spec = importlib.util.spec_from_file_location("offload_1b", Path(__file__).with_name("offload_1b.py"))
     offload_1b = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(offload_1b)
-    SHAPE, write_model = offload_1b.SHAPE, offload_1b.write_model
-
     src = work / "llama-1b"
-    size = write_model(src)
+    if not (src / "config.json").is_file():
+        offload_1b.write_model(src)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    return offload_1b.SHAPE, src, size
+
+
+def map_speed(device: str, work: Path, samples: int, gpu_gib: float, rows: list, save) -> None:
+    """The in-memory shrink (Fisher, 50 % of query heads, repair) of the Llama-3.2-1B shape in float32
+    (4.3 GiB, and as much again for repair's unpruned copy): all of it on ``device``, then with
+    ``--device-map auto`` and ``gpu_gib`` GiB for the GPU, so that layers beyond it stay on the CPU. One
+    run each: seconds, peak GPU memory, blocks per device, the same plan or not."""
+    import torch
+
+    from headslim.io import load_model
+    from headslim.pipeline import PruneConfig, prune_model
+    from headslim.placement import parse_max_memory, place, summary
+
+    shape, src, size = llama_1b(work)
+    batches = token_batches(shape["vocab_size"], max(1, samples // 4), 4, 128)
+    index, gpu = torch.device(device).index or 0, device != "cpu"
+    kept = {}
+    for name in ("one GPU", "device map"):
+        def run(name=name):
+            model = load_model(src).float()
+            if gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            placed = None
+            if name == "one GPU":
+                model.to(device)
+            else:
+                budget = f"{index}={gpu_gib}GiB,cpu=100GiB" if gpu else "cpu=100GiB"
+                placed = summary(place(model, "auto", parse_max_memory(budget)))
+            result = prune_model(model, batches, PruneConfig(prune=0.5, gqa="uniform", progress=False))
+            kept[name] = result.plan.kept_heads
+            row = {"seconds": time.perf_counter() - t, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else 0,
+                   "model_bytes_float32": sum(p.numel() * 4 for p in model.parameters()), "samples": samples,
+                   "placed": placed, "repair_check": result.repair.get("check"),
+                   "same_plan_as_one_gpu": kept[name] == kept.get("one GPU"), "ok": kept[name] == kept.get("one GPU")}
+            del model, result
+            if gpu:
+                torch.cuda.empty_cache()
+            return row
+
+        guarded(rows, save, {"device": device, "how": name, "max_memory_gpu_gib": gpu_gib if name != "one GPU"
+                             else None}, run)
+
+
+def speed(device: str, work: Path, threads: int, samples: int, cpu: bool, rows: list, save) -> list[dict]:
+    import torch
+
+    from headslim.offload import shrink_layerwise
+
+    SHAPE, src, size = llama_1b(work)
     batches = token_batches(SHAPE["vocab_size"], max(1, samples // 4), 4, 128)
     for where in (device, "cpu") if cpu else (device,):
         def run(where=where):
@@ -312,7 +364,10 @@ def main(argv=None) -> int:
                    help="all-MiniLM-L6-v2's config and tokenizer files and calib.txt for the CLI check (skipped "
                         "when absent); make it here with --make-assets")
     p.add_argument("--make-assets", action="store_true", help="write --assets from the bundled model and corpus, exit")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: parity, device-map, cli, speed")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: parity, device-map, cli, "
+                                              "map-speed, speed")
+    p.add_argument("--map-gpu-gib", type=float, default=6.0,
+                   help="map-speed: GiB of the GPU --device-map may use (half for the model, half for repair's copy)")
     args = p.parse_args(argv)
     if args.make_assets:
         return make_assets(args.assets)
@@ -345,6 +400,13 @@ def main(argv=None) -> int:
                 qual = ", ".join(f"{k} {v:.4f}" for k, v in q.items() if isinstance(v, float)) if q else "-"
                 lines.append(f"| {r['method']} | {r.get('same_plan', r.get('error'))} | {r.get('seconds', 0):.1f} "
                              f"| {qual} | {r.get('device_map') or '-'} | {r['ok']} |")
+        for r in result.get("map_speed", []):
+            if "error" in r:
+                lines.append(f"\nLlama-3.2-1B shape in memory, {r['how']}: {r['error']}")
+                continue
+            lines.append(f"\nLlama-3.2-1B shape in memory (float32), {r['how']}"
+                         f"{'' if r['placed'] is None else ' ' + str(r['placed'])}: {r['seconds']:.1f} s, peak GPU "
+                         f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB, same plan as on one GPU: {r['same_plan_as_one_gpu']}")
         for r in result.get("speed", []):
             if "error" in r:
                 lines.append(f"\nLlama-3.2-1B shape on {r['device']}: {r['error']}")
@@ -366,12 +428,16 @@ def main(argv=None) -> int:
             result["cli"] = []
             cli_check(device, Path(tmp), args.assets, result["cli"], save)
             print("\n".join(save()[-len(result["cli"]) - 2:]), flush=True)
+        if not args.smoke and "map-speed" not in skip:
+            result["map_speed"] = []
+            map_speed(device, Path(tmp), args.samples, args.map_gpu_gib, result["map_speed"], save)
         if not args.smoke and "speed" not in skip:
             result["speed"] = []
             speed(device, Path(tmp), args.threads or torch.get_num_threads(), args.samples, args.cpu,
                   result["speed"], save)
     print("\n".join(save()))
-    return 0 if all(r["ok"] for r in result["parity"] + result.get("cli", []) + result.get("speed", [])) else 1
+    return 0 if all(r["ok"] for r in result["parity"] + result.get("cli", []) + result.get("map_speed", [])
+                    + result.get("speed", [])) else 1
 
 
 def make_assets(assets: Path) -> int:

@@ -10,7 +10,9 @@ the model's outputs back to the inputs' device; what headslim runs inside a laye
 projection inputs) follows the tensors it meets.
 
 Each device is given half of its memory (or of ``--max-memory``) for the model, since repair keeps an
-unpruned copy beside it, placed the same way. Disk offload is refused: ``--layerwise`` is the path for a
+unpruned copy beside it, placed the same way. The budget is for weights, as in accelerate: activations
+come on top (2 GiB beyond a 6 GiB budget for a Llama-3.2-1B shape, 4 x 128 tokens, its 128k vocabulary's
+log-probabilities: ``bench/results/gpu_shrink_check/map_speed_1b.md``). Disk offload is refused: ``--layerwise`` is the path for a
 model larger than every device together.
 """
 
