@@ -88,8 +88,8 @@ def _add_shrink(sub) -> None:
                           "--layerwise (one layer at a time needs one device) or torchrun")
     opt.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                      help="--device-map: the weights each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB (default: "
-                          "its free memory); half for the model, half for repair's unpruned copy; activations come "
-                          "on top")
+                          "85%% of its free memory); half for the model, half for repair's unpruned copy; "
+                          "activations come on top")
     opt.add_argument("--stream-memory", type=float, default=None, metavar="GIB",
                      help="GiB of repair's carried calibration streams kept in memory (both paths); the rest is "
                           "spilled to safetensors files, removed at the end (default: no limit)")

@@ -179,8 +179,8 @@ class ShrinkConfig(PruneConfig):
             the same checkpoint wherever it was computed (up to the device's arithmetic).
         device_map: ``auto``: the model over every GPU (and the CPU when they are not enough), whole
             layers per device (:mod:`headslim.placement`); instead of ``device``. ``max_memory``: what
-            each device may hold (``"0=20GiB,1=20GiB,cpu=64GiB"``; default: its free memory), half of
-            it for the model and half for repair's unpruned copy.
+            each device's weights may take (``"0=20GiB,1=20GiB,cpu=64GiB"``; default: 85 % of its free
+            memory, the rest for activations), half for the model and half for repair's unpruned copy.
     """
 
     runtime: str = "ort-cpu"

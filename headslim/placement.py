@@ -9,8 +9,8 @@ rewrite real weights wherever they are. accelerate's hooks move each layer's inp
 the model's outputs back to the inputs' device; what headslim runs inside a layer (gates, captured
 projection inputs) follows the tensors it meets.
 
-Each device is given half of its memory (or of ``--max-memory``) for the model, since repair keeps an
-unpruned copy beside it, placed the same way. The budget is for weights, as in accelerate: activations
+Each device's weights are given half of 85 % of its free memory (or half of its ``--max-memory``), since
+repair keeps an unpruned copy beside the model, placed the same way. The budget is for weights, as in accelerate: activations
 come on top (2 GiB beyond a 6 GiB budget for a Llama-3.2-1B shape, 4 x 128 tokens, its 128k vocabulary's
 log-probabilities: ``bench/results/gpu_shrink_check/map_speed_1b.md``). Disk offload is refused: ``--layerwise`` is the path for a
 model larger than every device together.
@@ -26,6 +26,7 @@ import torch
 from headslim.errors import HeadslimError
 
 DEVICE_MAPS = ("auto",)
+DEFAULT_SHARE = 0.85  # without --max-memory: the share of each device's free memory given to weights
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -68,13 +69,17 @@ def parse_max_memory(text: str | dict | None) -> dict | None:
 def plan_device_map(model, max_memory: dict | None = None, *, copies: int = 2) -> dict:
     """The device of every block of ``model`` (``{module name: 0 | 1 | ... | "cpu"}``): whole layers
     (``model._no_split_modules``), balanced over the GPUs, each device given ``1 / copies`` of its memory
-    (``max_memory`` in bytes, default: what is free); a one-line error when the model needs the disk."""
+    (``max_memory`` in bytes, default: ``DEFAULT_SHARE`` of what is free); a one-line error when the model
+    needs the disk."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     budget = get_max_memory(dict(max_memory) if max_memory else None)
-    budget = {k: int(v) // copies for k, v in budget.items()}
+    # what a device has free is not all for weights: the activations (a decoder's log-probabilities over
+    # its vocabulary, the Fisher probe's graph) need room too; a budget given explicitly is taken as is
+    share = 1.0 if max_memory else DEFAULT_SHARE
+    budget = {k: int(int(v) * share) // copies for k, v in budget.items()}
     gpus = [k for k in budget if k not in ("cpu", "disk", "mps")]
     if len(gpus) > 1:
         budget = get_balanced_memory(model, max_memory=budget, no_split_module_classes=no_split)

@@ -108,3 +108,24 @@ def test_cli_device_map_auto_equals_the_plain_run_and_refusals_are_one_line(tmp_
         err = capsys.readouterr().err.strip()
         assert err.startswith("headslim: error: ") and match in err and "\n" not in err
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_budget_leaves_room_for_repairs_copy_and_the_activations(monkeypatch):
+    import accelerate
+    import accelerate.utils
+
+    from headslim.placement import DEFAULT_SHARE
+
+    seen = []
+
+    def infer(model, max_memory, no_split_module_classes):
+        seen.append(dict(max_memory))
+        return {"": "cpu"}
+
+    monkeypatch.setattr(accelerate, "infer_auto_device_map", infer)
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda given=None: given or {"cpu": 1000})
+    model = tiny_model("bert", "BertModel")
+    plan_device_map(model)  # free memory: a share for weights, halved for the model and its dense copy
+    plan_device_map(model, {"cpu": 1000})  # given: halved only
+    plan_device_map(model, {"cpu": 1000}, copies=1)  # no repair: no copy
+    assert seen == [{"cpu": int(1000 * DEFAULT_SHARE) // 2}, {"cpu": 500}, {"cpu": 1000}]
