@@ -70,7 +70,8 @@ def run_cell(args, prune: float, gqa: str, method: str, seed: int, repair: bool,
     row = {"prune": prune, "gqa": gqa, "method": method, "seed": seed, "repair": repair,
            "command": shlex.join(["python"] + cmd[1:])}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.cell_timeout)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.cell_timeout,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})  # ./kernels would shadow PyPI `kernels`
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["rc"] = proc.returncode
     warnings = [ln.strip() for ln in proc.stderr.splitlines() if "warning" in ln.lower()]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 def run(cmd: list[str], env: dict) -> tuple[dict, float]:
     t = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # PYTHONSAFEPATH: `-m` from the repository root would put ./kernels first on sys.path (shadowing PyPI `kernels`)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONSAFEPATH": "1"})
     wall = time.perf_counter() - t
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,9 @@ def main(argv=None) -> int:
             if args.calib_samples:
                 cmd += ["--calib-samples", str(args.calib_samples)]
             t = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            # PYTHONSAFEPATH: `-m` from the repository root would put ./kernels first on sys.path, shadowing the
+            # PyPI `kernels` transformers 5.25 imports
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
             wall = time.perf_counter() - t
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")

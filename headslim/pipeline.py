@@ -167,7 +167,7 @@ class ShrinkConfig(PruneConfig):
             shape for the whole-model timings of ``target_speedup``.
         calib: calibration source (``bbc-news``, a .txt, .csv or .jsonl file).
         calib_samples: at most this many calibration samples (a seeded random subset; None: all).
-            ``"auto"`` (default): ``DEFAULT_CALIB_SAMPLES`` (256), or ``TARGET_CALIB_SAMPLES`` (1024)
+            ``"auto"`` (default): ``DEFAULT_CALIB_SAMPLES`` (384), or ``TARGET_CALIB_SAMPLES`` (1024)
             with ``target_speedup``.
         eval_data: held-out texts for the cosine check; default: ``bbc-news:test`` for ``bbc-news``,
             otherwise the last fifth of the calibration file (not used for scoring).
