@@ -20,7 +20,9 @@ PLAN=${PLAN:-}
 CALIB=${CALIB:-bbc-news}
 DTYPE=${DTYPE:-fp16}
 mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# PYTHONSAFEPATH: `-m` from the repository root would put ./kernels first on sys.path, shadowing the PyPI
+# `kernels` package transformers 5.25 imports
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONSAFEPATH=1
 status=0
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2

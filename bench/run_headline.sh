@@ -34,14 +34,16 @@ MIN_TIME=${MIN_TIME:-10}
 SWEEP_MIN_TIME=${SWEEP_MIN_TIME:-$MIN_TIME}
 SWEEP_BATCH=${SWEEP_BATCH:-8}
 SWEEP_SEQ=${SWEEP_SEQ:-128}
-CALIB_SAMPLES=${CALIB_SAMPLES:-1024}  # shrink's default (headslim.data.DEFAULT_CALIB_SAMPLES)
+CALIB_SAMPLES=${CALIB_SAMPLES:-384}  # shrink's default (headslim.data.DEFAULT_CALIB_SAMPLES)
 EVAL_SAMPLES=${EVAL_SAMPLES:-}    # empty: every BBC News test article
 TRAIN_SAMPLES=${TRAIN_SAMPLES:-}  # empty: every BBC News train article for the k-NN
 
 # checkpoints and ONNX files are large: they go to a scratch dir, only reports go to $OUT
 WORK=${WORK:-$(mktemp -d -t headslim-headline.XXXXXX)}
 
-hs() { "$PYTHON" -m headslim.cli "$@"; }
+# PYTHONSAFEPATH: `-m` would put this repository's root first on sys.path, where ./kernels shadows the
+# PyPI `kernels` package that transformers 5.25 imports
+hs() { PYTHONSAFEPATH=1 "$PYTHON" -m headslim.cli "$@"; }
 eval_args=(--data bbc-news)
 [[ -n "$EVAL_SAMPLES" ]] && eval_args+=(--eval-samples "$EVAL_SAMPLES")
 [[ -n "$TRAIN_SAMPLES" ]] && eval_args+=(--train-samples "$TRAIN_SAMPLES")
