@@ -242,9 +242,11 @@ def cli_check(device: str, work: Path, assets: Path, rows: list, save) -> None:
             "--calib-samples", "128", "--eval-samples", "64", "--no-progress", "--json"]
     runs = {"cpu": ["--device", "cpu"], "device": ["--device", device],
             "device-map": ["--device-map", "auto", "--max-memory", f"{index}=150MiB,cpu=16GiB"],
+            "device-map-free": ["--device-map", "auto"],  # 85 % of what is free: the whole model on the GPU
             "layerwise-cpu": ["--layerwise", "--device", "cpu"], "layerwise-device": ["--layerwise", "--device", device]}
     if device == "cpu":  # --smoke: no GPU to place on
         runs.pop("device-map")
+        runs.pop("device-map-free")
     got = {}
     for name, extra in runs.items():
         def run(name=name, extra=extra):

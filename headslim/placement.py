@@ -85,9 +85,10 @@ def plan_device_map(model, max_memory: dict | None = None, *, copies: int = 2) -
         budget = get_balanced_memory(model, max_memory=budget, no_split_module_classes=no_split)
     device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
     if "disk" in device_map.values():
-        raise HeadslimError("the model does not fit in the memory --device-map may use (half of each device's, "
-                            "the other half for repair's unpruned copy; --max-memory to change it): use --layerwise, "
-                            "which holds one layer at a time")
+        share_text = "half of each device's budget, the other half for repair's copy" if copies == 2 else \
+            "each device's budget"
+        raise HeadslimError(f"the model does not fit in the memory --device-map may use ({share_text}; --max-memory "
+                            "names the devices and their sizes): use --layerwise, which holds one layer at a time")
     return device_map
 
 
