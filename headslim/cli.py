@@ -82,7 +82,7 @@ def _add_shrink(sub) -> None:
     opt.add_argument("--device", default="cpu",
                      help="where the model is scored, pruned and repaired: cpu (default) or cuda[:N]; with --layerwise "
                           "one layer at a time is on it; under torchrun, cuda is each rank's cuda:LOCAL_RANK")
-    opt.add_argument("--device-map", choices=["auto"], default=None,
+    opt.add_argument("--device-map", default=None, metavar="auto",
                      help="auto: the model over every GPU (and the CPU when they are not enough), whole layers per "
                           "device (accelerate), for a model one GPU cannot hold; instead of --device; not with "
                           "--layerwise (one layer at a time needs one device) or torchrun")
@@ -197,7 +197,7 @@ def _run_shrink(args) -> int:
     if args.work_dir is not None:
         raise HeadslimError("--work-dir applies to --layerwise only (a run without it finishes in one go)")
 
-    if config.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if config.device_map is not None and distributed.launched():
         raise HeadslimError("--device-map spreads one model over the devices: run it in one process, not under torchrun")
     if distributed.setup_from_env():  # torchrun: ranks share the calibration batches, rank 0 writes
         if config.target_speedup is not None:
@@ -218,9 +218,10 @@ def _run_shrink(args) -> int:
 
 
 def _run_layerwise(args, config, calib_samples_given: bool, method: str | None = None) -> int:
+    from headslim import distributed
     from headslim.offload import shrink_from_config
 
-    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "LOCAL_RANK" in os.environ and distributed.launched():
         raise HeadslimError("--layerwise runs in one process, not under torchrun")
     if config.device_map is not None:
         raise HeadslimError("--layerwise holds one layer at a time on --device, for any depth: leave out --device-map")

@@ -64,12 +64,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched() -> bool:
+    """Whether ``torchrun`` started this process as one of several ranks (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup_from_env() -> bool:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): gloo on
     CPU, NCCL when CUDA is present. True when running data-parallel."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not launched():
         return False
     if not dist.is_available():
         raise HeadslimError("WORLD_SIZE > 1 but this torch build has no torch.distributed")

@@ -417,6 +417,22 @@ def _same_shards(a, b) -> None:
         json.loads((b / "model.safetensors.index.json").read_text())
 
 
+def _whole_and_resumed(tmp_path, monkeypatch, stops, **kw):
+    """``(src, whole, resumed)``: a 3-layer tiny Llama shrunk layer at a time in one go, and again
+    interrupted at each layer read in ``stops`` (:func:`_interrupt_at`) then resumed from its work dir;
+    both runs' shards are checked equal."""
+    src, work = _dense_dir(tmp_path, tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=3)), tmp_path / "work"
+    whole = shrink_layerwise(src, tmp_path / "whole", **kw)
+    for stop in stops:
+        _interrupt_at(monkeypatch, stop)
+        with pytest.raises(KeyboardInterrupt):
+            shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+        monkeypatch.undo()
+    resumed = shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    _same_shards(tmp_path / "whole", tmp_path / "out")
+    return src, whole, resumed
+
+
 # 4 layers: interrupted while scoring layer 2 (pass 1), pruning layer 0 and layer 2 (pass 2), twice in a row,
 # and with every stream spilled to disk
 @pytest.mark.parametrize("stops,stream_memory", [([3], None), ([5], None), ([7], None), ([3, 4], None), ([6], 0)])
@@ -642,19 +658,11 @@ def test_undone_repair_restores_the_plain_sliced_down_projections(tmp_path, monk
 
 
 def test_ffn_pruning_resumes_from_a_work_dir(tmp_path, monkeypatch):
-    dense = tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=3)
-    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
     kw = dict(prune=0.5, prune_ffn=0.4, batches=tiny_batches(4), progress=False)
-    whole = shrink_layerwise(src, tmp_path / "whole", **kw)
-    for stop in (2, 5):  # scoring layer 1; then, resumed there, pruning layer 2 (reads: 1, 2 scoring, 0, 1, 2)
-        _interrupt_at(monkeypatch, stop)
-        with pytest.raises(KeyboardInterrupt):
-            shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
-        monkeypatch.undo()
-    resumed = shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    # scoring layer 1; then, resumed there, pruning layer 2 (reads: 1, 2 scoring, 0, 1, 2)
+    _, whole, resumed = _whole_and_resumed(tmp_path, monkeypatch, (2, 5), **kw)
     assert resumed["resumed"] == {"pass": 2, "layers_done": 2}
     assert resumed["neuron_scores"] == whole["neuron_scores"] and resumed["repair"] == whole["repair"]
-    _same_shards(tmp_path / "whole", tmp_path / "out")
 
 
 def test_ffn_refusals_are_one_line(tmp_path):
@@ -858,19 +866,12 @@ def test_obs_local_scores_plan_and_repair_equal_the_reference(tmp_path, model_ty
 def test_obs_local_resumes_from_a_work_dir_and_the_cli_takes_it(tmp_path, monkeypatch, capsys):
     from headslim.cli import main
 
-    dense = tiny_decoder("llama", "LlamaForCausalLM", num_hidden_layers=3)
-    src, work = _dense_dir(tmp_path, dense), tmp_path / "work"
     kw = dict(prune=0.5, prune_ffn=0.4, batches=tiny_batches(4), progress=False, method="obs-local")
-    whole = shrink_layerwise(src, tmp_path / "whole", **kw)
-    _interrupt_at(monkeypatch, 2)  # scoring layer 1: layer 0's sequences are in the work dir
-    with pytest.raises(KeyboardInterrupt):
-        shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
-    monkeypatch.undo()
-    resumed = shrink_layerwise(src, tmp_path / "out", work_dir=work, **kw)
+    # scoring layer 1: layer 0's sequences are in the work dir
+    src, whole, resumed = _whole_and_resumed(tmp_path, monkeypatch, (2,), **kw)
     assert resumed["resumed"] == {"pass": 1, "layers_done": 1}
     assert resumed["scores"] == whole["scores"] and resumed["neuron_scores"] == whole["neuron_scores"]
     assert all(resumed["plan"][k] == whole["plan"][k] for k in ("attention", "mlp"))  # not the time it was made
-    _same_shards(tmp_path / "whole", tmp_path / "out")
     with pytest.raises(HeadslimError, match="--layerwise scores with function-norm or obs-local"):
         shrink_layerwise(src, tmp_path / "x", **{**kw, "method": "fisher"})
 

@@ -103,7 +103,8 @@ def test_cli_device_map_auto_equals_the_plain_run_and_refusals_are_one_line(tmp_
     for extra, match in [(["--device-map", "auto", "--device", "cuda"], "leave out --device"),
                          (["--max-memory", "cpu=1GiB"], "--max-memory applies to --device-map"),
                          (["--device-map", "auto", "--layerwise"], "--layerwise holds one layer at a time"),
-                         (["--device-map", "auto", "--max-memory", "cpu=1"], "not a size with a unit")]:
+                         (["--device-map", "auto", "--max-memory", "cpu=1"], "not a size with a unit"),
+                         (["--device-map", "balanced"], "--device-map must be auto, not 'balanced'")]:
         assert main([*argv, *extra, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("headslim: error: ") and match in err and "\n" not in err
